@@ -1,0 +1,36 @@
+# fedsim — setup, demo and tests. `make demo` and `make test` set up .venv themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedsim-installed
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export HF_HOME=$(CURDIR)/.cache/hf
+export RAY_AUTH_MODE=disabled
+export RAY_USAGE_STATS_ENABLED=0
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test lint clean
+
+# torch is pinned first (constraints.txt): torch==2.13.0 is the CPU wheel here and the CUDA build elsewhere.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fedsim run quickstart
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check fedsim tests
+
+clean:
+	rm -rf $(VENV) .cache runs

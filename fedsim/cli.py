@@ -1,0 +1,139 @@
+"""The ``fedsim`` command line: ``run``, ``presets``, ``validate``.
+
+``main`` returns the exit status: 0 on success, 2 for any :class:`~fedsim.errors.UserError`
+(printed to stderr as ``error: ...``; a ConfigError as a bulleted list of every problem) and
+for bad command-line arguments. Other exceptions are not caught: they are bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsim import __version__
+from fedsim.config.load import config_to_dict, list_presets, load_config
+from fedsim.errors import UserError
+
+# summary keys printed first (in this order) when present; the other scalar entries follow
+_FIRST = ("final_eval_accuracy", "final_eval_loss", "final_personal_accuracy", "epsilon", "rounds", "wall_s")
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, optional: bool) -> None:
+    p.add_argument(
+        "config",
+        nargs="?" if optional else None,
+        default=None,
+        metavar="PRESET|FILE.yaml",
+        help="a preset name (see `fedsim presets`) or a YAML file" + (" [default: quickstart]" if optional else ""),
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set federation.rounds=20 (repeatable; values are YAML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="fedsim",
+        description="Simulate federated LoRA fine-tuning (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA, ...) with DP.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run a simulation", description="Run a simulation from a preset or YAML file.")
+    _add_config_args(run, optional=True)
+    run.add_argument("--out", metavar="DIR", help="output folder [default: runs/<label>-<YYYYmmdd-HHMMSS>]")
+    sub.add_parser("presets", help="list the shipped presets", description="List the shipped presets.")
+    val = sub.add_parser(
+        "validate", help="check a config and print it resolved", description="Check a config; print it resolved."
+    )
+    _add_config_args(val, optional=False)
+    return parser
+
+
+def _out_dir(out: str | None, label: str) -> Path:
+    """The run folder; raise UserError if it exists and is not an empty folder (nothing is written)."""
+    path = Path(out) if out else Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        what = "is a file" if not path.is_dir() else "exists and is not empty"
+        raise UserError(f"output folder {path} {what}; refusing to overwrite; choose another --out or delete it")
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _print_summary(summary: Mapping[str, Any], out_dir: Path) -> None:
+    print(f"outputs: {out_dir}")
+    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    order = [k for k in _FIRST if k in scalars] + [k for k in scalars if k not in _FIRST]
+    width = max((len(k) for k in order), default=0)
+    for key in order:
+        print(f"  {key.ljust(width)}  {_fmt(scalars[key])}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg, label = load_config(args.config, args.overrides)
+    out_dir = _out_dir(args.out, label)
+    from fedsim.simulation import run_simulation  # heavy imports only when a run starts
+
+    fe = cfg.federation
+    print(
+        f"fedsim run {label}: method {cfg.method.name}, model {cfg.model.name}, data {cfg.data.source}, "
+        f"{fe.clients} clients ({fe.clients_per_round}/round), {fe.rounds} rounds, privacy {cfg.privacy.mode} "
+        f"-> {out_dir}"
+    )
+    summary = run_simulation(cfg, out_dir, label=label)
+    _print_summary(summary or {}, out_dir)
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    presets = list_presets()
+    width = max((len(name) for name, _ in presets), default=0)
+    for name, desc in presets:
+        print(f"{name.ljust(width)}  {desc}".rstrip())
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    cfg, label = load_config(args.config, args.overrides)
+    print(f"ok: {label}")
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _report(err: UserError) -> None:
+    text = str(err).strip() or type(err).__name__
+    print(f"error: {text}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedsim`` console script; returns the exit status (see module doc)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) and usage errors (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    commands = {"run": _cmd_run, "presets": _cmd_presets, "validate": _cmd_validate}
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return commands[args.command](args)
+    except UserError as err:
+        _report(err)
+        return 2

@@ -1,0 +1,142 @@
+"""The typed run configuration: one frozen dataclass per section, help text on every field.
+
+The YAML keys are exactly the dotted field paths (``federation.clients``, ``data.partition.alpha``).
+Validation (all errors at once, naming key and fix) lives in :mod:`fedsim.config.load`;
+per-field choices are declared here in ``metadata["choices"]`` so both the validator and the
+docs read them from one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str, choices: tuple[Any, ...] | None = None, **kw: Any) -> Any:
+    """A dataclass field with help text (and optional allowed values) in its metadata."""
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+MODEL_NAMES = ("tiny-bert", "tiny-roberta", "tiny-llama", "minilm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f(
+        "tiny-bert",
+        "Base model: tiny-bert | tiny-roberta | tiny-llama (random weights, for tests), minilm "
+        "(bundled all-MiniLM-L6-v2, needs the [demo] extra), or a local folder / hub id.",
+    )
+    dtype: str = _f("float32", "Parameter dtype of the frozen base model.", ("float32", "bfloat16"))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(8, "LoRA rank.")
+    alpha: float = _f(16.0, "LoRA scaling numerator: s = alpha / r (lora) or alpha / sqrt(r) (rslora).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input, in [0, 1).")
+    targets: list[str] = _f(
+        ["auto"],
+        "Module names to adapt (PEFT target_modules); [auto] = query/value projections of the "
+        "model family (query,value for BERT/RoBERTa; q_proj,v_proj for Llama).",
+    )
+    variant: str = _f("lora", "Adapter variant.", ("lora", "rslora"))
+    train_head: bool = _f(
+        True,
+        "Train the classification head as part of the adapter (PEFT modules_to_save). "
+        "false keeps it frozen at its seeded random init, as the DP papers do.",
+    )
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    kind: str = _f(
+        "dirichlet",
+        "How training examples are split across clients.",
+        ("iid", "dirichlet", "label_proportions", "quantity"),
+    )
+    alpha: float = _f(
+        0.5,
+        "Dirichlet concentration (> 0): per-class label skew for dirichlet, client-size skew "
+        "for quantity. Smaller = more heterogeneous.",
+    )
+    proportions: list[list[float]] | None = _f(
+        None,
+        "label_proportions only: one row per client with its label distribution, e.g. "
+        "[[0.1,0.9],[0.9,0.1],[0.5,0.5]]; rows are reused cyclically if there are more clients.",
+    )
+    min_examples: int = _f(2, "Every client gets at least this many examples (dirichlet/quantity).")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _f(
+        "synthetic",
+        "bbc-news (bundled, [demo] extra) | synthetic | csv:PATH | jsonl:PATH | parquet:PATH | "
+        "disk:PATH (a datasets save_to_disk folder).",
+    )
+    text_field: str = _f("text", "Column holding the input text (file sources).")
+    label_field: str = _f("label", "Column holding the label (file sources); strings map to ids in sorted order.")
+    max_length: int = _f(128, "Tokens per example (truncation and padding length).")
+    test_fraction: float = _f(0.2, "Fraction held out as the global test split, in (0, 1).")
+    personal_fraction: float = _f(
+        0.2, "Fraction of each client's shard held out for personalised evaluation, in [0, 1)."
+    )
+    max_examples: int | None = _f(None, "Keep at most this many examples (seeded subsample); null = all.")
+    synthetic_examples: int = _f(2000, "synthetic only: number of examples.")
+    synthetic_classes: int = _f(4, "synthetic only: number of classes.")
+    partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={"help": "Client split."})
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    clients: int = _f(10, "Number of simulated clients.")
+    clients_per_round: int = _f(10, "Clients sampled (without replacement, seeded) each round.")
+    rounds: int = _f(10, "Communication rounds.")
+    local_steps: int = _f(5, "Optimiser steps per client per round.")
+    batch_size: int = _f(16, "Batch size (expected batch size under Poisson sampling with DP).")
+    lr: float = _f(0.5, "Client learning rate.")
+    optimizer: str = _f("sgd", "Client optimiser (fresh state every round).", ("sgd", "adamw"))
+    eval_every: int = _f(1, "Evaluate every N rounds (the last round is always evaluated).")
+    weighting: str = _f(
+        "examples", "Aggregation weights p_k: by training examples, or uniform.", ("examples", "uniform")
+    )
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = _f("ffa_lora", "Aggregation method (see `fedsim presets` and METHODS.md).")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    mode: str = _f("none", "none, or sample-level DP-SGD per client (Opacus).", ("none", "sample"))
+    noise_multiplier: float = _f(1.0, "DP-SGD noise multiplier sigma (noise std = sigma * clip).")
+    clip: float = _f(2.0, "Per-example gradient clipping norm C over the trainable tensors.")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    backend: str = _f("ray", "ray (actors) or local (one process, for debugging).", ("ray", "local"))
+    workers: int = _f(2, "ClientWorker actors; each holds one frozen base model.")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker; also its torch thread count.")
+    gpus_per_worker: float = _f(0.0, "GPUs per worker; fractional shares a GPU (0.25 = four per GPU).")
+    address: str = _f("", "Empty = start a local Ray; 'auto' or 'ray://host:port' = join a cluster.")
+    eval_batch_size: int = _f(64, "Evaluation batch size (also the fixed evaluation chunk).")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = _f(0, "Seed for every random draw (data split, init, sampling, noise).")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "Adapter."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset and split."})
+    federation: FederationConfig = field(default_factory=FederationConfig, metadata={"help": "Rounds and clients."})
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "Aggregation method."})
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig, metadata={"help": "Differential privacy."})
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata={"help": "Execution backend."})

@@ -1,0 +1,176 @@
+"""The federated view of a dataset: one tokenised table, a global test split and per-client index shards.
+
+Every example (train and test) is tokenised once into ``[N, max_length]`` arrays; clients and
+evaluation chunks are plain index arrays into them, so a client's data is a cheap row gather
+(:meth:`FederatedData.client_arrays`) and nothing is copied per client up front.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedsim.config.schema import Config
+from fedsim.data.partition import apportion, partition
+from fedsim.data.sources import TextDataset
+from fedsim.errors import DataError
+from fedsim.seeding import numpy_rng
+
+QUIET_BELOW = 20_000  # no datasets progress bar when tokenising fewer texts than this
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """Tokenised examples plus the split: ``test_indices`` / ``client_train[k]`` / ``client_holdout[k]``.
+
+    All index arrays are sorted int64 rows of ``input_ids``; the test split, every client's train
+    shard and every client's holdout are pairwise disjoint and together cover all ``N`` rows.
+    """
+
+    input_ids: np.ndarray  # [N, L] int64
+    attention_mask: np.ndarray  # [N, L] int64
+    labels: np.ndarray  # [N] int64
+    label_names: tuple[str, ...]
+    test_indices: np.ndarray
+    client_train: tuple[np.ndarray, ...]
+    client_holdout: tuple[np.ndarray, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_train)
+
+    def client_arrays(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``indices`` as ``(input_ids, attention_mask, labels)`` (copies, int64)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return self.input_ids[idx], self.attention_mask[idx], self.labels[idx]
+
+
+def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise ``texts`` once through ``datasets`` (in memory, no cache files): padded/truncated to ``max_length``.
+
+    ``tokenizer`` is any transformers tokenizer (it must have a pad token). Returns int64
+    ``(input_ids, attention_mask)`` of shape ``[len(texts), max_length]``.
+    """
+    import datasets
+    import pyarrow as pa
+
+    n = len(texts)
+    if n == 0:
+        empty = np.zeros((0, max_length), dtype=np.int64)
+        return empty, empty.copy()
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, Any]:
+        enc = tokenizer(batch["text"], padding="max_length", truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    ds = datasets.Dataset.from_dict({"text": list(texts)})
+    # A cheap explicit fingerprint: datasets would otherwise hash (pickle) the whole tokenizer.
+    fp = hashlib.sha256(f"fedsim-tokenize|{n}|{type(tokenizer).__name__}|{id(tokenizer)}|{max_length}".encode())
+    quiet = n < QUIET_BELOW and datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        out = ds.map(
+            encode,
+            batched=True,
+            batch_size=1000,
+            remove_columns=["text"],
+            keep_in_memory=True,
+            new_fingerprint=fp.hexdigest()[:32],
+            desc="tokenising",
+        )
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    table = out.with_format("arrow")[:]
+
+    def dense(name: str) -> np.ndarray:
+        col = table.column(name).combine_chunks()
+        if isinstance(col, pa.ChunkedArray):  # pragma: no cover - older pyarrow
+            col = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
+        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        if flat.size != n * max_length:
+            raise ValueError(f"tokenizer returned ragged {name!r}; it must pad to max_length={max_length}")
+        return flat.reshape(n, max_length)
+
+    return dense("input_ids"), dense("attention_mask")
+
+
+def _test_split(labels: np.ndarray, n_cls: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted global test indices: ``round(N * fraction)`` (at least 1, at most N-1), stratified when possible."""
+    n = len(labels)
+    n_test = min(max(int(round(n * fraction)), 1), n - 1)
+    rng = numpy_rng(seed, "test_split")
+    counts = np.bincount(labels, minlength=n_cls)
+    present = counts[counts > 0]
+    if present.size and present.min() >= 2:  # stratified: every class keeps >= 1 training example
+        quota = apportion(n_test, counts.astype(np.float64), caps=np.maximum(counts - 1, 0))
+        parts = [rng.choice(np.flatnonzero(labels == c), size=int(quota[c]), replace=False) for c in range(n_cls)]
+        return np.sort(np.concatenate(parts)).astype(np.int64)
+    return np.sort(rng.choice(n, size=n_test, replace=False)).astype(np.int64)
+
+
+def _personal_split(shard: np.ndarray, fraction: float, seed: int, client: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, holdout) of one client's shard: floor(fraction * size) held out, >= 1 if size >= 2, keeps >= 1."""
+    size = len(shard)
+    h = int(np.floor(size * fraction))
+    if fraction > 0 and size >= 2:
+        h = max(h, 1)
+    h = min(h, max(size - 1, 0))
+    if h == 0:
+        return shard, np.zeros(0, dtype=np.int64)
+    rng = numpy_rng(seed, "personal_split", client)
+    pick = np.zeros(size, dtype=bool)
+    pick[rng.choice(size, size=h, replace=False)] = True
+    return shard[~pick], shard[pick]
+
+
+def build_federated_data(cfg: Config, dataset: TextDataset, tokenizer: Any) -> FederatedData:
+    """Split ``dataset`` into a global test set and client shards (train + personal holdout), then tokenise.
+
+    Steps: seeded test split of ``data.test_fraction`` (stratified if every class has >= 2 examples);
+    ``partition`` of the rest over ``federation.clients``; per client a seeded ``data.personal_fraction``
+    holdout; one ``tokenize`` pass over all texts (last, after every check).
+
+    Raises:
+        DataError: fewer than 2 examples, more clients than training examples, or any partition error.
+    """
+    labels = np.asarray(dataset.labels, dtype=np.int64).reshape(-1)
+    n = len(labels)
+    if n != len(dataset.texts):
+        raise ValueError(f"dataset has {len(dataset.texts)} texts but {n} labels")
+    if n < 2:
+        raise DataError(f"data.source: only {n} usable example(s); a train/test split needs at least 2.")
+    seed = int(cfg.seed)
+    test = _test_split(labels, dataset.num_labels, float(cfg.data.test_fraction), seed)
+    train = np.setdiff1d(np.arange(n, dtype=np.int64), test, assume_unique=True)
+    k = int(cfg.federation.clients)
+    if k > len(train):
+        raise DataError(
+            f"federation.clients: {k} clients but only {len(train)} training examples; lower federation.clients "
+            "or use more data."
+        )
+    shards = partition(labels[train], k, cfg.data.partition, seed, num_classes=dataset.num_labels)
+    client_train, client_holdout = [], []
+    for cid, local in enumerate(shards):
+        tr, ho = _personal_split(train[local], float(cfg.data.personal_fraction), seed, cid)
+        client_train.append(tr)
+        client_holdout.append(ho)
+    input_ids, attention_mask = tokenize(dataset.texts, tokenizer, int(cfg.data.max_length))
+    return FederatedData(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        label_names=tuple(dataset.label_names),
+        test_indices=test,
+        client_train=tuple(client_train),
+        client_holdout=tuple(client_holdout),
+    )

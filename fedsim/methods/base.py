@@ -1,0 +1,114 @@
+"""The method interface and registry (ARCHITECTURE.md §3).
+
+A method is pure torch over :data:`fedsim.types.AdapterState`: it decides each tensor's
+:class:`~fedsim.types.Role` per round (``plan``), what a client trains from (``client_start``)
+and how uploads become the new global state (``aggregate``). No model, no Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from fedsim.config.schema import MethodConfig
+from fedsim.errors import ConfigError
+from fedsim.methods.aggregation import mean_of_keys
+from fedsim.model.keys import factor_of
+from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+
+ServerState = dict[str, Any]
+
+_REGISTRY: dict[str, type[Method]] = {}
+_METHOD_MODULES = ("fedavg_lora", "ffa_lora", "fedsa_lora")
+
+
+class Method(ABC):
+    """Base class. Subclasses set ``name`` (via :func:`register_method`) and implement ``role``."""
+
+    name: ClassVar[str] = ""
+    #: aggregation is a weighted mean of the uploads (a worker may pre-sum them)
+    linear: ClassVar[bool] = True
+    #: clients keep state between rounds, so personalised evaluation is meaningful
+    personal: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig, seed: int) -> None:
+        self.cfg = cfg
+        self.seed = seed
+
+    def init_server_state(self, global_state: AdapterState) -> ServerState:
+        """Server-side state beyond the global adapter (scores, schedules). Default: none."""
+        return {}
+
+    @abstractmethod
+    def role(self, round: int, key: str, server_state: ServerState) -> Role:
+        """The role of one adapter tensor in ``round`` (1-based)."""
+
+    def plan(self, round: int, keys: Sequence[str], server_state: ServerState) -> RoundPlan:
+        return RoundPlan(round=round, roles={k: self.role(round, k, server_state) for k in keys})
+
+    def client_start(self, global_state: AdapterState, kept_state: AdapterState | None, plan: RoundPlan) -> AdapterState:
+        """What a client trains from: the global state, with its own kept tensors where it has them."""
+        start = dict(global_state)
+        if kept_state:
+            for key in plan.kept:
+                if key in kept_state:
+                    start[key] = kept_state[key]
+        return start
+
+    def aggregate(
+        self,
+        global_state: AdapterState,
+        updates: Sequence[ClientUpdate],
+        plan: RoundPlan,
+        server_state: ServerState,
+    ) -> tuple[AdapterState, ServerState]:
+        """Default: weighted mean of every SHARED tensor; FROZEN and KEPT tensors unchanged.
+
+        ``updates`` arrive in client-id order. Raises ValueError for an empty cohort.
+        """
+        return mean_of_keys(global_state, updates, plan.uploaded), server_state
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: ``@register_method("ffa_lora")``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    for mod in _METHOD_MODULES:
+        importlib.import_module(f"fedsim.methods.{mod}")
+
+
+def available_methods() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """The registered class for ``name``; ConfigError (naming method.name and the known names) otherwise."""
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        known = sorted(_REGISTRY)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError([f"method.name: unknown method {name!r}; known methods: {', '.join(known)}.{hint}"])
+    return _REGISTRY[name]
+
+
+def make_method(cfg: MethodConfig, seed: int) -> Method:
+    return get_method(cfg.name)(cfg, seed)
+
+
+def is_head(key: str) -> bool:
+    return factor_of(key) == "head"

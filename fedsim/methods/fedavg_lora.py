@@ -1,0 +1,14 @@
+"""FedAvg-LoRA (FedIT): clients train A and B; the server averages each independently (inexact)."""
+
+from __future__ import annotations
+
+from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.types import Role
+
+
+@register_method("fedavg_lora")
+class FedAvgLoRA(Method):
+    """A = sum p_k A_k, B = sum p_k B_k (and head). sum p_k B_k A_k != B_bar A_bar in general."""
+
+    def role(self, round: int, key: str, server_state: ServerState) -> Role:
+        return Role.SHARED

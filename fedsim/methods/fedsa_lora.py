@@ -1,0 +1,17 @@
+"""FedSA-LoRA: clients train A and B; only A is shared; B (and a trained head) stay with the client."""
+
+from __future__ import annotations
+
+from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.model.keys import factor_of
+from fedsim.types import Role
+
+
+@register_method("fedsa_lora")
+class FedSALoRA(Method):
+    """A = sum p_k A_k; each client starts a round from (global A, its own B, its own head)."""
+
+    personal = True
+
+    def role(self, round: int, key: str, server_state: ServerState) -> Role:
+        return Role.SHARED if factor_of(key) == "A" else Role.KEPT

@@ -1,0 +1,73 @@
+"""rounds.parquet and clients.parquet: the run's metric tables (part of the output contract).
+
+Both files are rewritten after every round (atomically, via a temporary file), so a stopped
+run leaves complete tables of the rounds it finished.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROUND_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("method", pa.string()),
+        ("train_loss", pa.float64()),
+        ("eval_loss", pa.float64()),
+        ("eval_accuracy", pa.float64()),
+        ("personal_accuracy", pa.float64()),
+        ("personal_accuracy_unweighted", pa.float64()),
+        ("clients", pa.int32()),
+        ("failed_clients", pa.int32()),
+        ("bytes_up", pa.int64()),
+        ("bytes_down", pa.int64()),
+        ("epsilon_max", pa.float64()),
+        ("wall_s", pa.float64()),
+    ]
+)
+
+CLIENT_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("client_id", pa.int32()),
+        ("worker_id", pa.int32()),
+        ("examples", pa.int32()),
+        ("steps", pa.int32()),
+        ("train_loss", pa.float64()),
+        ("epsilon", pa.float64()),
+        ("seconds", pa.float64()),
+        ("status", pa.string()),
+        ("bytes_up", pa.int64()),
+        ("bytes_down", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def _write(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
+    table = pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class MetricTables:
+    """Accumulates round and client rows; ``flush`` writes both Parquet files."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.rounds: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []
+
+    def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
+        self.rounds.append(row)
+        self.clients.extend(client_rows)
+
+    def flush(self) -> None:
+        _write(self.rounds, ROUND_SCHEMA, self.out_dir / "rounds.parquet")
+        _write(self.clients, CLIENT_SCHEMA, self.out_dir / "clients.parquet")

@@ -1,0 +1,62 @@
+"""The backend protocol the driver talks to, and the factory. No Ray import at module level."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from fedsim.config.schema import Config
+from fedsim.data.federated import FederatedData
+from fedsim.model.build import BaseBlueprint
+from fedsim.server.parameter_server import AggregateInfo
+from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything a backend needs to start workers and the server."""
+
+    cfg: Config
+    blueprint: BaseBlueprint
+    data: FederatedData
+    initial_state: AdapterState
+
+
+class Backend(Protocol):
+    """Runs clients and the parameter server; the driver (simulation.py) only calls these."""
+
+    def plan(self, round: int) -> RoundPlan: ...
+
+    def train(self, tasks: Sequence[ClientTask]) -> list[ClientResult]:
+        """Train every task's client; uploads reach the server, kept state the ClientStore.
+
+        Returns one result per task, sorted by client id (failed clients have status "failed")."""
+        ...
+
+    def aggregate(self, round: int) -> AggregateInfo: ...
+
+    def evaluate(self, tasks: Sequence[EvalTask], round: int) -> list[EvalResult]:
+        """Evaluate the global state (task.client_id None) or a client's personalised state."""
+        ...
+
+    def global_state(self) -> AdapterState: ...
+
+    def kept_client_ids(self) -> list[int]: ...
+
+    def kept_state(self, client_id: int) -> AdapterState | None: ...
+
+    def describe(self) -> str: ...
+
+    def shutdown(self) -> None: ...
+
+
+def make_backend(setup: RunSetup) -> Backend:
+    """The backend named by ``runtime.backend``; Ray is imported only for ``ray``."""
+    if setup.cfg.runtime.backend == "local":
+        from fedsim.runtime.local import LocalBackend
+
+        return LocalBackend(setup)
+    from fedsim.runtime.ray_backend import RayBackend
+
+    return RayBackend(setup)

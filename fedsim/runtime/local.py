@@ -1,0 +1,64 @@
+"""In-process backend: one worker, the server and the store in this process (debugging, tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedsim.client.worker import ClientWorker
+from fedsim.runtime.backend import RunSetup
+from fedsim.server.client_store import ClientStore
+from fedsim.server.parameter_server import AggregateInfo, ParameterServer
+from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
+
+
+class LocalBackend:
+    def __init__(self, setup: RunSetup) -> None:
+        cfg = setup.cfg
+        self.server = ParameterServer(cfg.method, cfg.seed, setup.initial_state)
+        self.store = ClientStore()
+        self.worker = ClientWorker(0, cfg, setup.blueprint, setup.data)
+
+    def plan(self, round: int) -> RoundPlan:
+        return self.server.plan(round)
+
+    def train(self, tasks: Sequence[ClientTask]) -> list[ClientResult]:
+        results = []
+        g = self.server.global_state()
+        for task in sorted(tasks, key=lambda t: t.client_id):
+            kept = self.store.get(task.client_id) if task.plan.kept else None
+            out = self.worker.train(task, g, kept)
+            if out.keep is not None:
+                self.store.put(task.client_id, out.keep)
+            if out.upload is not None:
+                self.server.receive(out.upload)
+            results.append(out.result)
+        return results
+
+    def aggregate(self, round: int) -> AggregateInfo:
+        return self.server.aggregate(round)
+
+    def evaluate(self, tasks: Sequence[EvalTask], round: int) -> list[EvalResult]:
+        g = self.server.global_state()
+        plan = self.server.plan(round)
+        out = []
+        for task in tasks:
+            state = g
+            if task.client_id is not None:
+                state = self.worker.personal_state(g, self.store.get(task.client_id), plan)
+            out.append(self.worker.evaluate(task, state))
+        return out
+
+    def global_state(self) -> AdapterState:
+        return self.server.global_state()
+
+    def kept_client_ids(self) -> list[int]:
+        return self.store.client_ids()
+
+    def kept_state(self, client_id: int) -> AdapterState | None:
+        return self.store.get(client_id)
+
+    def describe(self) -> str:
+        return "local backend (1 in-process worker)"
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,57 @@
+"""Per-client state kept between rounds (FedSA's B, a personal head; later accountant state).
+
+Holds up to ``max_in_memory`` clients' tensors in memory (least recently used first out) and
+spills the rest to ``spill_dir`` as safetensors files, so memory stays flat with many clients.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from fedsim.types import AdapterState
+
+
+class ClientStore:
+    """Mapping client id -> AdapterState. ``get`` returns None for a client never stored."""
+
+    def __init__(self, max_in_memory: int | None = None, spill_dir: Path | None = None) -> None:
+        if max_in_memory is not None and spill_dir is None:
+            raise ValueError("a bounded ClientStore needs a spill_dir")
+        self._mem: OrderedDict[int, AdapterState] = OrderedDict()
+        self._on_disk: set[int] = set()
+        self._max = max_in_memory
+        self._dir = Path(spill_dir) if spill_dir is not None else None
+
+    def _path(self, client_id: int) -> Path:
+        assert self._dir is not None
+        return self._dir / f"client_{client_id}.safetensors"
+
+    def put(self, client_id: int, state: AdapterState) -> None:
+        self._mem[client_id] = {k: v.detach().clone().contiguous() for k, v in state.items()}
+        self._mem.move_to_end(client_id)
+        self._on_disk.discard(client_id)
+        while self._max is not None and len(self._mem) > self._max:
+            old_id, old_state = self._mem.popitem(last=False)
+            self._dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            save_file(old_state, str(self._path(old_id)))
+            self._on_disk.add(old_id)
+
+    def get(self, client_id: int) -> AdapterState | None:
+        if client_id in self._mem:
+            self._mem.move_to_end(client_id)
+            return dict(self._mem[client_id])
+        if client_id in self._on_disk:
+            return load_file(str(self._path(client_id)))
+        return None
+
+    def client_ids(self) -> list[int]:
+        return sorted(set(self._mem) | self._on_disk)
+
+    def __len__(self) -> int:
+        return len(set(self._mem) | self._on_disk)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._mem or client_id in self._on_disk

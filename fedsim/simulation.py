@@ -1,0 +1,168 @@
+"""THE driver: one federated run, read top to bottom. No Ray import here (the backend owns it).
+
+    config -> data -> base model + initial adapter -> backend (server + workers)
+    -> per round: plan, cohort, train, aggregate, evaluate, record
+    -> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsim.config.load import dump_config
+from fedsim.config.schema import Config
+from fedsim.data.federated import FederatedData, build_federated_data
+from fedsim.data.sources import load_source
+from fedsim.methods.base import get_method
+from fedsim.metrics.console import RoundProgress
+from fedsim.metrics.tables import MetricTables
+from fedsim.model.adapters import attach_adapter, export_peft, get_state
+from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
+from fedsim.server.cohort import sample_cohort
+from fedsim.types import ClientResult, ClientTask, EvalResult, EvalTask
+
+
+def eval_tasks(data: FederatedData, chunk: int, personal: bool) -> list[EvalTask]:
+    """Global test set in fixed chunks (same batches whatever the worker count) + one task per client holdout."""
+    test = data.test_indices
+    tasks = [EvalTask("global", tuple(int(i) for i in test[s : s + chunk])) for s in range(0, len(test), chunk)]
+    if personal:
+        for cid, hold in enumerate(data.client_holdout):
+            if len(hold):
+                tasks.append(EvalTask(f"client:{cid}", tuple(int(i) for i in hold), client_id=cid))
+    return tasks
+
+
+def summarise_eval(results: Sequence[EvalResult]) -> dict[str, float | None]:
+    """eval_loss / eval_accuracy over the global chunks; personal accuracy pooled and per-client mean."""
+    glob = [r for r in results if r.name == "global"]
+    pers = [r for r in results if r.name != "global" and r.count]
+    n = sum(r.count for r in glob)
+    out: dict[str, float | None] = {
+        "eval_loss": sum(r.loss_sum for r in glob) / n if n else None,
+        "eval_accuracy": sum(r.correct for r in glob) / n if n else None,
+        "personal_accuracy": None,
+        "personal_accuracy_unweighted": None,
+    }
+    if pers:
+        out["personal_accuracy"] = sum(r.correct for r in pers) / sum(r.count for r in pers)
+        out["personal_accuracy_unweighted"] = float(np.mean([r.correct / r.count for r in pers]))
+    return out
+
+
+def weighted_train_loss(results: Sequence[ClientResult]) -> float | None:
+    ok = [r for r in results if r.status == "ok" and not math.isnan(r.train_loss)]
+    total = sum(r.examples for r in ok)
+    return sum(r.train_loss * r.examples for r in ok) / total if total else None
+
+
+def run_simulation(cfg: Config, out_dir: Path, label: str = "run", progress: bool = True) -> dict[str, Any]:
+    """Run one simulation into ``out_dir``; returns the summary dict (also written to summary.json).
+
+    Raises UserError (ConfigError / DataError) for bad input before any training or any file is written.
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    method_cls = get_method(cfg.method.name)
+
+    # 1. Data: read, split, tokenise once. Data errors surface here, before anything is written.
+    dataset = load_source(cfg.data, cfg.seed)
+    tokenizer = build_tokenizer(cfg.model, dataset.texts)
+    data = build_federated_data(cfg, dataset, tokenizer)
+
+    # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
+    base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed)
+    blueprint = blueprint_of(base)
+    adapted = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed)
+    initial_state = get_state(adapted)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
+
+    # 3. Server + workers.
+    from fedsim.runtime.backend import RunSetup, make_backend
+
+    backend = make_backend(RunSetup(cfg, blueprint, data, initial_state))
+    tables = MetricTables(out_dir)
+    fed = cfg.federation
+    tasks_eval = eval_tasks(data, cfg.runtime.eval_batch_size, method_cls.personal)
+    totals = {"bytes_up": 0, "bytes_down": 0}
+    best_acc: float | None = None
+    last_eval: dict[str, float | None] = {}
+    try:
+        with RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress) as bar:
+            for t in range(1, fed.rounds + 1):
+                t0 = time.perf_counter()
+                # 4. One round: plan, cohort, local training, aggregation.
+                plan = backend.plan(t)
+                cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
+                results = backend.train([ClientTask(t, cid, plan) for cid in cohort])
+                backend.aggregate(t)
+
+                # 5. Evaluation (every eval_every rounds and always the last).
+                ev: dict[str, float | None] = {}
+                if t % fed.eval_every == 0 or t == fed.rounds:
+                    ev = summarise_eval(backend.evaluate(tasks_eval, t))
+                    last_eval = ev
+                    if ev["eval_accuracy"] is not None:
+                        best_acc = max(best_acc or 0.0, ev["eval_accuracy"])
+
+                # 6. Record.
+                up = sum(r.bytes_up for r in results)
+                down = sum(r.bytes_down for r in results)
+                totals["bytes_up"] += up
+                totals["bytes_down"] += down
+                row = {
+                    "round": t,
+                    "method": cfg.method.name,
+                    "train_loss": weighted_train_loss(results),
+                    **{k: ev.get(k) for k in ("eval_loss", "eval_accuracy")},
+                    "personal_accuracy": ev.get("personal_accuracy"),
+                    "personal_accuracy_unweighted": ev.get("personal_accuracy_unweighted"),
+                    "clients": sum(r.status == "ok" for r in results),
+                    "failed_clients": sum(r.status != "ok" for r in results),
+                    "bytes_up": up,
+                    "bytes_down": down,
+                    "epsilon_max": None,
+                    "wall_s": time.perf_counter() - t0,
+                }
+                client_rows = [{**r.__dict__, "epsilon": None} for r in results]
+                tables.add_round(row, client_rows)
+                tables.flush()
+                bar.update(row)
+
+        # 7. Final adapter in PEFT format + summary.
+        final_state = backend.global_state()
+        export_peft(adapted, final_state, out_dir / "adapter")
+    finally:
+        backend.shutdown()
+
+    summary = {
+        "label": label,
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "data": cfg.data.source,
+        "rounds": fed.rounds,
+        "clients": fed.clients,
+        "clients_per_round": fed.clients_per_round,
+        "final_eval_accuracy": last_eval.get("eval_accuracy"),
+        "final_eval_loss": last_eval.get("eval_loss"),
+        "best_eval_accuracy": best_acc,
+        "final_personal_accuracy": last_eval.get("personal_accuracy"),
+        "privacy_mode": cfg.privacy.mode,
+        "epsilon": None,
+        "failed_client_rounds": sum(r["failed_clients"] for r in tables.rounds),
+        "bytes_up": totals["bytes_up"],
+        "bytes_down": totals["bytes_down"],
+        "wall_s": time.perf_counter() - t_start,
+        "out_dir": str(out_dir),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

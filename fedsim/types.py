@@ -1,0 +1,100 @@
+"""Small frozen records passed between the driver, the server, the workers and the methods.
+
+``AdapterState`` keys are owned by :mod:`fedsim.model.adapters`:
+``<module path>.lora_A`` / ``<module path>.lora_B`` for LoRA factors and
+``head.<param path>`` for a trained classification head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+AdapterState = dict[str, torch.Tensor]
+
+
+class Role(str, Enum):
+    """What happens to one adapter tensor in one round."""
+
+    SHARED = "shared"  # trained on clients, uploaded, aggregated by the server
+    KEPT = "kept"  # trained on clients, kept by the client (ClientStore), never uploaded
+    FROZEN = "frozen"  # not trained; identical on every client; not sent
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Per-tensor roles for one round, decided by the method's ``plan``."""
+
+    round: int
+    roles: Mapping[str, Role]
+
+    def keys(self, role: Role) -> list[str]:
+        return [k for k, r in self.roles.items() if r == role]
+
+    @property
+    def trained(self) -> list[str]:
+        return [k for k, r in self.roles.items() if r != Role.FROZEN]
+
+    @property
+    def uploaded(self) -> list[str]:
+        return self.keys(Role.SHARED)
+
+    @property
+    def kept(self) -> list[str]:
+        return self.keys(Role.KEPT)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client sends to the server: its aggregation weight, tensors and signals."""
+
+    client_id: int
+    weight: float
+    tensors: AdapterState
+    signals: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client's work in one round."""
+
+    round: int
+    client_id: int
+    plan: RoundPlan
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """Metadata of one client's local training (tensors travel separately)."""
+
+    round: int
+    client_id: int
+    worker_id: int
+    examples: int
+    steps: int
+    train_loss: float
+    seconds: float
+    status: str  # "ok" | "failed"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """Evaluate one adapter state on a fixed chunk of example indices."""
+
+    name: str  # "global" or f"client:{id}"
+    indices: tuple[int, ...]
+    client_id: int | None = None  # None = the global state; else that client's personal state
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    name: str
+    loss_sum: float
+    correct: int
+    count: int
