@@ -20,6 +20,7 @@ from fedsim import __version__
 from fedsim.config.load import config_to_dict, list_presets, load_config
 from fedsim.errors import UserError
 
+_SKIP = ("label", "out_dir")  # summary keys already printed elsewhere; None values are skipped too
 # summary keys printed first (in this order) when present; the other scalar entries follow
 _FIRST = ("final_eval_accuracy", "final_eval_loss", "final_personal_accuracy", "epsilon", "rounds", "wall_s")
 
@@ -78,7 +79,7 @@ def _fmt(value: Any) -> str:
 
 def _print_summary(summary: Mapping[str, Any], out_dir: Path) -> None:
     print(f"outputs: {out_dir}")
-    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and k not in _SKIP}
     order = [k for k in _FIRST if k in scalars] + [k for k in scalars if k not in _FIRST]
     width = max((len(k) for k in order), default=0)
     for key in order:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from fedsim.model.adapters import attach_adapter, export_peft, get_state
 from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
 from fedsim.server.cohort import sample_cohort
 from fedsim.types import ClientResult, ClientTask, EvalResult, EvalTask
+
+if TYPE_CHECKING:
+    from fedsim.runtime.backend import Backend
 
 
 def eval_tasks(data: FederatedData, chunk: int, personal: bool) -> list[EvalTask]:
@@ -63,8 +66,16 @@ def weighted_train_loss(results: Sequence[ClientResult]) -> float | None:
     return sum(r.train_loss * r.examples for r in ok) / total if total else None
 
 
-def run_simulation(cfg: Config, out_dir: Path, label: str = "run", progress: bool = True) -> dict[str, Any]:
+def run_simulation(
+    cfg: Config,
+    out_dir: Path,
+    label: str = "run",
+    progress: bool = True,
+    inspect: Callable[[Backend], None] | None = None,
+) -> dict[str, Any]:
     """Run one simulation into ``out_dir``; returns the summary dict (also written to summary.json).
+
+    ``inspect`` (for tests and tools) is called with the live backend after the last round.
 
     Raises UserError (ConfigError / DataError) for bad input before any training or any file is written.
     """
@@ -141,6 +152,8 @@ def run_simulation(cfg: Config, out_dir: Path, label: str = "run", progress: boo
         # 7. Final adapter in PEFT format + summary.
         final_state = backend.global_state()
         export_peft(adapted, final_state, out_dir / "adapter")
+        if inspect is not None:
+            inspect(backend)
     finally:
         backend.shutdown()
 

@@ -34,6 +34,7 @@ DEFAULT_PRESET = "quickstart"
 _KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 # PyYAML (YAML 1.1) reads "1e-3" as a string; float fields accept such literals.
 _SCI_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+_NO = object()  # "does not convert"
 
 
 class _Bad(Exception):
@@ -93,8 +94,12 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
-          str: ("a string", "strings")}
+_NAMES = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "booleans"),
+    str: ("a string", "strings"),
+}
 
 
 def _describe(tp: Any, plural: bool = False) -> str:
@@ -106,6 +111,18 @@ def _describe(tp: Any, plural: bool = False) -> str:
     if origin is list:
         return f"{'lists' if plural else 'a list'} of {_describe(args[0], plural=True)}"
     return _NAMES[tp][1 if plural else 0] if tp in _NAMES else str(tp)
+
+
+def _scalar(value: Any, tp: type) -> Any:
+    """``value`` as ``tp`` (bool/int/float/str), or ``_NO``: no bools as numbers, no fractional ints."""
+    if isinstance(value, bool) or tp is bool:
+        return value if isinstance(value, bool) and tp is bool else _NO
+    if tp is int:
+        return int(value) if isinstance(value, int) or (isinstance(value, float) and value.is_integer()) else _NO
+    if tp is float:
+        ok = isinstance(value, (int, float)) or (isinstance(value, str) and _SCI_RE.match(value.strip()))
+        return float(value) if ok else _NO
+    return value if isinstance(value, str) else _NO
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -122,32 +139,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, (list, tuple)):  # keep the precise element-level message
                 raise
             raise bad from e
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _SCI_RE.match(value.strip()):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
+    if tp in _NAMES:
+        converted = _scalar(value, tp)
+        if converted is _NO:
+            raise bad
+        return converted
     if origin is list:
         if args[0] is str and isinstance(value, str):  # "query,value"
             return [s.strip() for s in value.split(",") if s.strip()]
         if not isinstance(value, (list, tuple)):
-            raise _Bad(f"{key}: expected {_describe(tp)}, got {_show(value)}"
-                       + (" (or one comma-separated string)" if args[0] is str else ""))
+            raise _Bad(
+                f"{key}: expected {_describe(tp)}, got {_show(value)}"
+                + (" (or one comma-separated string)" if args[0] is str else "")
+            )
         return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     raise _Bad(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - schema bug
 
@@ -280,14 +284,12 @@ def _resolve_source(source: str) -> tuple[Path, str]:
     path = Path(source).expanduser()
     if path.is_file():
         return path, path.stem
-    if looks_like_path:
-        if path.exists():
-            raise ConfigError([f"config file {source}: is not a file; give a YAML file or a preset name"])
-        raise ConfigError([f"config file {source}: not found; check the path, or use a preset name "
-                           f"({', '.join(n for n, _ in list_presets())})"])
     names = [n for n, _ in list_presets()]
-    raise ConfigError([f"unknown preset '{source}'{_suggest(source, names)}; available presets: "
-                       f"{', '.join(names)} (or give a path to a YAML file)"])
+    if not looks_like_path:
+        msg = f"unknown preset '{source}'{_suggest(source, names)}; available presets: {', '.join(names)}"
+        raise ConfigError([msg + " (or give a path to a YAML file)"])
+    what = "is not a file" if path.exists() else "not found; check the path"
+    raise ConfigError([f"config file {source}: {what}, or use a preset name ({', '.join(names)})"])
 
 
 def _read_yaml(path: Path) -> Any:
@@ -300,8 +302,9 @@ def _read_yaml(path: Path) -> Any:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise ConfigError([f"config file {path}: expected a mapping of sections (model:, data:, ...), "
-                           f"got {_show(data)}"])
+        raise ConfigError(
+            [f"config file {path}: expected a mapping of sections (model:, data:, ...), got {_show(data)}"]
+        )
     return data
 
 
@@ -355,17 +358,23 @@ def _proportion_problems(rows: list[list[float]] | None, required: bool) -> list
     key = "data.partition.proportions"
     if not rows:
         if required:
-            return [f"{key}: required when data.partition.kind is label_proportions; give one label "
-                    "distribution per client, e.g. [[0.9, 0.1], [0.1, 0.9]]"]
+            return [
+                f"{key}: required when data.partition.kind is label_proportions; give one label "
+                "distribution per client, e.g. [[0.9, 0.1], [0.1, 0.9]]"
+            ]
         return []
     out = []
     for i, row in enumerate(rows):
         if not row or any(not math.isfinite(x) or x < 0 for x in row) or sum(row) <= 0:
-            out.append(f"{key}[{i}]: must be a non-empty list of non-negative numbers with a positive sum "
-                       f"(got {row}); e.g. [0.9, 0.1]")
+            out.append(
+                f"{key}[{i}]: must be a non-empty list of non-negative numbers with a positive sum "
+                f"(got {row}); e.g. [0.9, 0.1]"
+            )
     if len({len(r) for r in rows}) > 1:
-        out.append(f"{key}: rows have different lengths {sorted({len(r) for r in rows})}; "
-                   "give one share per class in every row")
+        out.append(
+            f"{key}: rows have different lengths {sorted({len(r) for r in rows})}; "
+            "give one share per class in every row"
+        )
     return out
 
 
@@ -379,10 +388,14 @@ def _external_problems(cfg: Config) -> list[str]:
     else:
         known = list(available_methods())
         if cfg.method.name not in known:
-            out.append(f"method.name: unknown method '{cfg.method.name}'{_suggest(cfg.method.name, known)}; "
-                       f"known methods: {', '.join(known)}")
-    for key, module, func in (("model.name", "fedsim.model.build", "model_name_problem"),
-                              ("data.source", "fedsim.data.sources", "source_path_problem")):
+            out.append(
+                f"method.name: unknown method '{cfg.method.name}'{_suggest(cfg.method.name, known)}; "
+                f"known methods: {', '.join(known)}"
+            )
+    for key, module, func in (
+        ("model.name", "fedsim.model.build", "model_name_problem"),
+        ("data.source", "fedsim.data.sources", "source_path_problem"),
+    ):
         try:
             check = getattr(importlib.import_module(module), func)
         except (ImportError, AttributeError):
@@ -440,7 +453,8 @@ def validate(cfg: Config) -> list[str]:
         problems.append(
             f"federation.clients_per_round must be between 1 and federation.clients (got clients_per_round="
             f"{fe.clients_per_round}, clients={fe.clients}); set federation.clients_per_round to at most "
-            f"{fe.clients} or raise federation.clients")
+            f"{fe.clients} or raise federation.clients"
+        )
     for key in ("federation.rounds", "federation.local_steps", "federation.batch_size", "federation.eval_every"):
         need(key, _get(cfg, key) >= 1, ">= 1", "use a positive integer")
     need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")

@@ -138,12 +138,22 @@ def _min_size(k: int, n: int, cfg: PartitionConfig) -> int:
     return m
 
 
-def _dirichlet_draw(rng: np.random.Generator, alpha: float, k: int) -> np.ndarray:
-    p = rng.dirichlet(np.full(k, alpha))
-    if not np.all(np.isfinite(p)) or p.sum() <= 0:  # tiny alpha can underflow: all mass on one client
-        p = np.zeros(k)
-        p[rng.integers(k)] = 1.0
+def _dirichlet_draw(rng: np.random.Generator, alpha: float, k: int, rows: int = 1) -> np.ndarray:
+    """``[rows, k]`` draws of Dir(alpha, ..., alpha); a row that underflows puts all mass on one random client."""
+    p = rng.dirichlet(np.full(k, alpha), size=rows)
+    bad = ~np.all(np.isfinite(p), axis=1) | (np.nan_to_num(p).sum(axis=1) <= 0)
+    for r in np.flatnonzero(bad):  # tiny alpha can underflow
+        p[r] = 0.0
+        p[r, rng.integers(k)] = 1.0
     return p
+
+
+def _cut_counts(totals: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Row i: ``totals[i]`` split at ``floor(cumsum(shares[i]) * totals[i])`` (the usual Dirichlet cut points)."""
+    cuts = np.floor(np.cumsum(shares, axis=1) * totals[:, None]).astype(np.int64)
+    cuts = np.minimum(cuts, totals[:, None])
+    cuts[:, -1] = totals
+    return np.diff(cuts, axis=1, prepend=0)
 
 
 def _dirichlet(labels: np.ndarray, k: int, n_cls: int, cfg: PartitionConfig, seed: int) -> np.ndarray:
@@ -154,7 +164,7 @@ def _dirichlet(labels: np.ndarray, k: int, n_cls: int, cfg: PartitionConfig, see
     best_counts: np.ndarray | None = None
     for attempt in range(DIRICHLET_ATTEMPTS):
         rng = numpy_rng(seed, "partition", attempt)
-        counts = np.stack([apportion(int(nc), _dirichlet_draw(rng, cfg.alpha, k)) for nc in class_sizes])
+        counts = _cut_counts(class_sizes, _dirichlet_draw(rng, cfg.alpha, k, rows=n_cls))
         shortfall = int(np.maximum(m - counts.sum(axis=0), 0).sum())
         if best is None or shortfall < best[0]:
             best, best_counts = (shortfall, attempt), counts
@@ -227,5 +237,5 @@ def _label_proportions(labels: np.ndarray, k: int, n_cls: int, cfg: PartitionCon
 def _quantity(n: int, k: int, cfg: PartitionConfig, seed: int) -> np.ndarray:
     m = _min_size(k, n, cfg)
     rng = numpy_rng(seed, "partition")
-    sizes = m + apportion(n - k * m, _dirichlet_draw(rng, cfg.alpha, k))
+    sizes = m + apportion(n - k * m, _dirichlet_draw(rng, cfg.alpha, k)[0])
     return _assign(rng.permutation(n), sizes, n)

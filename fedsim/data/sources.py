@@ -224,7 +224,7 @@ def _load_file(kind: str, path: Path, cfg: DataConfig) -> TextDataset:
         if kind == "csv":
             import pyarrow.csv as pcsv
 
-            table = pcsv.read_csv(path)
+            table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
         elif kind == "jsonl":
             import pyarrow.json as pjson
 
@@ -306,8 +306,11 @@ def _from_table(table: Any, cfg: DataConfig, class_label_names: Sequence[str] | 
     if pa.types.is_integer(t) or pa.types.is_boolean(t):
         values = label.to_numpy()
         uniq, ids = np.unique(values, return_inverse=True)
-        if class_label_names is not None and pa.types.is_integer(t) and 0 <= uniq.min() and uniq.max() < len(
-            class_label_names
+        if (
+            class_label_names is not None
+            and pa.types.is_integer(t)
+            and 0 <= uniq.min()
+            and uniq.max() < len(class_label_names)
         ):
             names = tuple(class_label_names[int(v)] for v in uniq)
         else:

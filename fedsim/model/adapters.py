@@ -15,6 +15,7 @@ With ``train_head`` false the head is not wrapped by PEFT at all (PEFT's SEQ_CLS
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -58,14 +59,17 @@ def attach_adapter(base: PreTrainedModel, cfg: LoraConfig, family: str, seed: in
         peft_cfg = PeftLoraConfig(task_type=TaskType.SEQ_CLS, modules_to_save=[HEAD_MODULES[family]], **kwargs)
     else:
         peft_cfg = PeftLoraConfig(task_type=None, modules_to_save=None, **kwargs)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         torch.manual_seed(derive_seed(seed, "lora_init"))
         try:
             model = get_peft_model(base, peft_cfg)
         except ValueError as e:
             raise ConfigError(
-                [f"lora.targets: {targets} do not match the modules of this model ({e}); use [auto] or names of "
-                 "Linear modules of the base model."]
+                [
+                    f"lora.targets: {targets} do not match the modules of this model ({e}); use [auto] or names of "
+                    "Linear modules of the base model."
+                ]
             ) from e
     for key in adapter_keys(model):
         _params(model)[key].requires_grad_(True)
@@ -76,7 +80,7 @@ def _canonical(name: str) -> str | None:
     """Canonical key of a PEFT parameter name, or None if the parameter is not an adapter tensor."""
     if not name.startswith(_PEFT_PREFIX):
         return None
-    name = name[len(_PEFT_PREFIX):]
+    name = name[len(_PEFT_PREFIX) :]
     for mark, suffix in _LORA_MARK.items():
         if name.endswith(mark):
             return name[: -len(mark)] + suffix
@@ -101,7 +105,8 @@ def _lookup(model: PeftModel, keys: Iterable[str]) -> list[tuple[str, torch.nn.P
     keys = list(keys)
     unknown = [k for k in keys if k not in params]
     if unknown:
-        raise KeyError(f"unknown adapter keys {unknown[:5]}{'...' if len(unknown) > 5 else ''}; known: {sorted(params)[:4]}...")
+        more = "..." if len(unknown) > 5 else ""
+        raise KeyError(f"unknown adapter keys {unknown[:5]}{more}; this model has e.g. {sorted(params)[:3]}")
     return [(k, params[k]) for k in keys]
 
 
@@ -111,7 +116,7 @@ def adapter_keys(model: PeftModel) -> list[str]:
 
 
 def factor_of(key: str) -> str:
-    """"A", "B" or "head" for a canonical key. Raises KeyError for anything else."""
+    """ "A", "B" or "head" for a canonical key. Raises KeyError for anything else."""
     if key.startswith("head."):
         return "head"
     if key.endswith(".lora_A"):

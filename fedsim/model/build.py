@@ -12,9 +12,10 @@ Contracts:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,13 +228,31 @@ def _tiny_config(name: str, vocab_size: int, pad_id: int, num_labels: int) -> Pr
     )
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (a random head is expected and seeded)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
 
 
-def build_base_model(cfg: ModelConfig, num_labels: int, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+def build_base_model(
+    cfg: ModelConfig, num_labels: int, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> PreTrainedModel:
     """The frozen base classifier for ``cfg.name`` with ``num_labels`` outputs.
 
     Tiny models: random weights (vocab = ``len(tokenizer)``). MiniLM / folders / hub ids: pretrained weights and a
@@ -248,10 +267,12 @@ def build_base_model(cfg: ModelConfig, num_labels: int, tokenizer: PreTrainedTok
             config = _tiny_config(cfg.name, len(tokenizer), pad_id, num_labels)
             model = AutoModelForSequenceClassification.from_config(config)
         else:
+            source = _source(cfg.name)
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    _source(cfg.name), num_labels=num_labels, ignore_mismatched_sizes=True
-                )
+                with _quiet_transformers():
+                    model = AutoModelForSequenceClassification.from_pretrained(
+                        source, num_labels=num_labels, ignore_mismatched_sizes=True
+                    )
             except (OSError, ValueError) as e:
                 raise UserError(
                     f"model.name: cannot load {cfg.name!r} ({e}); give an existing model folder, a cached hub id, "

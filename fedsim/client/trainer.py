@@ -1,0 +1,191 @@
+"""One client's local training (torch + Opacus only), on the one resident PeftModel of a worker.
+
+Determinism: every random draw of client ``k`` in round ``t`` comes from ``(seed, t, k)``:
+batch sampling from ``torch_generator(seed, "batches", t, k)``, dropout from
+``torch.manual_seed(derive_seed(seed, "dropout", t, k))`` (inside ``fork_rng``, so the caller's global RNG is left
+as it was) and DP noise from ``torch_generator(seed, "dp_noise", t, k)``. Tensors outside the trainable set are
+never written (bit-identical after training).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from fedsim.config.schema import FederationConfig, PrivacyConfig
+from fedsim.model.adapters import adapter_keys, parameters_for, set_trainable
+from fedsim.privacy.dpsgd import (
+    clear_dp_buffers,
+    make_dp_optimizer,
+    poisson_indices,
+    set_empty_grad_samples,
+    wrap_for_dp,
+)
+from fedsim.seeding import derive_seed, torch_generator
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    steps: int  # optimiser steps taken (= federation.local_steps)
+    examples: int  # size of the client's training shard
+    train_loss: float  # mean training loss over the non-empty steps; nan if there was none
+    seconds: float
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, dp: bool, generator: torch.Generator) -> list[torch.Tensor]:
+    """The example indices of each of ``steps`` local steps over a shard of ``n`` examples.
+
+    ``dp``: Poisson sampling with rate ``q = min(1, batch_size / n)`` per step (batches may be empty).
+    Otherwise: batches of ``min(batch_size, n)`` drawn without replacement from a random permutation, reshuffled
+    when fewer than a batch remain (so every batch holds distinct examples). All draws come from ``generator``.
+    """
+    if dp:
+        q = min(1.0, batch_size / n) if n > 0 else 0.0
+        return [poisson_indices(n, q, generator) for _ in range(steps)]
+    if n == 0:
+        return []
+    size = min(batch_size, n)
+    out: list[torch.Tensor] = []
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + size > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        out.append(perm[pos : pos + size])
+        pos += size
+    return out
+
+
+class LocalTrainer:
+    """Owns ONE PeftModel for a worker; wraps it for Opacus ONCE (when ``privacy.mode == "sample"``), never per client.
+
+    Per client only ``requires_grad`` and the optimizer's parameter list change. The caller sets the adapter state
+    (``fedsim.model.adapters.set_state``) before :meth:`train` and reads it afterwards.
+    """
+
+    def __init__(self, model: PeftModel, federation: FederationConfig, privacy: PrivacyConfig, seed: int):
+        self.model = model
+        self.federation = federation
+        self.privacy = privacy
+        self.seed = int(seed)
+        self.dp = privacy.mode == "sample"
+        self._all_keys = adapter_keys(model)
+        self.last_grads: dict[str, torch.Tensor] = {}  # the (privatised, under DP) gradients of the last step
+        if self.dp:
+            set_trainable(model, self._all_keys)  # hooks for every adapter tensor, whatever a client trains later
+            self._forward_module: torch.nn.Module = wrap_for_dp(model)
+        else:
+            self._forward_module = model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._forward_module(input_ids=ids, attention_mask=mask).logits
+
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        lr = self.federation.lr
+        if self.federation.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr)
+
+    def train(
+        self,
+        trainable_keys: Sequence[str],
+        ids: np.ndarray,
+        mask: np.ndarray,
+        labels: np.ndarray,
+        round: int,
+        client_id: int,
+    ) -> TrainOutcome:
+        """Run exactly ``federation.local_steps`` optimiser steps on this client's shard, training ``trainable_keys``.
+
+        ``ids``/``mask``: ``[n, L]`` integer arrays; ``labels``: ``[n]``. Under DP every step is a DP-SGD step, an
+        empty Poisson batch included (noise only). Raises KeyError for unknown keys, ValueError for an empty
+        trainable set or mismatched array lengths.
+        """
+        start = time.perf_counter()
+        keys = list(trainable_keys)
+        if not keys:
+            raise ValueError("train() needs at least one trainable adapter key")
+        n = len(labels)
+        if len(ids) != n or len(mask) != n:
+            raise ValueError(f"ids ({len(ids)}), mask ({len(mask)}) and labels ({n}) must have the same length")
+        device = self.device
+        ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+        mask_t = torch.as_tensor(np.asarray(mask), dtype=torch.long)
+        labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+        set_trainable(self.model, keys)
+        params = parameters_for(self.model, keys)
+        clear_dp_buffers(self.model)
+        optimizer = self._optimizer(params)
+        if self.dp:
+            noise_gen = torch.Generator(device=device)
+            noise_gen.manual_seed(derive_seed(self.seed, "dp_noise", round, client_id))
+            expected = min(self.federation.batch_size, n) if n > 0 else self.federation.batch_size
+            optimizer = make_dp_optimizer(
+                optimizer, self.privacy.noise_multiplier, self.privacy.clip, expected, noise_gen
+            )
+        batches = batch_schedule(
+            n,
+            self.federation.batch_size,
+            self.federation.local_steps,
+            self.dp,
+            torch_generator(self.seed, "batches", round, client_id),
+        )
+        losses: list[float] = []
+        devices = [device.index or 0] if device.type == "cuda" else []
+        self.model.train()
+        try:
+            with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+                # Opacus' full backward hooks on the first adapted layer (whose input needs no grad): harmless.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                torch.manual_seed(derive_seed(self.seed, "dropout", round, client_id))
+                for idx in batches:
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(idx) == 0:
+                        set_empty_grad_samples(params)
+                    else:
+                        logits = self._logits(ids_t[idx].to(device), mask_t[idx].to(device))
+                        loss = F.cross_entropy(logits.float(), labels_t[idx].to(device))
+                        loss.backward()
+                        losses.append(float(loss.detach()))
+                    optimizer.step()
+            self.last_grads = {
+                k: p.grad.detach().to("cpu", copy=True) for k, p in zip(keys, params, strict=True) if p.grad is not None
+            }
+        finally:
+            clear_dp_buffers(self.model)
+            self.model.eval()
+        return TrainOutcome(
+            steps=len(batches),
+            examples=n,
+            train_loss=float(np.mean(losses)) if losses else math.nan,
+            seconds=time.perf_counter() - start,
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, batch_size: int
+    ) -> tuple[float, int, int]:
+        """(summed cross-entropy, correct predictions, count) of the current model, in eval() mode, no grad."""
+        self.model.eval()
+        device = self.device
+        loss_sum, correct, n = 0.0, 0, len(labels)
+        for s in range(0, n, batch_size):
+            b_ids = torch.as_tensor(np.asarray(ids[s : s + batch_size]), dtype=torch.long, device=device)
+            b_mask = torch.as_tensor(np.asarray(mask[s : s + batch_size]), dtype=torch.long, device=device)
+            b_y = torch.as_tensor(np.asarray(labels[s : s + batch_size]), dtype=torch.long, device=device)
+            logits = self.model(input_ids=b_ids, attention_mask=b_mask).logits.float()
+            loss_sum += float(F.cross_entropy(logits, b_y, reduction="sum"))
+            correct += int((logits.argmax(-1) == b_y).sum())
+        return loss_sum, correct, n

@@ -1,0 +1,93 @@
+"""Opacus glue for sample-level DP-SGD: per-example gradient hooks, the DP optimizer, Poisson sampling.
+
+No accounting here (see ``fedsim.privacy.accounting``). The model is wrapped ONCE per worker; which tensors are
+trained (and clipped) is decided per client by ``requires_grad`` and by the optimizer's parameter list:
+clipping is over the optimizer's parameters only.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.module_utils import requires_grad
+
+
+class _FrozenAwareGradSampleModule(GradSampleModule):
+    """GradSampleModule whose hooks skip modules that are frozen *now*.
+
+    Opacus installs hooks on the modules that were trainable at wrap time. When such a module is later frozen
+    (e.g. FFA-LoRA freezes every ``lora_A``), its forward hook stores no activations but its backward hook still
+    fires whenever its output needs a gradient (any layer above a trainable one) and would fail. Skipping it
+    is exact: a frozen module has no per-example gradients to compute.
+    """
+
+    def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):  # noqa: D102
+        if not requires_grad(module):
+            return
+        super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
+
+
+def wrap_for_dp(model: torch.nn.Module) -> GradSampleModule:
+    """Attach Opacus per-example gradient hooks (``hooks`` mode, batch-first, mean loss reduction).
+
+    Call once, while every tensor that may ever be trained requires grad: hooks exist only for those modules.
+    Raises NotImplementedError (from Opacus) if a trainable module has buffers.
+    """
+    return _FrozenAwareGradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+
+
+def make_dp_optimizer(
+    optimizer: torch.optim.Optimizer,
+    noise_multiplier: float,
+    clip: float,
+    expected_batch_size: int,
+    generator: torch.Generator,
+) -> DPOptimizer:
+    """DP-SGD around ``optimizer``: per-example clipping to ``clip`` over the optimizer's parameters, Gaussian noise
+    of std ``noise_multiplier * clip`` drawn from ``generator``, sum divided by ``expected_batch_size``.
+    """
+    return DPOptimizer(
+        optimizer,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(clip),
+        expected_batch_size=int(expected_batch_size),
+        loss_reduction="mean",
+        generator=generator,
+    )
+
+
+def poisson_indices(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices in ``[0, n)`` kept independently with probability ``sample_rate`` (sorted, int64, may be empty)."""
+    if not 0.0 <= sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
+    draws = torch.rand(n, generator=generator)
+    return torch.nonzero(draws < sample_rate, as_tuple=False).flatten()
+
+
+def set_empty_grad_samples(params: list[torch.nn.Parameter]) -> None:
+    """Mark an empty Poisson batch: zero per-example gradients, so a DPOptimizer step adds noise only."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def clear_dp_buffers(model: torch.nn.Module) -> None:
+    """Drop every per-example gradient, summed gradient, gradient and stale activation in ``model``.
+
+    Use between clients so nothing of one client's data reaches the next one.
+    """
+    for p in model.parameters():
+        p.grad = None
+        if hasattr(p, "grad_sample"):
+            p.grad_sample = None
+        if hasattr(p, "summed_grad"):
+            p.summed_grad = None
+        if hasattr(p, "_current_grad_sample"):
+            del p._current_grad_sample
+        if hasattr(p, "_forward_counter"):
+            p._forward_counter = 0
+    for m in model.modules():
+        if hasattr(m, "activations"):
+            m.activations = []
+        if hasattr(m, "max_batch_len"):
+            del m.max_batch_len
