@@ -105,12 +105,16 @@ class LocalTrainer:
         labels: np.ndarray,
         round: int,
         client_id: int,
+        *,
+        noise_multiplier: float | None = None,
     ) -> TrainOutcome:
         """Run exactly ``federation.local_steps`` optimiser steps on this client's shard, training ``trainable_keys``.
 
         ``ids``/``mask``: ``[n, L]`` integer arrays; ``labels``: ``[n]``. Under DP every step is a DP-SGD step, an
-        empty Poisson batch included (noise only). Raises KeyError for unknown keys, ValueError for an empty
-        trainable set or mismatched array lengths.
+        empty Poisson batch included (noise only); the expected batch size is ``min(batch_size, n)`` (= q * n) and
+        ``noise_multiplier`` (e.g. one calibrated per client) overrides ``privacy.noise_multiplier``. Afterwards
+        :attr:`last_grads` holds the last step's gradients of the trainable tensors (privatised under DP).
+        Raises KeyError for unknown keys, ValueError for an empty trainable set or mismatched array lengths.
         """
         start = time.perf_counter()
         keys = list(trainable_keys)
@@ -132,9 +136,8 @@ class LocalTrainer:
             noise_gen = torch.Generator(device=device)
             noise_gen.manual_seed(derive_seed(self.seed, "dp_noise", round, client_id))
             expected = min(self.federation.batch_size, n) if n > 0 else self.federation.batch_size
-            optimizer = make_dp_optimizer(
-                optimizer, self.privacy.noise_multiplier, self.privacy.clip, expected, noise_gen
-            )
+            sigma = self.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
+            optimizer = make_dp_optimizer(optimizer, sigma, self.privacy.clip, expected, noise_gen)
         batches = batch_schedule(
             n,
             self.federation.batch_size,

@@ -1,5 +1,6 @@
-"""PEFT LoRA injection and AdapterState get/set: THE one module that knows adapter key names.
+"""PEFT LoRA injection and AdapterState get/set: THE one module that maps PEFT parameters to adapter keys.
 
+(The key strings themselves are spelled by :mod:`fedsim.model.keys`, torch-free, so methods can use them.)
 Canonical :data:`~fedsim.types.AdapterState` keys:
 
 * ``"<module path>.lora_A"`` / ``"<module path>.lora_B"`` -- the module path as in the BASE model
@@ -28,14 +29,28 @@ from transformers import PreTrainedModel
 
 from fedsim.config.schema import LoraConfig
 from fedsim.errors import ConfigError
+from fedsim.model.keys import HEAD_PREFIX, factor_of, layer_of, lora_key
 from fedsim.seeding import derive_seed
 from fedsim.types import AdapterState
+
+__all__ = [
+    "adapter_keys",
+    "attach_adapter",
+    "export_peft",
+    "factor_of",
+    "get_state",
+    "layer_of",
+    "parameters_for",
+    "set_state",
+    "set_trainable",
+    "state_bytes",
+]
 
 ADAPTER = "default"
 DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 HEAD_MODULES = {"bert": "classifier", "roberta": "classifier", "llama": "score"}
 _PEFT_PREFIX = "base_model.model."
-_LORA_MARK = {f".lora_A.{ADAPTER}.weight": ".lora_A", f".lora_B.{ADAPTER}.weight": ".lora_B"}
+_LORA_MARK = {f".lora_{f}.{ADAPTER}.weight": f for f in ("A", "B")}
 _HEAD_MARK = f".modules_to_save.{ADAPTER}."
 
 
@@ -71,8 +86,8 @@ def attach_adapter(base: PreTrainedModel, cfg: LoraConfig, family: str, seed: in
                     "Linear modules of the base model."
                 ]
             ) from e
-    for key in adapter_keys(model):
-        _params(model)[key].requires_grad_(True)
+    for p in _params(model).values():
+        p.requires_grad_(True)
     return model
 
 
@@ -81,12 +96,12 @@ def _canonical(name: str) -> str | None:
     if not name.startswith(_PEFT_PREFIX):
         return None
     name = name[len(_PEFT_PREFIX) :]
-    for mark, suffix in _LORA_MARK.items():
+    for mark, factor in _LORA_MARK.items():
         if name.endswith(mark):
-            return name[: -len(mark)] + suffix
+            return lora_key(name[: -len(mark)], factor)
     if _HEAD_MARK in name:
         module, param = name.split(_HEAD_MARK, 1)
-        return f"head.{module}.{param}"
+        return f"{HEAD_PREFIX}{module}.{param}"
     return None
 
 
@@ -113,23 +128,6 @@ def _lookup(model: PeftModel, keys: Iterable[str]) -> list[tuple[str, torch.nn.P
 def adapter_keys(model: PeftModel) -> list[str]:
     """All canonical adapter keys of ``model``, sorted."""
     return sorted(_params(model))
-
-
-def factor_of(key: str) -> str:
-    """ "A", "B" or "head" for a canonical key. Raises KeyError for anything else."""
-    if key.startswith("head."):
-        return "head"
-    if key.endswith(".lora_A"):
-        return "A"
-    if key.endswith(".lora_B"):
-        return "B"
-    raise KeyError(f"not an adapter key: {key!r}")
-
-
-def layer_of(key: str) -> str:
-    """The adapted module path of an A/B key; "head" for head keys. Raises KeyError for anything else."""
-    factor = factor_of(key)
-    return "head" if factor == "head" else key[: -len(".lora_A")]
 
 
 def get_state(model: PeftModel, keys: Iterable[str] | None = None) -> AdapterState:

@@ -75,7 +75,7 @@ def test_factor_and_layer_of():
     assert (factor_of(k), layer_of(k)) == ("A", BERT_LAYERS[1])
     assert (factor_of(f"{BERT_LAYERS[1]}.lora_B"), layer_of(f"{BERT_LAYERS[1]}.lora_B")) == ("B", BERT_LAYERS[1])
     assert (factor_of("head.classifier.weight"), layer_of("head.classifier.weight")) == ("head", "head")
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError):
         factor_of("bert.pooler.dense.weight")
 
 
