@@ -1,8 +1,8 @@
 """THE driver: one federated run, read top to bottom. No Ray import here (the backend owns it).
 
-    config -> data -> base model + initial adapter -> backend (server + workers)
-    -> per round: plan, cohort, train, aggregate, evaluate, record
-    -> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/)
+config -> data -> base model + initial adapter -> backend (server + workers)
+-> per round: plan, cohort, train, aggregate, evaluate, record
+-> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/)
 """
 
 from __future__ import annotations

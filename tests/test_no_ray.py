@@ -16,7 +16,8 @@ class BlockRay:
 
 sys.meta_path.insert(0, BlockRay())
 import fedsim
-names = [m.name for m in pkgutil.walk_packages(fedsim.__path__, "fedsim.") if not m.name.startswith("fedsim.runtime") and m.name != "fedsim.__main__"]
+names = [m.name for m in pkgutil.walk_packages(fedsim.__path__, "fedsim.")]
+names = [n for n in names if not n.startswith("fedsim.runtime") and n != "fedsim.__main__"]
 for name in names:
     importlib.import_module(name)
 assert "ray" not in sys.modules

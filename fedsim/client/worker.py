@@ -62,18 +62,32 @@ class ClientWorker:
             after = get_state(self.model, plan.trained)
         except Exception as exc:  # a failing client is reported and left out of the aggregate
             result = ClientResult(
-                round=task.round, client_id=cid, worker_id=self.worker_id, examples=len(idx), steps=0,
-                train_loss=float("nan"), seconds=time.perf_counter() - t0, status="failed",
-                bytes_down=down, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}",
+                round=task.round,
+                client_id=cid,
+                worker_id=self.worker_id,
+                examples=len(idx),
+                steps=0,
+                train_loss=float("nan"),
+                seconds=time.perf_counter() - t0,
+                status="failed",
+                bytes_down=down,
+                error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}",
             )
             return ClientOutput(result, None, None)
         upload_t = {k: after[k] for k in plan.uploaded}
         keep = {k: after[k] for k in plan.kept} or None
         upload = ClientUpdate(cid, self._weight(outcome.examples), upload_t) if upload_t else None
         result = ClientResult(
-            round=task.round, client_id=cid, worker_id=self.worker_id, examples=outcome.examples,
-            steps=outcome.steps, train_loss=outcome.train_loss, seconds=time.perf_counter() - t0, status="ok",
-            bytes_up=state_bytes(upload_t), bytes_down=down,
+            round=task.round,
+            client_id=cid,
+            worker_id=self.worker_id,
+            examples=outcome.examples,
+            steps=outcome.steps,
+            train_loss=outcome.train_loss,
+            seconds=time.perf_counter() - t0,
+            status="ok",
+            bytes_up=state_bytes(upload_t),
+            bytes_down=down,
         )
         return ClientOutput(result, upload, keep)
 

@@ -49,7 +49,9 @@ class Method(ABC):
     def plan(self, round: int, keys: Sequence[str], server_state: ServerState) -> RoundPlan:
         return RoundPlan(round=round, roles={k: self.role(round, k, server_state) for k in keys})
 
-    def client_start(self, global_state: AdapterState, kept_state: AdapterState | None, plan: RoundPlan) -> AdapterState:
+    def client_start(
+        self, global_state: AdapterState, kept_state: AdapterState | None, plan: RoundPlan
+    ) -> AdapterState:
         """What a client trains from: the global state, with its own kept tensors where it has them."""
         start = dict(global_state)
         if kept_state:

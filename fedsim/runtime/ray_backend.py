@@ -76,8 +76,15 @@ class RayBackend:
         for task, res in self._dispatch(order, lambda w, t: w.train.remote(t, g)):
             if isinstance(res, Exception):
                 res = ClientResult(
-                    round=task.round, client_id=task.client_id, worker_id=-1, examples=self.sizes[task.client_id],
-                    steps=0, train_loss=float("nan"), seconds=0.0, status="failed", error=str(res)[:2000],
+                    round=task.round,
+                    client_id=task.client_id,
+                    worker_id=-1,
+                    examples=self.sizes[task.client_id],
+                    steps=0,
+                    train_loss=float("nan"),
+                    seconds=0.0,
+                    status="failed",
+                    error=str(res)[:2000],
                 )
             results.append(res)
         return sorted(results, key=lambda r: r.client_id)

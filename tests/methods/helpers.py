@@ -23,7 +23,7 @@ def state(seed: int, head: bool = True) -> AdapterState:
 
 
 def delta_w(s: AdapterState, layer: str) -> torch.Tensor:
-    return (s[f"{layer}.lora_B"].double() @ s[f"{layer}.lora_A"].double())
+    return s[f"{layer}.lora_B"].double() @ s[f"{layer}.lora_A"].double()
 
 
 def updates_from(states: list[AdapterState], keys: list[str], weights: list[float]) -> list[ClientUpdate]:

@@ -12,8 +12,18 @@ from fedsim.config.load import load_config
 from fedsim.simulation import run_simulation
 
 ROUND_COLUMNS = {
-    "round", "method", "train_loss", "eval_loss", "eval_accuracy", "personal_accuracy", "clients",
-    "failed_clients", "bytes_up", "bytes_down", "epsilon_max", "wall_s",
+    "round",
+    "method",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "personal_accuracy",
+    "clients",
+    "failed_clients",
+    "bytes_up",
+    "bytes_down",
+    "epsilon_max",
+    "wall_s",
 }
 CLIENT_COLUMNS = {"round", "client_id", "worker_id", "examples", "steps", "train_loss", "epsilon", "seconds", "status"}
 
@@ -32,13 +42,22 @@ def test_local_run_writes_the_output_contract_and_a_loadable_peft_adapter(tmp_pa
     cfg = _cfg("method.name=ffa_lora")
     out = tmp_path / "run"
     summary = run_simulation(cfg, out, progress=False)
-    for name in ("config.yaml", "summary.json", "rounds.parquet", "clients.parquet", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "summary.json",
+        "rounds.parquet",
+        "clients.parquet",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (out / name).is_file(), name
     rounds = pq.read_table(out / "rounds.parquet").to_pylist()
     assert ROUND_COLUMNS <= set(rounds[0]) and [r["round"] for r in rounds] == [1, 2, 3]
-    assert rounds[-1]["eval_accuracy"] == summary["final_eval_accuracy"] == json.loads(
-        (out / "summary.json").read_text())["final_eval_accuracy"]
+    assert (
+        rounds[-1]["eval_accuracy"]
+        == summary["final_eval_accuracy"]
+        == json.loads((out / "summary.json").read_text())["final_eval_accuracy"]
+    )
     assert rounds[0]["personal_accuracy"] is None and rounds[0]["epsilon_max"] is None
     clients = pq.read_table(out / "clients.parquet").to_pylist()
     assert CLIENT_COLUMNS <= set(clients[0])
@@ -61,7 +80,11 @@ def test_local_run_writes_the_output_contract_and_a_loadable_peft_adapter(tmp_pa
 def test_same_metrics_with_one_or_two_ray_workers_and_the_local_backend(tmp_path, ray_cluster):
     columns = []
     for i, over in enumerate(
-        (["runtime.backend=local"], ["runtime.backend=ray", "runtime.workers=1"], ["runtime.backend=ray", "runtime.workers=2"])
+        (
+            ["runtime.backend=local"],
+            ["runtime.backend=ray", "runtime.workers=1"],
+            ["runtime.backend=ray", "runtime.workers=2"],
+        )
     ):
         cfg = _cfg("method.name=fedsa_lora", *over)
         run_simulation(cfg, tmp_path / f"r{i}", progress=False)
@@ -75,9 +98,16 @@ def test_same_metrics_with_one_or_two_ray_workers_and_the_local_backend(tmp_path
 @pytest.mark.ray
 def test_thousand_clients_fedsa_on_ray_stores_exactly_the_b_of_participants(tmp_path, ray_cluster):
     cfg = _cfg(
-        "runtime.backend=ray", "runtime.workers=2", "method.name=fedsa_lora", "federation.clients=1000",
-        "federation.clients_per_round=20", "federation.rounds=3", "federation.local_steps=1",
-        "data.synthetic_examples=3000", "data.partition.kind=iid", "federation.eval_every=3",
+        "runtime.backend=ray",
+        "runtime.workers=2",
+        "method.name=fedsa_lora",
+        "federation.clients=1000",
+        "federation.clients_per_round=20",
+        "federation.rounds=3",
+        "federation.local_steps=1",
+        "data.synthetic_examples=3000",
+        "data.partition.kind=iid",
+        "federation.eval_every=3",
     )
     seen = {}
 

@@ -1,0 +1,115 @@
+"""Semantic checks of a :class:`~fedsim.config.schema.Config`: ranges, cross-key rules, registries."""
+
+from __future__ import annotations
+
+import math
+
+from fedsim.config.fields import _Bad, _convert, _get, _leaves, _show, _suggest
+from fedsim.config.schema import Config
+
+
+def _proportion_problems(rows: list[list[float]] | None, required: bool) -> list[str]:
+    key = "data.partition.proportions"
+    if not rows:
+        if required:
+            return [
+                f"{key}: required when data.partition.kind is label_proportions; give one label "
+                "distribution per client, e.g. [[0.9, 0.1], [0.1, 0.9]]"
+            ]
+        return []
+    out = []
+    for i, row in enumerate(rows):
+        if not row or any(not math.isfinite(x) or x < 0 for x in row) or sum(row) <= 0:
+            out.append(
+                f"{key}[{i}]: must be a non-empty list of non-negative numbers with a positive sum "
+                f"(got {row}); e.g. [0.9, 0.1]"
+            )
+    if len({len(r) for r in rows}) > 1:
+        out.append(
+            f"{key}: rows have different lengths {sorted({len(r) for r in rows})}; "
+            "give one share per class in every row"
+        )
+    return out
+
+
+def _external_problems(cfg: Config) -> list[str]:
+    """Checks owned by other packages: the method registry, the model name, the data source."""
+    from fedsim.data.sources import source_path_problem
+    from fedsim.methods.base import available_methods
+    from fedsim.model.build import model_name_problem
+
+    out: list[str] = []
+    known = available_methods()
+    if cfg.method.name not in known:
+        out.append(
+            f"method.name: unknown method '{cfg.method.name}'{_suggest(cfg.method.name, known)}; "
+            f"known methods: {', '.join(known)}"
+        )
+    for key, check in (("model.name", model_name_problem), ("data.source", source_path_problem)):
+        problem = check(_get(cfg, key))
+        if problem:
+            out.append(problem if problem.startswith(key) else f"{key}: {problem}")
+    return out
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every semantic problem of ``cfg`` (empty list = valid); each line names the key and the fix.
+
+    Checks value types, declared choices, numeric ranges, cross-key constraints, and (when those
+    modules are importable) the method registry, the model name and the data source.
+    """
+    problems: list[str] = []
+    for key, _, tp in _leaves():
+        try:
+            _convert(_get(cfg, key), tp, key)
+        except _Bad as e:
+            problems.append(str(e))
+    if problems:  # range checks below assume the right types
+        return problems
+    for key, f, _ in _leaves():
+        choices = f.metadata.get("choices")
+        value = _get(cfg, key)
+        if choices and value not in choices:
+            hint = _suggest(value, choices) if isinstance(value, str) else ""
+            problems.append(f"{key}: {_show(value)} is not one of {', '.join(map(str, choices))}{hint}")
+
+    def need(key: str, ok: bool, rule: str, fix: str) -> None:
+        if not ok:
+            problems.append(f"{key} must be {rule} (got {_show(_get(cfg, key))}); {fix}")
+
+    lo, da, pa, fe, pr, rt = cfg.lora, cfg.data, cfg.data.partition, cfg.federation, cfg.privacy, cfg.runtime
+    need("seed", cfg.seed >= 0, ">= 0", "use any non-negative integer, e.g. 0")
+    need("lora.r", lo.r >= 1, ">= 1", "the LoRA rank is a positive integer, e.g. 8")
+    need("lora.alpha", lo.alpha > 0, "> 0", "the LoRA scale is alpha / r, e.g. alpha 16 with r 8")
+    need("lora.dropout", 0 <= lo.dropout < 1, "in [0, 1)", "use 0 for no dropout")
+    need("lora.targets", len(lo.targets) > 0, "non-empty", "use [auto] for the model family's query/value projections")
+    need("data.text_field", bool(da.text_field), "non-empty", "name the text column, e.g. text")
+    need("data.label_field", bool(da.label_field), "non-empty", "name the label column, e.g. label")
+    need("data.max_length", da.max_length >= 8, ">= 8", "e.g. 128 tokens")
+    need("data.test_fraction", 0 < da.test_fraction < 1, "in (0, 1)", "e.g. 0.2")
+    need("data.personal_fraction", 0 <= da.personal_fraction < 1, "in [0, 1)", "use 0 to skip personalised evaluation")
+    need("data.max_examples", da.max_examples is None or da.max_examples >= 1, ">= 1 or null", "null keeps all")
+    need("data.synthetic_examples", da.synthetic_examples >= 1, ">= 1", "e.g. 2000")
+    need("data.synthetic_classes", da.synthetic_classes >= 2, ">= 2", "e.g. 4")
+    need("data.partition.alpha", pa.alpha > 0, "> 0", "smaller values mean more heterogeneous clients, e.g. 0.5")
+    need("data.partition.min_examples", pa.min_examples >= 0, ">= 0", "e.g. 2")
+    problems.extend(_proportion_problems(pa.proportions, pa.kind == "label_proportions"))
+    need("federation.clients", fe.clients >= 1, ">= 1", "e.g. 10")
+    if fe.clients >= 1 and not 1 <= fe.clients_per_round <= fe.clients:
+        problems.append(
+            f"federation.clients_per_round must be between 1 and federation.clients (got clients_per_round="
+            f"{fe.clients_per_round}, clients={fe.clients}); set federation.clients_per_round to at most "
+            f"{fe.clients} or raise federation.clients"
+        )
+    for key in ("federation.rounds", "federation.local_steps", "federation.batch_size", "federation.eval_every"):
+        need(key, _get(cfg, key) >= 1, ">= 1", "use a positive integer")
+    need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")
+    need("privacy.clip", pr.clip > 0, "> 0", "the per-example clipping norm, e.g. 2.0")
+    need("privacy.noise_multiplier", pr.noise_multiplier >= 0, ">= 0", "e.g. 1.0")
+    need("runtime.workers", rt.workers >= 1, ">= 1", "e.g. 2")
+    need("runtime.cpus_per_worker", rt.cpus_per_worker > 0, "> 0", "e.g. 1")
+    need("runtime.gpus_per_worker", rt.gpus_per_worker >= 0, ">= 0", "0 for CPU only, 0.25 for a quarter GPU")
+    need("runtime.eval_batch_size", rt.eval_batch_size >= 1, ">= 1", "e.g. 64")
+    problems.extend(_external_problems(cfg))
+    return problems
+
