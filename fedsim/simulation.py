@@ -25,6 +25,7 @@ from fedsim.metrics.console import RoundProgress
 from fedsim.metrics.tables import MetricTables
 from fedsim.model.adapters import attach_adapter, export_peft, get_state
 from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
+from fedsim.privacy.tracker import PrivacyTracker
 from fedsim.server.cohort import sample_cohort
 from fedsim.types import ClientResult, ClientTask, EvalResult, EvalTask
 
@@ -87,6 +88,7 @@ def run_simulation(
     dataset = load_source(cfg.data, cfg.seed)
     tokenizer = build_tokenizer(cfg.model, dataset.texts)
     data = build_federated_data(cfg, dataset, tokenizer)
+    privacy = PrivacyTracker(cfg, [len(ix) for ix in data.client_train], method_cls.linear)  # calibrates once
 
     # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
     base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed)
@@ -100,7 +102,7 @@ def run_simulation(
     # 3. Server + workers.
     from fedsim.runtime.backend import RunSetup, make_backend
 
-    backend = make_backend(RunSetup(cfg, blueprint, data, initial_state))
+    backend = make_backend(RunSetup(cfg, blueprint, data, initial_state, privacy.server_sigma))
     tables = MetricTables(out_dir)
     fed = cfg.federation
     tasks_eval = eval_tasks(data, cfg.runtime.eval_batch_size, method_cls.personal)
@@ -114,7 +116,7 @@ def run_simulation(
                 # 4. One round: plan, cohort, local training, aggregation.
                 plan = backend.plan(t)
                 cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
-                results = backend.train([ClientTask(t, cid, plan) for cid in cohort])
+                results = backend.train([ClientTask(t, cid, plan, **privacy.task_fields(cid)) for cid in cohort])
                 backend.aggregate(t)
 
                 # 5. Evaluation (every eval_every rounds and always the last).
@@ -138,13 +140,14 @@ def run_simulation(
                     "personal_accuracy": ev.get("personal_accuracy"),
                     "personal_accuracy_unweighted": ev.get("personal_accuracy_unweighted"),
                     "clients": sum(r.status == "ok" for r in results),
-                    "failed_clients": sum(r.status != "ok" for r in results),
+                    "failed_clients": sum(r.status == "failed" for r in results),
+                    "budget_exhausted": sum(r.status == "budget_exhausted" for r in results),
                     "bytes_up": up,
                     "bytes_down": down,
-                    "epsilon_max": None,
+                    **privacy.observe(t, results),
                     "wall_s": time.perf_counter() - t0,
                 }
-                client_rows = [{**r.__dict__, "epsilon": None} for r in results]
+                client_rows = [{**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results]
                 tables.add_round(row, client_rows)
                 tables.flush()
                 bar.update(row)
@@ -169,8 +172,7 @@ def run_simulation(
         "final_eval_loss": last_eval.get("eval_loss"),
         "best_eval_accuracy": best_acc,
         "final_personal_accuracy": last_eval.get("personal_accuracy"),
-        "privacy_mode": cfg.privacy.mode,
-        "epsilon": None,
+        **privacy.summary(),
         "failed_client_rounds": sum(r["failed_clients"] for r in tables.rounds),
         "bytes_up": totals["bytes_up"],
         "bytes_down": totals["bytes_down"],

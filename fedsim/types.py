@@ -64,6 +64,8 @@ class ClientTask:
     round: int
     client_id: int
     plan: RoundPlan
+    noise_multiplier: float | None = None  # sample-level DP: this client's calibrated sigma
+    sample_rate: float | None = None  # sample-level DP: this client's Poisson rate batch / N_k
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,13 @@ class ClientResult:
     steps: int
     train_loss: float
     seconds: float
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "budget_exhausted"
     bytes_up: int = 0
     bytes_down: int = 0
     error: str = ""
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    epsilon: float | None = None  # the client's cumulative epsilon after this round (sample-level DP)
 
 
 @dataclass(frozen=True)

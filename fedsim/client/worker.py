@@ -19,6 +19,8 @@ from fedsim.data.federated import FederatedData
 from fedsim.methods.base import make_method
 from fedsim.model.adapters import attach_adapter, get_state, set_state, state_bytes
 from fedsim.model.build import BaseBlueprint, model_from_blueprint
+from fedsim.privacy.accounting import PrivacyLedger
+from fedsim.privacy.client_level import clip_update
 from fedsim.types import AdapterState, ClientResult, ClientTask, ClientUpdate, EvalResult, EvalTask, RoundPlan
 
 
@@ -29,6 +31,7 @@ class ClientOutput:
     result: ClientResult
     upload: ClientUpdate | None
     keep: AdapterState | None
+    ledger: dict | None = None  # the client's updated PrivacyLedger (JSON) under sample-level DP
 
 
 class ClientWorker:
@@ -49,23 +52,64 @@ class ClientWorker:
     def _weight(self, examples: int) -> float:
         return float(examples) if self.cfg.federation.weighting == "examples" else 1.0
 
-    def train(self, task: ClientTask, global_state: AdapterState, kept: AdapterState | None) -> ClientOutput:
-        """Train client ``task.client_id`` from (global, its kept state); never raises for client errors."""
-        plan, cid = task.plan, task.client_id
+    def _ledger(self, ledger_json: dict | None) -> PrivacyLedger:
+        if ledger_json:
+            return PrivacyLedger.from_json(ledger_json)
+        return PrivacyLedger(accountant=self.cfg.privacy.accountant)
+
+    def train(
+        self, task: ClientTask, global_state: AdapterState, kept: AdapterState | None, ledger_json: dict | None = None
+    ) -> ClientOutput:
+        """Train client ``task.client_id`` from (global, its kept state); never raises for client errors.
+
+        Sample-level DP: a client whose next participation would push its epsilon past ``privacy.epsilon``
+        does not train (status ``budget_exhausted``); otherwise its ledger is charged for the steps it took.
+        Client-level DP: the upload is the clipped delta (trained minus start) of the shared tensors.
+        """
+        plan, cid, pr = task.plan, task.client_id, self.cfg.privacy
         t0 = time.perf_counter()
         idx = self.data.client_train[cid]
         down = state_bytes({k: global_state[k] for k in plan.uploaded})
+        base = {
+            "round": task.round,
+            "client_id": cid,
+            "worker_id": self.worker_id,
+            "examples": len(idx),
+            "noise_multiplier": task.noise_multiplier,
+            "sample_rate": task.sample_rate,
+        }
+        ledger = None
+        if pr.mode == "sample":
+            ledger = self._ledger(ledger_json)
+            sigma, q = float(task.noise_multiplier or 0.0), float(task.sample_rate or 0.0)
+            nxt = ledger.spend(sigma, q, self.cfg.federation.local_steps)
+            if pr.epsilon is not None and nxt.epsilon(pr.delta) > pr.epsilon + 1e-9:
+                result = ClientResult(
+                    **base,
+                    steps=0,
+                    train_loss=float("nan"),
+                    seconds=time.perf_counter() - t0,
+                    status="budget_exhausted",
+                    epsilon=ledger.epsilon(pr.delta),
+                )
+                return ClientOutput(result, None, None, None)
         try:
-            set_state(self.model, self.method.client_start(global_state, kept, plan))
+            start = self.method.client_start(global_state, kept, plan)
+            set_state(self.model, start)
             ids, mask, labels = self.data.client_arrays(idx)
-            outcome = self.trainer.train(plan.trained, ids, mask, labels, round=task.round, client_id=cid)
+            outcome = self.trainer.train(
+                plan.trained,
+                ids,
+                mask,
+                labels,
+                round=task.round,
+                client_id=cid,
+                noise_multiplier=task.noise_multiplier if pr.mode == "sample" else None,
+            )
             after = get_state(self.model, plan.trained)
         except Exception as exc:  # a failing client is reported and left out of the aggregate
             result = ClientResult(
-                round=task.round,
-                client_id=cid,
-                worker_id=self.worker_id,
-                examples=len(idx),
+                **base,
                 steps=0,
                 train_loss=float("nan"),
                 seconds=time.perf_counter() - t0,
@@ -73,23 +117,29 @@ class ClientWorker:
                 bytes_down=down,
                 error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}",
             )
-            return ClientOutput(result, None, None)
+            return ClientOutput(result, None, None, None)
         upload_t = {k: after[k] for k in plan.uploaded}
+        weight = self._weight(outcome.examples)
+        if pr.mode == "client" and upload_t:
+            upload_t, _ = clip_update({k: upload_t[k] - start[k] for k in upload_t}, pr.client_clip)
+            weight = 1.0
+        epsilon = None
+        if ledger is not None:
+            ledger = ledger.spend(float(task.noise_multiplier or 0.0), float(task.sample_rate or 0.0), outcome.steps)
+            epsilon = ledger.epsilon(pr.delta)
         keep = {k: after[k] for k in plan.kept} or None
-        upload = ClientUpdate(cid, self._weight(outcome.examples), upload_t) if upload_t else None
+        upload = ClientUpdate(cid, weight, upload_t) if upload_t else None
         result = ClientResult(
-            round=task.round,
-            client_id=cid,
-            worker_id=self.worker_id,
-            examples=outcome.examples,
+            **base,
             steps=outcome.steps,
             train_loss=outcome.train_loss,
             seconds=time.perf_counter() - t0,
             status="ok",
             bytes_up=state_bytes(upload_t),
             bytes_down=down,
+            epsilon=epsilon,
         )
-        return ClientOutput(result, upload, keep)
+        return ClientOutput(result, upload, keep, ledger.to_json() if ledger is not None else None)
 
     def evaluate(self, task: EvalTask, state: AdapterState) -> EvalResult:
         """Evaluate ``state`` (already personalised by the caller if needed) on ``task.indices``."""

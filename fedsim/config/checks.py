@@ -52,6 +52,33 @@ def _external_problems(cfg: Config) -> list[str]:
     return out
 
 
+def _privacy_problems(cfg: Config) -> list[str]:
+    pr = cfg.privacy
+    out: list[str] = []
+    if pr.clip <= 0:
+        out.append(f"privacy.clip must be > 0 (got {_show(pr.clip)}); the per-example clipping norm, e.g. 2.0")
+    if pr.client_clip <= 0:
+        out.append(f"privacy.client_clip must be > 0 (got {_show(pr.client_clip)}); e.g. 1.0")
+    if not 0 < pr.delta < 1:
+        out.append(f"privacy.delta must be in (0, 1) (got {_show(pr.delta)}); e.g. 1e-5")
+    if pr.epsilon is not None and pr.epsilon <= 0:
+        out.append(f"privacy.epsilon must be > 0 (got {_show(pr.epsilon)}); e.g. 8, or null for no target")
+    if pr.noise_multiplier is not None and pr.noise_multiplier < 0:
+        out.append(f"privacy.noise_multiplier must be >= 0 (got {_show(pr.noise_multiplier)}); e.g. 1.0")
+    if pr.mode != "none":
+        if pr.epsilon is not None and pr.noise_multiplier is not None:
+            out.append(
+                "privacy.epsilon and privacy.noise_multiplier are both set; set only one: a target epsilon "
+                "(the noise is calibrated to it) or a fixed noise multiplier (epsilon is then only reported)"
+            )
+        if pr.epsilon is None and pr.noise_multiplier is None:
+            out.append(
+                f"privacy.mode is {pr.mode} but neither privacy.epsilon nor privacy.noise_multiplier is set; "
+                "set a target, e.g. --set privacy.epsilon=8"
+            )
+    return out
+
+
 def validate(cfg: Config) -> list[str]:
     """Every semantic problem of ``cfg`` (empty list = valid); each line names the key and the fix.
 
@@ -77,7 +104,7 @@ def validate(cfg: Config) -> list[str]:
         if not ok:
             problems.append(f"{key} must be {rule} (got {_show(_get(cfg, key))}); {fix}")
 
-    lo, da, pa, fe, pr, rt = cfg.lora, cfg.data, cfg.data.partition, cfg.federation, cfg.privacy, cfg.runtime
+    lo, da, pa, fe, rt = cfg.lora, cfg.data, cfg.data.partition, cfg.federation, cfg.runtime
     need("seed", cfg.seed >= 0, ">= 0", "use any non-negative integer, e.g. 0")
     need("lora.r", lo.r >= 1, ">= 1", "the LoRA rank is a positive integer, e.g. 8")
     need("lora.alpha", lo.alpha > 0, "> 0", "the LoRA scale is alpha / r, e.g. alpha 16 with r 8")
@@ -104,12 +131,10 @@ def validate(cfg: Config) -> list[str]:
     for key in ("federation.rounds", "federation.local_steps", "federation.batch_size", "federation.eval_every"):
         need(key, _get(cfg, key) >= 1, ">= 1", "use a positive integer")
     need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")
-    need("privacy.clip", pr.clip > 0, "> 0", "the per-example clipping norm, e.g. 2.0")
-    need("privacy.noise_multiplier", pr.noise_multiplier >= 0, ">= 0", "e.g. 1.0")
+    problems.extend(_privacy_problems(cfg))
     need("runtime.workers", rt.workers >= 1, ">= 1", "e.g. 2")
     need("runtime.cpus_per_worker", rt.cpus_per_worker > 0, "> 0", "e.g. 1")
     need("runtime.gpus_per_worker", rt.gpus_per_worker >= 0, ">= 0", "0 for CPU only, 0.25 for a quarter GPU")
     need("runtime.eval_batch_size", rt.eval_batch_size >= 1, ">= 1", "e.g. 64")
     problems.extend(_external_problems(cfg))
     return problems
-

@@ -157,5 +157,3 @@ def _unknown_key(key: str) -> str:
     if not hint:
         hint = "; run `fedsim validate quickstart` to see every key"
     return f"{key}: unknown key{hint}"
-
-

@@ -216,5 +216,3 @@ def load_config(source: str | None = None, overrides: Sequence[str] = ()) -> tup
 
 
 # ----------------------------------------------------------------------------- semantic validation
-
-

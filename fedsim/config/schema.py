@@ -115,9 +115,30 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    mode: str = _f("none", "none, or sample-level DP-SGD per client (Opacus).", ("none", "sample"))
-    noise_multiplier: float = _f(1.0, "DP-SGD noise multiplier sigma (noise std = sigma * clip).")
-    clip: float = _f(2.0, "Per-example gradient clipping norm C over the trainable tensors.")
+    mode: str = _f(
+        "none",
+        "none; sample = per-client sample-level DP-SGD (Opacus); client = client-level DP-FedAvg "
+        "(clip each upload, noise once at the server).",
+        ("none", "sample", "client"),
+    )
+    epsilon: float | None = _f(
+        None,
+        "Target epsilon: each client's noise multiplier (sample) or the server's (client) is calibrated to reach "
+        "it at most. Set this OR noise_multiplier.",
+    )
+    delta: float = _f(1e-5, "Target delta; must be < 1/N for the smallest client (sample mode).")
+    noise_multiplier: float | None = _f(
+        None, "Fixed noise multiplier sigma instead of a target epsilon (epsilon is then only reported)."
+    )
+    clip: float = _f(2.0, "sample: per-example gradient clipping norm C over the trainable tensors.")
+    client_clip: float = _f(1.0, "client: L2 clipping norm of each client's upload delta.")
+    accountant: str = _f("prv", "Privacy accountant (Opacus).", ("prv", "rdp"))
+    steps_basis: str = _f(
+        "full",
+        "sample: noise sized for every round a client could join (full: rounds x local_steps) or for its expected "
+        "participation (expected: rounds x clients_per_round / clients, rounded up, x local_steps).",
+        ("full", "expected"),
+    )
 
 
 @dataclass(frozen=True)

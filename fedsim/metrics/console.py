@@ -47,6 +47,10 @@ class RoundProgress:
         if row.get("eval_accuracy") is not None:
             self._acc = row["eval_accuracy"]
         text = f"loss {_fmt(row.get('train_loss'))}  acc {_fmt(self._acc)}"
+        if row.get("epsilon_max") is not None:
+            text += f"  eps {row['epsilon_max']:.2f}"
+        if row.get("budget_exhausted"):
+            text += f"  exhausted {row['budget_exhausted']}"
         if row.get("failed_clients"):
             text += f"  failed {row['failed_clients']}"
         self.progress.update(self.task, advance=1, metrics=text)

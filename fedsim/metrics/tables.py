@@ -24,9 +24,11 @@ ROUND_SCHEMA = pa.schema(
         ("personal_accuracy_unweighted", pa.float64()),
         ("clients", pa.int32()),
         ("failed_clients", pa.int32()),
+        ("budget_exhausted", pa.int32()),
         ("bytes_up", pa.int64()),
         ("bytes_down", pa.int64()),
         ("epsilon_max", pa.float64()),
+        ("epsilon_median", pa.float64()),
         ("wall_s", pa.float64()),
     ]
 )
@@ -40,6 +42,8 @@ CLIENT_SCHEMA = pa.schema(
         ("steps", pa.int32()),
         ("train_loss", pa.float64()),
         ("epsilon", pa.float64()),
+        ("noise_multiplier", pa.float64()),
+        ("sample_rate", pa.float64()),
         ("seconds", pa.float64()),
         ("status", pa.string()),
         ("bytes_up", pa.int64()),

@@ -11,7 +11,7 @@ _FACTORS = {"lora_A": "A", "lora_B": "B"}
 
 
 def factor_of(key: str) -> str:
-    """"A", "B" or "head". Raises ValueError for a key that is none of these."""
+    """ "A", "B" or "head". Raises ValueError for a key that is none of these."""
     if key.startswith(HEAD_PREFIX):
         return "head"
     suffix = key.rsplit(".", 1)[-1]

@@ -30,11 +30,11 @@ class WorkerActor:
         self.store = store
 
     def train(self, task: ClientTask, global_state: AdapterState) -> ClientResult:
-        kept = ray.get(self.store.get.remote(task.client_id)) if task.plan.kept else None
-        out = self.worker.train(task, global_state, kept)
+        kept, ledger = ray.get(self.store.get_client.remote(task.client_id, bool(task.plan.kept)))
+        out = self.worker.train(task, global_state, kept, ledger)
         pending = []
-        if out.keep is not None:
-            pending.append(self.store.put.remote(task.client_id, out.keep))
+        if out.keep is not None or out.ledger is not None:
+            pending.append(self.store.put_client.remote(task.client_id, out.keep, out.ledger))
         if out.upload is not None:
             pending.append(self.server.receive.remote(out.upload))
         ray.get(pending)  # delivered before the driver asks the server to aggregate

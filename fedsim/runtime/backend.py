@@ -21,6 +21,7 @@ class RunSetup:
     blueprint: BaseBlueprint
     data: FederatedData
     initial_state: AdapterState
+    server_noise_multiplier: float | None = None  # client-level DP: sigma of the server's Gaussian noise
 
 
 class Backend(Protocol):

@@ -14,7 +14,7 @@ from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, Eva
 class LocalBackend:
     def __init__(self, setup: RunSetup) -> None:
         cfg = setup.cfg
-        self.server = ParameterServer(cfg.method, cfg.seed, setup.initial_state)
+        self.server = ParameterServer(cfg, setup.initial_state, setup.server_noise_multiplier)
         self.store = ClientStore()
         self.worker = ClientWorker(0, cfg, setup.blueprint, setup.data)
 
@@ -25,10 +25,9 @@ class LocalBackend:
         results = []
         g = self.server.global_state()
         for task in sorted(tasks, key=lambda t: t.client_id):
-            kept = self.store.get(task.client_id) if task.plan.kept else None
-            out = self.worker.train(task, g, kept)
-            if out.keep is not None:
-                self.store.put(task.client_id, out.keep)
+            kept, ledger = self.store.get_client(task.client_id, tensors=bool(task.plan.kept))
+            out = self.worker.train(task, g, kept, ledger)
+            self.store.put_client(task.client_id, out.keep, out.ledger)
             if out.upload is not None:
                 self.server.receive(out.upload)
             results.append(out.result)

@@ -34,7 +34,7 @@ class RayBackend:
         rt = setup.cfg.runtime
         self._started = _init_ray(rt.address, rt.workers * rt.cpus_per_worker)
         self.sizes = [len(ix) for ix in setup.data.client_train]
-        self.server = ParameterServerActor.remote(setup.cfg.method, setup.cfg.seed, setup.initial_state)
+        self.server = ParameterServerActor.remote(setup.cfg, setup.initial_state, setup.server_noise_multiplier)
         self.store = ClientStoreActor.remote()
         bp_ref, data_ref = ray.put(setup.blueprint), ray.put(setup.data)  # shipped once per node
         self.workers = [

@@ -1,4 +1,4 @@
-"""Per-client state kept between rounds (FedSA's B, a personal head; later accountant state).
+"""Per-client state kept between rounds: FedSA's B, a personal head, and each client's privacy ledger.
 
 Holds up to ``max_in_memory`` clients' tensors in memory (least recently used first out) and
 spills the rest to ``spill_dir`` as safetensors files, so memory stays flat with many clients.
@@ -24,6 +24,7 @@ class ClientStore:
         self._on_disk: set[int] = set()
         self._max = max_in_memory
         self._dir = Path(spill_dir) if spill_dir is not None else None
+        self._ledgers: dict[int, dict] = {}  # client id -> PrivacyLedger.to_json() (small; kept in memory)
 
     def _path(self, client_id: int) -> Path:
         assert self._dir is not None
@@ -46,6 +47,23 @@ class ClientStore:
         if client_id in self._on_disk:
             return load_file(str(self._path(client_id)))
         return None
+
+    def put_ledger(self, client_id: int, ledger: dict) -> None:
+        """Store a client's accountant state (a JSON-able dict)."""
+        self._ledgers[client_id] = dict(ledger)
+
+    def get_ledger(self, client_id: int) -> dict | None:
+        return self._ledgers.get(client_id)
+
+    def get_client(self, client_id: int, tensors: bool) -> tuple[AdapterState | None, dict | None]:
+        """(kept tensors if ``tensors`` else None, ledger): what a worker needs for one client, in one call."""
+        return (self.get(client_id) if tensors else None), self.get_ledger(client_id)
+
+    def put_client(self, client_id: int, state: AdapterState | None, ledger: dict | None) -> None:
+        if state is not None:
+            self.put(client_id, state)
+        if ledger is not None:
+            self.put_ledger(client_id, ledger)
 
     def client_ids(self) -> list[int]:
         return sorted(set(self._mem) | self._on_disk)

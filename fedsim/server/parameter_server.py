@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedsim.config.schema import MethodConfig
+from fedsim.config.schema import Config
 from fedsim.methods.base import make_method
 from fedsim.model.adapters import state_bytes
+from fedsim.privacy.client_level import dp_fedavg_aggregate
+from fedsim.seeding import torch_generator
 from fedsim.types import AdapterState, ClientUpdate, RoundPlan
 
 
@@ -22,10 +24,17 @@ class AggregateInfo:
 
 
 class ParameterServer:
-    """Receives uploads for a round, aggregates them in client-id order."""
+    """Receives uploads for a round, aggregates them in client-id order.
 
-    def __init__(self, method_cfg: MethodConfig, seed: int, initial_state: AdapterState) -> None:
-        self.method = make_method(method_cfg, seed)
+    Client-level DP (``privacy.mode: client``): uploads are clipped deltas; the server adds their sum and ONE
+    Gaussian noise draw (std ``server_noise_multiplier * privacy.client_clip``, seeded by (seed, round)) divided
+    by the expected cohort size to the shared tensors (DP-FedAvg). Only linear methods are allowed there.
+    """
+
+    def __init__(self, cfg: Config, initial_state: AdapterState, server_noise_multiplier: float | None = None) -> None:
+        self.cfg = cfg
+        self.method = make_method(cfg.method, cfg.seed)
+        self.server_noise_multiplier = server_noise_multiplier
         self._global = {k: v.detach().clone() for k, v in initial_state.items()}
         self._keys = sorted(self._global)
         self.server_state = self.method.init_server_state(self._global)
@@ -51,6 +60,16 @@ class ParameterServer:
         updates: Sequence[ClientUpdate] = [self._pending[c] for c in sorted(self._pending)]
         self._pending = {}
         plan = self.plan(round)
-        if updates and plan.uploaded:
+        if self.cfg.privacy.mode == "client" and plan.uploaded:
+            self._global = dp_fedavg_aggregate(
+                self._global,
+                [u.tensors for u in updates],
+                plan.uploaded,
+                expected_clients=self.cfg.federation.clients_per_round,
+                noise_multiplier=float(self.server_noise_multiplier or 0.0),
+                clip=self.cfg.privacy.client_clip,
+                generator=torch_generator(self.cfg.seed, "server_noise", round),
+            )
+        elif updates and plan.uploaded:
             self._global, self.server_state = self.method.aggregate(self._global, updates, plan, self.server_state)
         return AggregateInfo(round=round, clients=len(updates), bytes_up=sum(state_bytes(u.tensors) for u in updates))

@@ -77,7 +77,8 @@ def test_local_run_writes_the_output_contract_and_a_loadable_peft_adapter(tmp_pa
 
 
 @pytest.mark.ray
-def test_same_metrics_with_one_or_two_ray_workers_and_the_local_backend(tmp_path, ray_cluster):
+@pytest.mark.parametrize("privacy", [[], ["privacy.mode=sample", "privacy.noise_multiplier=0.7"]], ids=["no-dp", "dp"])
+def test_same_metrics_with_one_or_two_ray_workers_and_the_local_backend(tmp_path, ray_cluster, privacy):
     columns = []
     for i, over in enumerate(
         (
@@ -86,10 +87,10 @@ def test_same_metrics_with_one_or_two_ray_workers_and_the_local_backend(tmp_path
             ["runtime.backend=ray", "runtime.workers=2"],
         )
     ):
-        cfg = _cfg("method.name=fedsa_lora", *over)
+        cfg = _cfg("method.name=fedsa_lora", *privacy, *over)
         run_simulation(cfg, tmp_path / f"r{i}", progress=False)
         t = pq.read_table(tmp_path / f"r{i}" / "rounds.parquet").to_pydict()
-        columns.append((t["eval_accuracy"], t["eval_loss"], t["personal_accuracy"], t["train_loss"]))
+        columns.append((t["eval_accuracy"], t["eval_loss"], t["personal_accuracy"], t["train_loss"], t["epsilon_max"]))
     for other in columns[1:]:
         for a, b in zip(columns[0], other, strict=True):
             assert a == pytest.approx(b, abs=1e-6)

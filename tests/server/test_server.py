@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.config.schema import MethodConfig
+from fedsim.config.schema import Config, MethodConfig
 from fedsim.server.client_store import ClientStore
 from fedsim.server.cohort import largest_first, sample_cohort
 from fedsim.server.parameter_server import ParameterServer
@@ -25,7 +25,7 @@ def test_largest_first_orders_by_size_then_id():
 def test_parameter_server_aggregates_in_client_id_order_whatever_the_arrival_order():
     results = []
     for order in ([0, 1, 2], [2, 0, 1]):
-        ps = ParameterServer(MethodConfig("fedavg_lora"), 0, state(0))
+        ps = ParameterServer(Config(method=MethodConfig("fedavg_lora")), state(0))
         plan = ps.plan(1)
         for cid in order:
             ps.receive(ClientUpdate(cid, 1.0 + cid, {k: state(10 + cid)[k] for k in plan.uploaded}))

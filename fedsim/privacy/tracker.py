@@ -1,0 +1,102 @@
+"""Driver-side privacy bookkeeping: per-client DP settings in, epsilon columns and summary out.
+
+The ledgers themselves live in the ClientStore (one per client) and are charged by the worker that
+trains the client; the tracker only plans the settings before round 1 and reads the epsilons the
+clients report.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from fedsim.config.schema import Config
+from fedsim.errors import ConfigError
+from fedsim.privacy.budget import ClientPrivacy, plan_client_privacy, planned_steps
+from fedsim.privacy.client_level import client_level_epsilon, client_level_noise_multiplier
+from fedsim.types import ClientResult
+
+
+class PrivacyTracker:
+    """Plans DP settings (raises ConfigError before any training) and tracks the epsilon spent."""
+
+    def __init__(self, cfg: Config, client_sizes: Sequence[int], linear_method: bool) -> None:
+        self.cfg = cfg
+        pr, fe = cfg.privacy, cfg.federation
+        self.mode = pr.mode
+        self.clients: list[ClientPrivacy] = []
+        self.server_sigma: float | None = None
+        self._eps: dict[int, float] = {}  # client id -> cumulative epsilon (sample mode)
+        self._round_eps: float | None = None  # client mode: epsilon after the rounds so far
+        self.exhausted = 0
+        if pr.mode == "sample":
+            self.clients = plan_client_privacy(cfg, client_sizes)
+        elif pr.mode == "client":
+            if not linear_method:
+                raise ConfigError(
+                    [
+                        f"privacy.mode: client-level DP needs a linear method; {cfg.method.name} is not; "
+                        "use fedavg_lora, ffa_lora or fedsa_lora, or privacy.mode: sample"
+                    ]
+                )
+            if pr.epsilon is None:
+                self.server_sigma = float(pr.noise_multiplier or 0.0)
+            else:
+                self.server_sigma = client_level_noise_multiplier(
+                    pr.epsilon, pr.delta, fe.clients_per_round, fe.clients, fe.rounds, pr.accountant
+                )
+
+    def task_fields(self, client_id: int) -> dict[str, float]:
+        """Extra ClientTask fields for one client (its sigma and sampling rate in sample mode)."""
+        if self.mode != "sample":
+            return {}
+        c = self.clients[client_id]
+        return {"noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate}
+
+    def observe(self, round: int, results: Sequence[ClientResult]) -> dict[str, float | None]:
+        """Record a round; returns epsilon_max / epsilon_median over all clients so far (None without DP)."""
+        self.exhausted += sum(r.status == "budget_exhausted" for r in results)
+        if self.mode == "sample":
+            for r in results:
+                if r.epsilon is not None:
+                    self._eps[r.client_id] = r.epsilon
+            vals = list(self._eps.values())
+            return {"epsilon_max": max(vals, default=0.0), "epsilon_median": statistics.median(vals) if vals else 0.0}
+        if self.mode == "client":
+            fe, pr = self.cfg.federation, self.cfg.privacy
+            self._round_eps = client_level_epsilon(
+                float(self.server_sigma or 0.0), fe.clients_per_round, fe.clients, round, pr.delta, pr.accountant
+            )
+            return {"epsilon_max": self._round_eps, "epsilon_median": self._round_eps}
+        return {"epsilon_max": None, "epsilon_median": None}
+
+    def client_epsilon(self, result: ClientResult) -> float | None:
+        return self._round_eps if self.mode == "client" else result.epsilon
+
+    def summary(self) -> dict[str, Any]:
+        pr = self.cfg.privacy
+        if self.mode == "none":
+            return {"privacy_mode": "none", "epsilon": None}
+        eps_max = max(self._eps.values(), default=0.0) if self.mode == "sample" else self._round_eps
+        out: dict[str, Any] = {
+            "privacy_mode": self.mode,
+            "epsilon": eps_max,
+            "epsilon_target": pr.epsilon,
+            "delta": pr.delta,
+            "accountant": pr.accountant,
+            "budget_respected": pr.epsilon is None or (eps_max or 0.0) <= pr.epsilon + 1e-9,
+        }
+        if self.mode == "sample":
+            sig = [c.noise_multiplier for c in self.clients]
+            out.update(
+                steps_basis=pr.steps_basis,
+                planned_steps_per_client=planned_steps(self.cfg),
+                noise_multiplier_min=min(sig),
+                noise_multiplier_max=max(sig),
+                clip=pr.clip,
+                budget_exhausted_client_rounds=self.exhausted,
+            )
+        else:
+            out.update(noise_multiplier=self.server_sigma, client_clip=pr.client_clip)
+        return out
