@@ -58,6 +58,17 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class SignalContext:
+    """What a method may know when it computes a client's signals from its last (privatised) gradients."""
+
+    round: int
+    client_id: int
+    lr: float
+    batch_size: float  # expected batch size of the last step
+    noise_std: float  # per-coordinate std of the DP noise in the averaged gradient (sigma * C / batch); 0 without DP
+
+
+@dataclass(frozen=True)
 class ClientTask:
     """One client's work in one round."""
 

@@ -21,7 +21,16 @@ from fedsim.model.adapters import attach_adapter, get_state, set_state, state_by
 from fedsim.model.build import BaseBlueprint, model_from_blueprint
 from fedsim.privacy.accounting import PrivacyLedger
 from fedsim.privacy.client_level import clip_update
-from fedsim.types import AdapterState, ClientResult, ClientTask, ClientUpdate, EvalResult, EvalTask, RoundPlan
+from fedsim.types import (
+    AdapterState,
+    ClientResult,
+    ClientTask,
+    ClientUpdate,
+    EvalResult,
+    EvalTask,
+    RoundPlan,
+    SignalContext,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ class ClientWorker:
         base = model_from_blueprint(blueprint)
         self.device = torch.device("cuda" if cfg.runtime.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
         self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed).to(self.device)
-        self.method = make_method(cfg.method, cfg.seed)
+        self.method = make_method(cfg)
         self.trainer = LocalTrainer(self.model, cfg.federation, cfg.privacy, cfg.seed)
 
     def _weight(self, examples: int) -> float:
@@ -128,18 +137,29 @@ class ClientWorker:
             ledger = ledger.spend(float(task.noise_multiplier or 0.0), float(task.sample_rate or 0.0), outcome.steps)
             epsilon = ledger.epsilon(pr.delta)
         keep = {k: after[k] for k in plan.kept} or None
-        upload = ClientUpdate(cid, weight, upload_t) if upload_t else None
+        signals = self.method.client_signal(plan, self.trainer.last_grads, self._signal_context(task, len(idx)))
+        upload = ClientUpdate(cid, weight, upload_t, signals) if upload_t else None
         result = ClientResult(
             **base,
             steps=outcome.steps,
             train_loss=outcome.train_loss,
             seconds=time.perf_counter() - t0,
             status="ok",
-            bytes_up=state_bytes(upload_t),
+            bytes_up=state_bytes(upload_t) + 4 * len(signals),  # signals travel as float32
             bytes_down=down,
             epsilon=epsilon,
         )
         return ClientOutput(result, upload, keep, ledger.to_json() if ledger is not None else None)
+
+    def _signal_context(self, task: ClientTask, n: int) -> SignalContext:
+        fe, pr = self.cfg.federation, self.cfg.privacy
+        batch = float(min(fe.batch_size, n)) if n else float(fe.batch_size)
+        noise_std = 0.0
+        if pr.mode == "sample":
+            noise_std = float(task.noise_multiplier or 0.0) * pr.clip / batch
+        return SignalContext(
+            round=task.round, client_id=task.client_id, lr=fe.lr, batch_size=batch, noise_std=noise_std
+        )
 
     def evaluate(self, task: EvalTask, state: AdapterState) -> EvalResult:
         """Evaluate ``state`` (already personalised by the caller if needed) on ``task.indices``."""

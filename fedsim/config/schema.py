@@ -111,6 +111,27 @@ class FederationConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = _f("ffa_lora", "Aggregation method (see `fedsim presets` and METHODS.md).")
+    warmup_fraction: float = _f(0.1, "as_lora: fraction of rounds with layer-tied A/B alternation (B odd, A even).")
+    ema_beta: float = _f(0.9, "as_lora: EMA factor of the per-layer factor scores, in [0, 1).")
+    temperature0: float = _f(1.0, "as_lora: initial choice temperature T0.")
+    temperature_min: float = _f(0.1, "as_lora: floor of the choice temperature.")
+    temperature_decay: float = _f(0.95, "as_lora: T = max(Tmin, T0 * decay^(t - t_warm)).")
+    projection: bool = _f(
+        True, "as_lora: score gradients after a fixed random Gaussian projection per (layer, factor)."
+    )
+    projection_dim: int = _f(64, "as_lora: projected dimension of the score projection.")
+    curvature: bool = _f(False, "as_lora: curvature-corrected scores in the last curvature_window rounds.")
+    curvature_window: int = _f(10, "as_lora: rounds (at the end) in which the curvature correction is used.")
+    reference_curvature: bool = _f(
+        False,
+        "as_lora: reproduce the published code's curvature from RAW minibatch losses. Not covered by the "
+        "reported epsilon (a warning is printed and summary.json records it).",
+    )
+    svd_split: str = _f(
+        "sqrt",
+        "flexlora: how singular values are split: sqrt (B=U*sqrt(S), A=sqrt(S)*Vt) or B (B=U*S, A=Vt).",
+        ("sqrt", "B"),
+    )
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from fedsim.config.schema import MethodConfig
+from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.methods.aggregation import mean_of_keys
 from fedsim.model.keys import factor_of
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
 
 ServerState = dict[str, Any]
 
@@ -34,9 +34,11 @@ class Method(ABC):
     #: clients keep state between rounds, so personalised evaluation is meaningful
     personal: ClassVar[bool] = False
 
-    def __init__(self, cfg: MethodConfig, seed: int) -> None:
-        self.cfg = cfg
-        self.seed = seed
+    def __init__(self, cfg: Config) -> None:
+        self.config = cfg
+        self.cfg = cfg.method  # this method's settings (method.*)
+        self.seed = cfg.seed
+        self.rounds = cfg.federation.rounds
 
     def init_server_state(self, global_state: AdapterState) -> ServerState:
         """Server-side state beyond the global adapter (scores, schedules). Default: none."""
@@ -59,6 +61,12 @@ class Method(ABC):
                 if key in kept_state:
                     start[key] = kept_state[key]
         return start
+
+    def client_signal(self, plan: RoundPlan, grads: AdapterState, context: SignalContext) -> dict[str, float]:
+        """Scalars a client uploads besides its tensors, computed ONLY from its last privatised gradients
+        (``grads``: the trained tensors' gradients of the last local step, after DP-SGD noise when DP is on).
+        Default: none."""
+        return {}
 
     def aggregate(
         self,
@@ -108,8 +116,9 @@ def get_method(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
-def make_method(cfg: MethodConfig, seed: int) -> Method:
-    return get_method(cfg.name)(cfg, seed)
+def make_method(cfg: Config) -> Method:
+    """An instance of the method named by ``cfg.method.name`` (ConfigError if unknown)."""
+    return get_method(cfg.method.name)(cfg)
 
 
 def is_head(key: str) -> bool:

@@ -33,7 +33,7 @@ class ParameterServer:
 
     def __init__(self, cfg: Config, initial_state: AdapterState, server_noise_multiplier: float | None = None) -> None:
         self.cfg = cfg
-        self.method = make_method(cfg.method, cfg.seed)
+        self.method = make_method(cfg)
         self.server_noise_multiplier = server_noise_multiplier
         self._global = {k: v.detach().clone() for k, v in initial_state.items()}
         self._keys = sorted(self._global)
@@ -72,4 +72,4 @@ class ParameterServer:
             )
         elif updates and plan.uploaded:
             self._global, self.server_state = self.method.aggregate(self._global, updates, plan, self.server_state)
-        return AggregateInfo(round=round, clients=len(updates), bytes_up=sum(state_bytes(u.tensors) for u in updates))
+        return AggregateInfo(round=round, clients=len(updates), bytes_up=sum(state_bytes(u.tensors) + 4 * len(u.signals) for u in updates))

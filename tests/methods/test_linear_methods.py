@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsim.config.schema import MethodConfig
+from fedsim.config.schema import Config, MethodConfig
 from fedsim.errors import ConfigError
 from fedsim.methods.base import available_methods, get_method, make_method
 from fedsim.types import Role
@@ -15,7 +15,7 @@ WEIGHTS = [10.0, 30.0, 60.0]
 
 
 def _method(name: str):
-    return make_method(MethodConfig(name=name), seed=0)
+    return make_method(Config(method=MethodConfig(name=name)))
 
 
 def _client_states(global_state, plan, n=3):
