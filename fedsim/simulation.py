@@ -88,7 +88,8 @@ def run_simulation(
     dataset = load_source(cfg.data, cfg.seed)
     tokenizer = build_tokenizer(cfg.model, dataset.texts)
     data = build_federated_data(cfg, dataset, tokenizer)
-    privacy = PrivacyTracker(cfg, [len(ix) for ix in data.client_train], method_cls.linear)  # calibrates once
+    sizes = [len(ix) for ix in data.client_train]
+    privacy = PrivacyTracker(cfg, sizes, method_cls.linear, method_cls.uses_signals)  # calibrates once
 
     # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
     base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed)
@@ -149,6 +150,8 @@ def run_simulation(
                 }
                 client_rows = [{**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results]
                 tables.add_round(row, client_rows)
+                if cfg.method.name == "as_lora":
+                    tables.add_choices(t, plan)
                 tables.flush()
                 bar.update(row)
 

@@ -78,7 +78,7 @@ class ClientWorker:
         plan, cid, pr = task.plan, task.client_id, self.cfg.privacy
         t0 = time.perf_counter()
         idx = self.data.client_train[cid]
-        down = state_bytes({k: global_state[k] for k in plan.uploaded})
+        down = state_bytes({k: global_state[k] for k in self.method.broadcast_keys(plan)})
         base = {
             "round": task.round,
             "client_id": cid,

@@ -22,7 +22,7 @@ from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalCont
 ServerState = dict[str, Any]
 
 _REGISTRY: dict[str, type[Method]] = {}
-_METHOD_MODULES = ("fedavg_lora", "ffa_lora", "fedsa_lora")
+_METHOD_MODULES = ("fedavg_lora", "ffa_lora", "fedsa_lora", "as_lora", "rolora", "flexlora", "fedsvd")
 
 
 class Method(ABC):
@@ -33,6 +33,8 @@ class Method(ABC):
     linear: ClassVar[bool] = True
     #: clients keep state between rounds, so personalised evaluation is meaningful
     personal: ClassVar[bool] = False
+    #: clients upload scalar signals besides tensors (must come from privatised gradients: sample-level DP only)
+    uses_signals: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.config = cfg
@@ -61,6 +63,13 @@ class Method(ABC):
                 if key in kept_state:
                     start[key] = kept_state[key]
         return start
+
+    def broadcast_keys(self, plan: RoundPlan) -> list[str]:
+        """Global tensors the server sends to each client of a round (counted in bytes_down).
+
+        Default: the shared tensors (what aggregation changes). A method that also re-sets a client-frozen
+        tensor at the server (FedSVD's A) adds it here."""
+        return plan.uploaded
 
     def client_signal(self, plan: RoundPlan, grads: AdapterState, context: SignalContext) -> dict[str, float]:
         """Scalars a client uploads besides its tensors, computed ONLY from its last privatised gradients

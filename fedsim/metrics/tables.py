@@ -13,6 +13,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fedsim.model.keys import factor_of, layer_of
+from fedsim.types import RoundPlan
+
 ROUND_SCHEMA = pa.schema(
     [
         ("round", pa.int32()),
@@ -53,6 +56,9 @@ CLIENT_SCHEMA = pa.schema(
 )
 
 
+CHOICE_SCHEMA = pa.schema([("round", pa.int32()), ("layer", pa.string()), ("factor", pa.string())])
+
+
 def _write(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
     tmp = path.with_suffix(".parquet.tmp")
@@ -67,11 +73,21 @@ class MetricTables:
         self.out_dir = Path(out_dir)
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
+        self.choices: list[dict[str, Any]] = []  # per round and layer: the factor trained and shared
 
     def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
         self.rounds.append(row)
         self.clients.extend(client_rows)
 
+    def add_choices(self, round: int, plan: RoundPlan) -> None:
+        """Record which factor of each layer was SHARED in ``round`` (AS-LoRA's per-layer choice)."""
+        for key in plan.uploaded:
+            factor = factor_of(key)
+            if factor != "head":
+                self.choices.append({"round": round, "layer": layer_of(key), "factor": factor})
+
     def flush(self) -> None:
         _write(self.rounds, ROUND_SCHEMA, self.out_dir / "rounds.parquet")
         _write(self.clients, CLIENT_SCHEMA, self.out_dir / "clients.parquet")
+        if self.choices:
+            _write(self.choices, CHOICE_SCHEMA, self.out_dir / "as_lora_choices.parquet")

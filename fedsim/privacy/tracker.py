@@ -21,7 +21,9 @@ from fedsim.types import ClientResult
 class PrivacyTracker:
     """Plans DP settings (raises ConfigError before any training) and tracks the epsilon spent."""
 
-    def __init__(self, cfg: Config, client_sizes: Sequence[int], linear_method: bool) -> None:
+    def __init__(
+        self, cfg: Config, client_sizes: Sequence[int], linear_method: bool, uses_signals: bool = False
+    ) -> None:
         self.cfg = cfg
         pr, fe = cfg.privacy, cfg.federation
         self.mode = pr.mode
@@ -38,6 +40,13 @@ class PrivacyTracker:
                     [
                         f"privacy.mode: client-level DP needs a linear method; {cfg.method.name} is not; "
                         "use fedavg_lora, ffa_lora or fedsa_lora, or privacy.mode: sample"
+                    ]
+                )
+            if uses_signals:
+                raise ConfigError(
+                    [
+                        f"privacy.mode: {cfg.method.name} uploads per-client scores computed from gradients, which "
+                        "client-level DP does not privatise; use privacy.mode: sample with this method"
                     ]
                 )
             if pr.epsilon is None:

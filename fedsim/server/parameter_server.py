@@ -72,4 +72,8 @@ class ParameterServer:
             )
         elif updates and plan.uploaded:
             self._global, self.server_state = self.method.aggregate(self._global, updates, plan, self.server_state)
-        return AggregateInfo(round=round, clients=len(updates), bytes_up=sum(state_bytes(u.tensors) + 4 * len(u.signals) for u in updates))
+        return AggregateInfo(
+            round=round,
+            clients=len(updates),
+            bytes_up=sum(state_bytes(u.tensors) + 4 * len(u.signals) for u in updates),
+        )

@@ -83,6 +83,7 @@ def test_client_level_dp_reports_epsilon_per_round(tmp_path):
     ("overrides", "key"),
     [
         (["privacy.mode=sample", "privacy.epsilon=3", "privacy.delta=0.5"], "privacy.delta"),
+        (["privacy.mode=client", "privacy.epsilon=3", "method.name=as_lora"], "privacy.mode"),
         (
             ["privacy.mode=sample", "privacy.epsilon=1e-9", "privacy.accountant=rdp", "federation.rounds=50"],
             "privacy.epsilon",

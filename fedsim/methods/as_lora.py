@@ -1,0 +1,255 @@
+"""AS-LoRA: each round each layer trains and shares ONE factor (A or B), chosen from gradient scores.
+
+Spec: METHODS.md "AS-LoRA". The other factor is frozen and identical on every client, so the weighted
+mean of the active factor is an exact aggregate (``linear = True``).
+
+Schedule (``plan``, a pure function of (round, keys, server_state)):
+
+- warm-up, rounds ``1..t_warm`` with ``t_warm = max(1, ceil(warmup_fraction * rounds))``: all layers
+  together, B on odd rounds, A on even rounds;
+- afterwards, per layer ``l`` (index = position in the sorted layer names):
+  ``d_l = (SA_l - SB_l) / (|SA_l| + |SB_l| + 1e-8)`` (a missing EMA counts as 0), choose A with probability
+  ``sigmoid(clip(d_l / T, -30, 30))`` with ``T = max(temperature_min, temperature0 * temperature_decay **
+  (t - t_warm))``; the uniform draw comes from ``numpy_rng(seed, "as_lora_choice", round, layer_index)``.
+- head keys (if any) are SHARED every round.
+
+Client signals (``client_signal``), from the last step's privatised gradient ``g`` of the active factor:
+``g~ = P g`` (``P``: fixed Gaussian ``[projection_dim, numel]``, entries N(0, 1/projection_dim), seeded by
+(seed, layer index, factor), cached per method instance, i.e. per process) or ``g~ = g`` without projection;
+``e = max(||g~||^2 - numel * noise_std^2, 0)``. Curvature: fedsim only sees the last privatised gradient, from
+which no curvature along ``g~`` can be formed (a finite difference needs extra loss or gradient evaluations
+on the client's raw data, which the DP accountant does not cover), so ``kappa = 0`` and the correction
+``score = e * (1 - lr * kappa / 2)`` used in the last ``curvature_window`` rounds (``method.curvature``) is the
+identity. Both scalars are uploaded per layer as ``"<layer>:score"`` and ``"<layer>:kappa"``.
+``method.reference_curvature`` (raw-loss curvature, outside the privacy guarantee) is not implemented.
+
+Server state (plain JSON data): ``{"layers": [sorted layer names], "ema": {layer: {"A": float | None,
+"B": float | None}}, "choices": {str(round): {layer: "A" | "B"}}}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedsim.config.schema import Config
+from fedsim.errors import ConfigError
+from fedsim.methods.aggregation import mean_of_keys, normalised_weights
+from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.model.keys import factor_of, layer_of, layers_of, lora_key
+from fedsim.seeding import numpy_rng, torch_generator
+from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
+
+_EPS = 1e-8
+_CLIP = 30.0
+_FACTOR_INDEX = {"A": 0, "B": 1}
+
+
+def sigmoid_clipped(x: float) -> float:
+    """``sigmoid(clip(x, -30, 30))``."""
+    return 1.0 / (1.0 + math.exp(-min(max(x, -_CLIP), _CLIP)))
+
+
+def score_gap(sa: float | None, sb: float | None) -> float:
+    """``d = (SA - SB) / (|SA| + |SB| + 1e-8)``, a missing score counting as 0."""
+    a = 0.0 if sa is None else float(sa)
+    b = 0.0 if sb is None else float(sb)
+    return (a - b) / (abs(a) + abs(b) + _EPS)
+
+
+def noise_floored_energy(sq_norm: float, numel: int, noise_std: float) -> float:
+    """``max(sq_norm - numel * noise_std^2, 0)``: energy above the expected DP noise energy."""
+    return max(float(sq_norm) - numel * float(noise_std) ** 2, 0.0)
+
+
+def choices_of(plan: RoundPlan) -> dict[str, str]:
+    """Layer -> its SHARED factor ("A" or "B") in ``plan``; layers with neither factor shared are left out."""
+    out: dict[str, str] = {}
+    for layer in layers_of(list(plan.roles)):
+        for factor in ("A", "B"):
+            if plan.roles.get(lora_key(layer, factor)) == Role.SHARED:
+                out[layer] = factor
+                break
+    return out
+
+
+@register_method("as_lora")
+class ASLoRA(Method):
+    """Adaptive per-layer choice of the trained and shared LoRA factor (see the module docstring).
+
+    Raises ConfigError (naming the ``method.*`` keys) for out-of-range settings and for
+    ``method.reference_curvature: true`` (not implemented).
+    """
+
+    linear = True
+    uses_signals = True
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        _validate(cfg)
+        self.warmup_rounds = max(1, math.ceil(self.cfg.warmup_fraction * self.rounds))
+        self._projections: dict[tuple[int, str, int], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ schedule
+    def temperature(self, round: int) -> float:
+        """``T = max(temperature_min, temperature0 * temperature_decay ** (round - t_warm))``."""
+        c = self.cfg
+        return max(c.temperature_min, c.temperature0 * c.temperature_decay ** (round - self.warmup_rounds))
+
+    def prob_a(self, round: int, ema: Mapping[str, float | None] | None) -> float:
+        """Probability of choosing A after warm-up, from one layer's EMA scores ``{"A": SA, "B": SB}``."""
+        ema = ema or {}
+        return sigmoid_clipped(score_gap(ema.get("A"), ema.get("B")) / self.temperature(round))
+
+    def choose(self, round: int, layer_index: int, ema: Mapping[str, float | None] | None) -> str:
+        """The factor ("A" or "B") layer ``layer_index`` trains and shares in ``round`` (deterministic)."""
+        if round <= self.warmup_rounds:
+            return "B" if round % 2 == 1 else "A"
+        u = float(numpy_rng(self.seed, "as_lora_choice", round, layer_index).random())
+        return "A" if u < self.prob_a(round, ema) else "B"
+
+    def choices(self, round: int, layers: Sequence[str], server_state: ServerState) -> dict[str, str]:
+        """Layer -> chosen factor for all ``layers`` (indexed by their position in sorted order)."""
+        ema = server_state.get("ema", {})
+        return {layer: self.choose(round, i, ema.get(layer)) for i, layer in enumerate(sorted(layers))}
+
+    def init_server_state(self, global_state: AdapterState) -> ServerState:
+        layers = sorted(layers_of(list(global_state)))
+        return {"layers": layers, "ema": {layer: {"A": None, "B": None} for layer in layers}, "choices": {}}
+
+    def plan(self, round: int, keys: Sequence[str], server_state: ServerState) -> RoundPlan:
+        chosen = self.choices(round, layers_of(list(keys)), server_state)
+        roles: dict[str, Role] = {}
+        for key in keys:
+            factor = factor_of(key)
+            if factor == "head":
+                roles[key] = Role.SHARED
+            else:
+                roles[key] = Role.SHARED if chosen[layer_of(key)] == factor else Role.FROZEN
+        return RoundPlan(round=round, roles=roles)
+
+    def role(self, round: int, key: str, server_state: ServerState) -> Role:
+        """Same as ``plan``; after warm-up the layer index comes from ``server_state["layers"]``.
+
+        Raises ValueError after warm-up when the layer is not in ``server_state["layers"]``.
+        """
+        factor = factor_of(key)
+        if factor == "head":
+            return Role.SHARED
+        layer = layer_of(key)
+        layers = sorted(server_state.get("layers", []))
+        if round > self.warmup_rounds and layer not in layers:
+            raise ValueError(f"as_lora: layer {layer!r} is not in server_state['layers'] (use init_server_state)")
+        index = layers.index(layer) if layer in layers else 0
+        chosen = self.choose(round, index, server_state.get("ema", {}).get(layer))
+        return Role.SHARED if chosen == factor else Role.FROZEN
+
+    # ------------------------------------------------------------------ client side
+    def projection(self, layer_index: int, factor: str, numel: int) -> torch.Tensor:
+        """The fixed ``[projection_dim, numel]`` float32 matrix with N(0, 1/projection_dim) entries (cached)."""
+        cache_key = (layer_index, factor, numel)
+        if cache_key not in self._projections:
+            dim = self.cfg.projection_dim
+            gen = torch_generator(self.seed, "as_lora_projection", layer_index, _FACTOR_INDEX[factor])
+            self._projections[cache_key] = torch.randn(dim, numel, generator=gen) / math.sqrt(dim)
+        return self._projections[cache_key]
+
+    def energy(self, grad: torch.Tensor, layer_index: int, factor: str, noise_std: float) -> float:
+        """``e = max(||g~||^2 - numel * noise_std^2, 0)`` for one factor's gradient ``grad``."""
+        g = grad.detach().reshape(-1).to("cpu", torch.float32)
+        if self.cfg.projection:
+            g = self.projection(layer_index, factor, g.numel()) @ g
+        return noise_floored_energy(float(g.double().pow(2).sum()), grad.numel(), noise_std)
+
+    def in_curvature_window(self, round: int) -> bool:
+        """Whether the curvature correction applies in ``round`` (the last ``curvature_window`` rounds)."""
+        return self.cfg.curvature and round > self.rounds - self.cfg.curvature_window
+
+    def client_signal(self, plan: RoundPlan, grads: AdapterState, context: SignalContext) -> dict[str, float]:
+        """``{"<layer>:score": score, "<layer>:kappa": kappa}`` per layer whose active-factor gradient is in
+        ``grads``. Uses only ``grads`` (privatised) and ``context``; ``kappa`` is 0 (see module docstring)."""
+        layers = sorted(layers_of(list(plan.roles)))
+        active = choices_of(plan)
+        signals: dict[str, float] = {}
+        for index, layer in enumerate(layers):
+            factor = active.get(layer)
+            grad = grads.get(lora_key(layer, factor)) if factor else None
+            if grad is None:
+                continue
+            e = self.energy(grad, index, factor, context.noise_std)
+            kappa = 0.0  # no privacy-clean curvature estimate from a single privatised gradient
+            score = e * (1.0 - 0.5 * context.lr * kappa) if self.in_curvature_window(plan.round) else e
+            signals[f"{layer}:score"] = float(score)
+            signals[f"{layer}:kappa"] = kappa
+        return signals
+
+    # ------------------------------------------------------------------ server side
+    def aggregate(
+        self,
+        global_state: AdapterState,
+        updates: Sequence[ClientUpdate],
+        plan: RoundPlan,
+        server_state: ServerState,
+    ) -> tuple[AdapterState, ServerState]:
+        """Weighted mean of the SHARED tensors; EMA of the active factor's mean score per layer.
+
+        Per layer the client scores are averaged with the clients' normalised weights over the clients that
+        sent a finite ``"<layer>:score"`` (others are ignored; none = no update). The first value initialises
+        the EMA, later ones mix ``ema = beta * ema + (1 - beta) * score``. Returns a NEW server state (the input
+        is not mutated). Raises ValueError for an empty cohort.
+        """
+        new_global = mean_of_keys(global_state, updates, plan.uploaded)
+        active = choices_of(plan)
+        beta = self.cfg.ema_beta
+        old_ema = server_state.get("ema", {})
+        ema = {layer: dict(v) for layer, v in old_ema.items()}
+        for layer in sorted(active):
+            score = _mean_signal(updates, f"{layer}:score")
+            if score is None:
+                continue
+            factor = active[layer]
+            entry = ema.setdefault(layer, {"A": None, "B": None})
+            prev = entry.get(factor)
+            entry[factor] = score if prev is None else beta * float(prev) + (1.0 - beta) * score
+        choices = {r: dict(c) for r, c in server_state.get("choices", {}).items()}
+        choices[str(plan.round)] = {layer: active[layer] for layer in sorted(active)}
+        layers = sorted(set(server_state.get("layers", [])) | set(layers_of(list(plan.roles))))
+        return new_global, {"layers": layers, "ema": ema, "choices": choices}
+
+
+def _mean_signal(updates: Sequence[ClientUpdate], name: str) -> float | None:
+    """Weighted mean of the finite signal ``name`` over the clients that sent it (weights renormalised)."""
+    have = [u for u in updates if name in u.signals and math.isfinite(float(u.signals[name]))]
+    if not have:
+        return None
+    weights = normalised_weights(have)
+    return math.fsum(p * float(u.signals[name]) for p, u in zip(weights, have, strict=True))
+
+
+def _validate(cfg: Config) -> None:
+    """All out-of-range ``method.*`` AS-LoRA settings at once, as one ConfigError."""
+    m = cfg.method
+    problems: list[str] = []
+    if m.reference_curvature:
+        problems.append(
+            "method.reference_curvature: the published code's raw-loss curvature is not implemented yet; set it "
+            "to false (fedsim's privacy-clean scores use only privatised gradients)."
+        )
+    if not 0.0 <= m.warmup_fraction <= 1.0:
+        problems.append(f"method.warmup_fraction: must be in [0, 1], got {m.warmup_fraction}; e.g. 0.1.")
+    if not 0.0 <= m.ema_beta < 1.0:
+        problems.append(f"method.ema_beta: must be in [0, 1), got {m.ema_beta}; e.g. 0.9.")
+    if not m.temperature0 > 0:
+        problems.append(f"method.temperature0: must be > 0, got {m.temperature0}; e.g. 1.0.")
+    if not m.temperature_min > 0:
+        problems.append(f"method.temperature_min: must be > 0, got {m.temperature_min}; e.g. 0.1.")
+    if not 0.0 < m.temperature_decay <= 1.0:
+        problems.append(f"method.temperature_decay: must be in (0, 1], got {m.temperature_decay}; e.g. 0.95.")
+    if m.projection and m.projection_dim < 1:
+        problems.append(f"method.projection_dim: must be >= 1, got {m.projection_dim}; e.g. 64.")
+    if m.curvature_window < 0:
+        problems.append(f"method.curvature_window: must be >= 0, got {m.curvature_window}; e.g. 10.")
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,68 @@
+"""FedSVD: A frozen on clients, B trained and shared; the server re-orthogonalises A by an SVD of B_bar A.
+
+METHODS.md "SVD-family baselines" (FedSVD, NeurIPS 2025).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedsim.methods.aggregation import mean_of_keys, normalised_weights
+from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.flexlora import truncated_factors
+from fedsim.model.keys import factor_of, layers_of, lora_key
+from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+
+
+@register_method("fedsvd")
+class FedSVD(Method):
+    """A FROZEN on clients; B and head SHARED. Server, per layer: B_bar = sum_k p_k B_k (float64), then the
+    truncated SVD B_bar A = U_r S_r Vt_r and A_new = Vt_r (orthonormal rows), B_new = U_r S_r, cast back to
+    the factors' dtype; head tensors: weighted mean. A layer whose B_bar is exactly 0 keeps its A (B = 0). If
+    B_bar A has rank < r, the trailing rows of A are the orthonormal completion LAPACK returns (B is 0 there).
+
+    B_bar A has rank <= r, so the re-factorisation is exact: the new global Delta W equals the weighted mean of
+    the clients' Delta W (A is identical on all clients), as for FFA-LoRA. The LoRA scale s is common to all
+    terms and left out (see :class:`~fedsim.methods.flexlora.FlexLoRA`).
+
+    Although clients never train A, the server changes it every round, so A is re-broadcast with B:
+    :meth:`broadcast_keys` adds it (counted in ``bytes_down``). ``linear = False``: the SVD step must see the
+    mean, so uploads may not be pre-summed past it (and client-level DP, which bypasses ``aggregate``, would
+    skip it).
+    """
+
+    linear = False
+
+    def role(self, round: int, key: str, server_state: ServerState) -> Role:
+        return Role.FROZEN if factor_of(key) == "A" else Role.SHARED
+
+    def broadcast_keys(self, plan: RoundPlan) -> list[str]:
+        """The shared tensors plus the A of every layer whose B is shared (the server re-sets it each round)."""
+        shared = plan.uploaded
+        return shared + [lora_key(layer, "A") for layer in layers_of(shared) if lora_key(layer, "A") in plan.roles]
+
+    def aggregate(
+        self,
+        global_state: AdapterState,
+        updates: Sequence[ClientUpdate],
+        plan: RoundPlan,
+        server_state: ServerState,
+    ) -> tuple[AdapterState, ServerState]:
+        """New global state (see the class docstring); ValueError for an empty cohort."""
+        weights = normalised_weights(updates)
+        new = mean_of_keys(global_state, updates, [k for k in plan.uploaded if factor_of(k) == "head"])
+        for layer in layers_of(plan.uploaded):
+            a_key, b_key = lora_key(layer, "A"), lora_key(layer, "B")
+            b_bar = torch.zeros(global_state[b_key].shape, dtype=torch.float64)
+            for p, u in zip(weights, updates, strict=True):
+                b_bar += p * u.tensors[b_key].to(torch.float64)
+            if not torch.any(b_bar):  # no update: keep A (an SVD of 0 would give an arbitrary basis)
+                new[b_key] = b_bar.to(global_state[b_key].dtype)
+                continue
+            delta = b_bar @ global_state[a_key].to(torch.float64)
+            b, a = truncated_factors(delta, global_state[a_key].shape[0], "B")
+            new[b_key] = b.to(global_state[b_key].dtype)
+            new[a_key] = a.to(global_state[a_key].dtype)
+        return new, server_state

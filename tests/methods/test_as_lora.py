@@ -1,0 +1,306 @@
+"""AS-LoRA: warm-up, score-driven per-layer choice, temperature, signals, EMA and exact aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fedsim.config.schema import Config, FederationConfig, MethodConfig
+from fedsim.errors import ConfigError
+from fedsim.methods.as_lora import ASLoRA, choices_of
+from fedsim.methods.base import get_method, make_method
+from fedsim.types import ClientUpdate, Role, RoundPlan, SignalContext
+from tests.methods.helpers import LAYERS, delta_w, state, updates_from
+
+WEIGHTS = [10.0, 30.0, 60.0]
+
+
+def _method(seed: int = 0, rounds: int = 20, **kw) -> ASLoRA:
+    cfg = Config(seed=seed, federation=FederationConfig(rounds=rounds), method=MethodConfig(name="as_lora", **kw))
+    m = make_method(cfg)
+    assert isinstance(m, ASLoRA)
+    return m
+
+
+def _ema_state(sa: float | None, sb: float | None) -> dict:
+    return {"layers": sorted(LAYERS), "ema": {layer: {"A": sa, "B": sb} for layer in LAYERS}, "choices": {}}
+
+
+def _ctx(round: int = 1, noise_std: float = 0.0, lr: float = 0.1) -> SignalContext:
+    return SignalContext(round=round, client_id=0, lr=lr, batch_size=16.0, noise_std=noise_std)
+
+
+def _client_states(global_state, plan, n=3):
+    """Clients train the plan's trainable tensors: random perturbations of the start state."""
+    out = []
+    for i in range(n):
+        s = dict(global_state)
+        g = torch.Generator().manual_seed(100 + i)
+        for k in plan.trained:
+            s[k] = s[k] + torch.randn(s[k].shape, generator=g)
+        out.append(s)
+    return out
+
+
+def _mixed_plan(m: ASLoRA, keys, server_state):
+    """The first post-warm-up plan in which some layers share A and others B."""
+    for t in range(m.warmup_rounds + 1, m.rounds + 1):
+        plan = m.plan(t, keys, server_state)
+        if set(choices_of(plan).values()) == {"A", "B"}:
+            return plan
+    raise AssertionError("no round with mixed choices")
+
+
+def test_registered_linear_and_not_personal():
+    assert get_method("as_lora") is ASLoRA
+    assert ASLoRA.linear and not ASLoRA.personal
+
+
+@pytest.mark.parametrize(("rounds", "fraction", "want"), [(20, 0.1, 2), (25, 0.1, 3), (20, 0.0, 1), (7, 1.0, 7)])
+def test_warmup_length(rounds, fraction, want):
+    assert _method(rounds=rounds, warmup_fraction=fraction).warmup_rounds == want
+
+
+def test_warmup_alternates_all_layers_together_ignoring_scores():
+    m = _method(rounds=20, warmup_fraction=0.1)
+    g = state(0)
+    keys = sorted(g)
+    for ss in (m.init_server_state(g), _ema_state(100.0, 0.0), _ema_state(0.0, 100.0)):
+        for t, active in ((1, "B"), (2, "A")):
+            plan = m.plan(t, keys, ss)
+            assert choices_of(plan) == {layer: active for layer in LAYERS}
+            frozen = "A" if active == "B" else "B"
+            assert all(plan.roles[f"{layer}.lora_{frozen}"] == Role.FROZEN for layer in LAYERS)
+            assert plan.roles["head.classifier.weight"] == Role.SHARED
+            assert plan.roles["head.classifier.bias"] == Role.SHARED
+    # round 3 is past warm-up: strong scores now decide
+    assert set(choices_of(m.plan(3, keys, _ema_state(0.0, 100.0))).values()) == {"B"}
+    assert set(choices_of(m.plan(4, keys, _ema_state(0.0, 100.0))).values()) == {"B"}
+
+
+@pytest.mark.parametrize(("sa", "sb", "want"), [(100.0, 1.0, "A"), (1.0, 100.0, "B"), (5.0, None, "A")])
+def test_dominant_score_at_low_temperature_is_chosen_almost_surely(sa, sb, want):
+    keys = sorted(state(0, head=False))
+    for seed in range(30):
+        m = _method(seed=seed, temperature0=0.01, temperature_min=0.01)
+        for t in range(m.warmup_rounds + 1, m.rounds + 1):
+            assert set(choices_of(m.plan(t, keys, _ema_state(sa, sb))).values()) == {want}
+
+
+@pytest.mark.parametrize(("sa", "sb"), [(3.0, 1.0), (-1.0, 2.0)])
+def test_empirical_choice_frequency_matches_sigmoid_of_gap_over_temperature(sa, sb):
+    t, t_warm = 5, 2  # rounds=20, warmup 0.1
+    d = (sa - sb) / (abs(sa) + abs(sb) + 1e-8)
+    temp = max(0.1, 1.0 * 0.95 ** (t - t_warm))
+    p = 1.0 / (1.0 + math.exp(-d / temp))
+    keys = sorted(state(0, head=False))
+    hits = n = 0
+    for seed in range(1500):
+        m = _method(seed=seed)
+        assert m.prob_a(t, {"A": sa, "B": sb}) == pytest.approx(p, rel=1e-12)
+        chosen = choices_of(m.plan(t, keys, _ema_state(sa, sb)))
+        hits += sum(c == "A" for c in chosen.values())
+        n += len(chosen)
+    assert abs(hits / n - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_temperature_schedule():
+    m = _method(rounds=20, temperature0=2.0, temperature_decay=0.5, temperature_min=0.3)
+    assert m.warmup_rounds == 2
+    assert [m.temperature(t) for t in (2, 3, 4, 5, 9)] == pytest.approx([2.0, 1.0, 0.5, 0.3, 0.3])
+    d = _method(rounds=100)  # defaults: T0 1.0, decay 0.95, floor 0.1, t_warm 10
+    assert d.temperature(11) == pytest.approx(0.95)
+    assert d.temperature(10 + 44) == pytest.approx(0.95**44)  # 0.1047 > 0.1
+    assert d.temperature(10 + 45) == pytest.approx(0.1)  # 0.0994 floored
+    assert d.temperature(100) == pytest.approx(0.1)
+
+
+def test_plan_is_deterministic_and_seed_dependent_and_role_agrees():
+    g = state(0)
+    keys = sorted(g)
+    ss = _ema_state(1.0, 1.0)  # p = 1/2 everywhere
+    a, b, other = _method(seed=3), _method(seed=3), _method(seed=4)
+    differs = False
+    for t in range(1, 21):
+        pa = a.plan(t, keys, ss)
+        assert dict(pa.roles) == dict(a.plan(t, keys, ss).roles) == dict(b.plan(t, keys, ss).roles)
+        assert dict(pa.roles) == dict(a.plan(t, list(reversed(keys)), ss).roles)  # key order does not matter
+        assert all(a.role(t, k, ss) == pa.roles[k] for k in keys)
+        differs |= dict(pa.roles) != dict(other.plan(t, keys, ss).roles)
+        if t <= a.warmup_rounds:
+            assert dict(pa.roles) == dict(other.plan(t, keys, ss).roles)
+    assert differs
+
+
+def test_ema_updates_only_the_active_factor_with_weighted_mean_scores():
+    m = _method(rounds=40, ema_beta=0.9)  # warm-up rounds 1..4: B, A, B, A
+    g = state(0, head=False)
+    keys = sorted(g)
+    ss0 = m.init_server_state(g)
+    assert ss0["ema"] == {layer: {"A": None, "B": None} for layer in LAYERS}
+    q, v, q1 = (f"{layer}:score" for layer in LAYERS)
+
+    def ups(plan, signals):
+        return [
+            ClientUpdate(i, w, {k: g[k] for k in plan.uploaded}, s)
+            for i, (w, s) in enumerate(zip(WEIGHTS, signals, strict=True))
+        ]
+
+    p1 = m.plan(1, keys, ss0)
+    sig1 = [{q: 1.0, v: 1.0}, {q: 2.0, v: 2.0}, {q: 4.0, v: float("nan")}]  # client 2's nan is ignored
+    _, ss1 = m.aggregate(g, ups(p1, sig1), p1, ss0)
+    assert ss0["ema"][LAYERS[0]] == {"A": None, "B": None}  # input not mutated
+    assert ss1["ema"][LAYERS[0]] == {"A": None, "B": pytest.approx(0.1 * 1 + 0.3 * 2 + 0.6 * 4)}  # first = init
+    assert ss1["ema"][LAYERS[1]] == {"A": None, "B": pytest.approx((10 * 1 + 30 * 2) / 40)}  # renormalised
+    assert ss1["ema"][LAYERS[2]] == {"A": None, "B": None}  # nobody sent a score
+    p2 = m.plan(2, keys, ss1)
+    _, ss2 = m.aggregate(g, ups(p2, [{q: 5.0}] * 3), p2, ss1)
+    assert ss2["ema"][LAYERS[0]] == {"A": pytest.approx(5.0), "B": pytest.approx(3.1)}
+    p3 = m.plan(3, keys, ss2)
+    _, ss3 = m.aggregate(g, ups(p3, [{q: 2.0, q1: 7.0}] * 3), p3, ss2)
+    assert ss3["ema"][LAYERS[0]] == {"A": pytest.approx(5.0), "B": pytest.approx(0.9 * 3.1 + 0.1 * 2.0)}
+    assert ss3["ema"][LAYERS[1]]["B"] == pytest.approx(1.75)  # no new score: unchanged
+    assert ss3["ema"][LAYERS[2]] == {"A": None, "B": pytest.approx(7.0)}
+    assert ss3["choices"] == {str(t): {layer: f for layer in LAYERS} for t, f in ((1, "B"), (2, "A"), (3, "B"))}
+
+
+def test_signal_without_projection_is_noise_floored_squared_norm():
+    m = _method(projection=False)
+    g = state(0, head=False)
+    plan = m.plan(1, sorted(g), m.init_server_state(g))  # B active everywhere
+    grads = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(7)) for k, v in g.items()}
+    del grads[f"{LAYERS[2]}.lora_B"]  # a layer without its active gradient sends nothing
+    sig = m.client_signal(plan, grads, _ctx(noise_std=0.1))
+    assert set(sig) == {f"{layer}:{s}" for layer in LAYERS[:2] for s in ("score", "kappa")}
+    for layer in LAYERS[:2]:
+        gb = grads[f"{layer}.lora_B"].double()
+        want = float(gb.pow(2).sum()) - gb.numel() * 0.1**2
+        assert want > 0
+        assert sig[f"{layer}:score"] == pytest.approx(want, rel=1e-6)
+        assert sig[f"{layer}:kappa"] == 0.0
+    big = m.client_signal(plan, grads, _ctx(noise_std=10.0))
+    assert all(big[f"{layer}:score"] == 0.0 for layer in LAYERS[:2])  # clamped at 0
+    # the curvature window keeps the score (kappa = 0 from privatised gradients)
+    mc = _method(projection=False, curvature=True, curvature_window=10)
+    assert [mc.in_curvature_window(t) for t in (10, 11, 20)] == [False, True, True]
+    assert not m.in_curvature_window(20)
+    late = RoundPlan(round=20, roles=plan.roles)
+    assert mc.client_signal(late, grads, _ctx(round=20, noise_std=0.1)) == pytest.approx(sig)
+
+
+def _one_layer_plan(factor: str) -> RoundPlan:
+    other = "B" if factor == "A" else "A"
+    return RoundPlan(round=1, roles={f"l.lora_{factor}": Role.SHARED, f"l.lora_{other}": Role.FROZEN})
+
+
+def test_projection_is_fixed_cached_and_scaled():
+    m = _method(projection_dim=64)
+    p = m.projection(0, "A", 256)
+    assert p.shape == (64, 256)
+    assert m.projection(0, "A", 256) is p  # cached, not regenerated
+    assert torch.equal(_method(projection_dim=64).projection(0, "A", 256), p)  # same seed, same matrix
+    assert not torch.equal(m.projection(0, "B", 256), p)
+    assert not torch.equal(m.projection(1, "A", 256), p)
+    assert float(p.double().var()) == pytest.approx(1 / 64, rel=0.05)  # 16384 entries: SE ~1.1%
+
+
+def test_projected_score_of_pure_noise_is_near_zero_and_of_signal_near_its_energy():
+    s, numel = 0.5, 256
+    m = _method(projection_dim=64)
+    plan = _one_layer_plan("A")
+    gen = torch.Generator().manual_seed(11)
+    raw, floored = [], []
+    for _ in range(400):
+        n = {"l.lora_A": s * torch.randn(4, 64, generator=gen)}
+        raw.append(m.client_signal(plan, n, _ctx(noise_std=0.0))["l:score"] / (numel * s**2))
+        floored.append(m.client_signal(plan, n, _ctx(noise_std=s))["l:score"] / (numel * s**2))
+    # E||P n||^2 = numel s^2: per-draw sd sqrt(2/64) = 0.18 -> SE 0.009, plus ~0.011 from the fixed P
+    assert sum(raw) / len(raw) == pytest.approx(1.0, abs=0.06)
+    assert sum(floored) / len(floored) < 0.15  # E max(X, 0) with sd(X) ~ 0.18: ~0.07
+    signal = torch.randn(4, 64, generator=gen)
+    signal *= 10 * s * math.sqrt(numel) / signal.norm()  # ||g||^2 = 100 numel s^2
+    ratios = []
+    for seed in range(60):  # a fresh P per seed: ||P g||^2 / ||g||^2 ~ chi2_64 / 64
+        noisy = {"l.lora_A": signal + s * torch.randn(4, 64, generator=gen)}
+        e = _method(seed=seed, projection_dim=64).client_signal(plan, noisy, _ctx(noise_std=s))["l:score"]
+        ratios.append(e / float(signal.double().pow(2).sum()))
+    assert sum(ratios) / len(ratios) == pytest.approx(1.0, abs=0.1)  # SE ~0.024
+
+
+def test_aggregate_is_exact_mean_of_delta_w_and_frozen_factor_is_untouched():
+    m = _method()
+    g = state(0)
+    plan = _mixed_plan(m, sorted(g), _ema_state(1.0, 1.0))
+    clients = _client_states(g, plan)
+    new, _ = m.aggregate(g, updates_from(clients, plan.uploaded, WEIGHTS), plan, _ema_state(1.0, 1.0))
+    p = torch.tensor(WEIGHTS, dtype=torch.float64) / sum(WEIGHTS)
+    for layer, active in choices_of(plan).items():
+        want = sum(pk * delta_w(c, layer) for pk, c in zip(p, clients, strict=True))
+        torch.testing.assert_close(delta_w(new, layer), want, rtol=1e-6, atol=1e-6)
+        frozen = f"{layer}.lora_{'B' if active == 'A' else 'A'}"
+        assert all(torch.equal(c[frozen], g[frozen]) for c in clients)
+        assert torch.equal(new[frozen], g[frozen])
+        assert not torch.equal(new[f"{layer}.lora_{active}"], g[f"{layer}.lora_{active}"])
+    want_head = sum(pk * c["head.classifier.bias"].double() for pk, c in zip(p, clients, strict=True))
+    torch.testing.assert_close(new["head.classifier.bias"].double(), want_head, rtol=1e-6, atol=1e-6)
+
+
+def test_identical_uploads_give_back_the_upload():
+    m = _method()
+    g = state(0)
+    plan = _mixed_plan(m, sorted(g), _ema_state(1.0, 1.0))
+    client = _client_states(g, plan, n=1)[0]
+    new, _ = m.aggregate(g, updates_from([client] * 3, plan.uploaded, WEIGHTS), plan, _ema_state(1.0, 1.0))
+    for k in plan.uploaded:
+        torch.testing.assert_close(new[k], client[k], rtol=0, atol=1e-6)
+    for k in set(g) - set(plan.uploaded):
+        assert torch.equal(new[k], g[k])
+
+
+def test_aggregate_does_not_depend_on_update_order():
+    m = _method()
+    g = state(0)
+    ss = _ema_state(2.0, 1.0)
+    plan = _mixed_plan(m, sorted(g), ss)
+    clients = _client_states(g, plan)
+    ups = [
+        ClientUpdate(i, w, {k: c[k] for k in plan.uploaded}, {f"{layer}:score": 0.7 * i + 0.1 for layer in LAYERS})
+        for i, (c, w) in enumerate(zip(clients, WEIGHTS, strict=True))
+    ]
+    new1, ss1 = m.aggregate(g, ups, plan, ss)
+    new2, ss2 = m.aggregate(g, [ups[2], ups[0], ups[1]], plan, ss)
+    for k in g:
+        torch.testing.assert_close(new1[k], new2[k], rtol=1e-6, atol=1e-6)
+    assert ss1["choices"] == ss2["choices"]
+    for layer in LAYERS:
+        for f in ("A", "B"):
+            assert ss1["ema"][layer][f] == pytest.approx(ss2["ema"][layer][f], rel=1e-12)
+
+
+def test_server_state_is_plain_json_and_round_trips():
+    m = _method(rounds=10, warmup_fraction=0.2)  # rounds 1, 2 give both factors a score
+    g = state(0)
+    keys = sorted(g)
+    ss = m.init_server_state(g)
+    grads = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) for k, v in g.items()}
+    for t in range(1, 11):
+        plan = m.plan(t, keys, ss)
+        sig = m.client_signal(plan, grads, _ctx(round=t, noise_std=0.01))
+        _, ss = m.aggregate(g, [ClientUpdate(0, 1.0, {k: g[k] for k in plan.uploaded}, sig)], plan, ss)
+    text = json.dumps(ss, allow_nan=False)
+    back = json.loads(text)
+    assert back == ss
+    assert all(dict(m.plan(t, keys, back).roles) == dict(m.plan(t, keys, ss).roles) for t in range(1, 11))
+    assert all(isinstance(ss["ema"][layer][f], float) for layer in LAYERS for f in ("A", "B"))
+
+
+def test_config_errors_name_the_keys():
+    with pytest.raises(ConfigError, match="method.reference_curvature"):
+        _method(reference_curvature=True)
+    with pytest.raises(ConfigError) as err:
+        _method(ema_beta=1.0, temperature_min=0.0)
+    assert len(err.value.problems) == 2
+    assert "method.ema_beta" in str(err.value) and "method.temperature_min" in str(err.value)
