@@ -22,9 +22,11 @@ from fedsim.data.federated import FederatedData, build_federated_data
 from fedsim.data.sources import load_source
 from fedsim.methods.base import get_method
 from fedsim.metrics.console import RoundProgress
+from fedsim.metrics.similarity import similarity_rows
 from fedsim.metrics.tables import MetricTables
-from fedsim.model.adapters import attach_adapter, export_peft, get_state
+from fedsim.model.adapters import attach_adapter, get_state
 from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
+from fedsim.model.export import export_adapter
 from fedsim.privacy.tracker import PrivacyTracker
 from fedsim.server.cohort import sample_cohort
 from fedsim.types import ClientResult, ClientTask, EvalResult, EvalTask
@@ -118,7 +120,10 @@ def run_simulation(
                 plan = backend.plan(t)
                 cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
                 results = backend.train([ClientTask(t, cid, plan, **privacy.task_fields(cid)) for cid in cohort])
-                backend.aggregate(t)
+                info = backend.aggregate(t)
+                if cfg.analysis.similarity:  # uploaded factors (server side) + kept factors (ClientStore)
+                    kept = [backend.kept_state(r.client_id) for r in results if r.status == "ok"] if plan.kept else []
+                    tables.add_similarity(info.similarity + similarity_rows(t, [k for k in kept if k], plan.kept))
 
                 # 5. Evaluation (every eval_every rounds and always the last).
                 ev: dict[str, float | None] = {}
@@ -157,7 +162,7 @@ def run_simulation(
 
         # 7. Final adapter in PEFT format + summary.
         final_state = backend.global_state()
-        export_peft(adapted, final_state, out_dir / "adapter")
+        export_adapter(adapted, final_state, out_dir / "adapter")
         if inspect is not None:
             inspect(backend)
     finally:

@@ -19,6 +19,7 @@ from fedsim.data.federated import FederatedData
 from fedsim.methods.base import make_method
 from fedsim.model.adapters import attach_adapter, get_state, set_state, state_bytes
 from fedsim.model.build import BaseBlueprint, model_from_blueprint
+from fedsim.model.keys import is_residual, layer_of
 from fedsim.privacy.accounting import PrivacyLedger
 from fedsim.privacy.client_level import clip_update
 from fedsim.types import (
@@ -57,6 +58,28 @@ class ClientWorker:
         self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed).to(self.device)
         self.method = make_method(cfg)
         self.trainer = LocalTrainer(self.model, cfg.federation, cfg.privacy, cfg.seed)
+        self._w0: dict[str, torch.Tensor] = {}  # original base weights of layers that received a residual
+        self._applied: dict[str, torch.Tensor] = {}  # residual currently folded into each base weight
+
+    def _base_weight(self, layer: str) -> torch.nn.Parameter:
+        module = self.model.base_model.model.get_submodule(layer)
+        return module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+
+    @torch.no_grad()
+    def _load(self, state: AdapterState) -> None:
+        """Put ``state`` into the model: base weight = W0 + residual for residual keys, adapter tensors in place."""
+        for key, residual in state.items():
+            if not is_residual(key):
+                continue
+            if key in self._applied and torch.equal(self._applied[key], residual):
+                continue
+            layer = layer_of(key)
+            weight = self._base_weight(layer)
+            if layer not in self._w0:
+                self._w0[layer] = weight.detach().clone()
+            weight.copy_(self._w0[layer] + residual.to(device=weight.device, dtype=weight.dtype))
+            self._applied[key] = residual.detach().clone()
+        set_state(self.model, {k: v for k, v in state.items() if not is_residual(k)})
 
     def _weight(self, examples: int) -> float:
         return float(examples) if self.cfg.federation.weighting == "examples" else 1.0
@@ -78,7 +101,7 @@ class ClientWorker:
         plan, cid, pr = task.plan, task.client_id, self.cfg.privacy
         t0 = time.perf_counter()
         idx = self.data.client_train[cid]
-        down = state_bytes({k: global_state[k] for k in self.method.broadcast_keys(plan)})
+        down = state_bytes({k: global_state[k] for k in self.method.broadcast_keys(plan) if k in global_state})
         base = {
             "round": task.round,
             "client_id": cid,
@@ -104,7 +127,7 @@ class ClientWorker:
                 return ClientOutput(result, None, None, None)
         try:
             start = self.method.client_start(global_state, kept, plan)
-            set_state(self.model, start)
+            self._load(start)
             ids, mask, labels = self.data.client_arrays(idx)
             outcome = self.trainer.train(
                 plan.trained,
@@ -163,7 +186,7 @@ class ClientWorker:
 
     def evaluate(self, task: EvalTask, state: AdapterState) -> EvalResult:
         """Evaluate ``state`` (already personalised by the caller if needed) on ``task.indices``."""
-        set_state(self.model, state)
+        self._load(state)
         ids, mask, labels = self.data.client_arrays(np.asarray(task.indices, dtype=np.int64))
         loss_sum, correct, count = self.trainer.evaluate(ids, mask, labels, self.cfg.runtime.eval_batch_size)
         return EvalResult(task.name, loss_sum, correct, count)

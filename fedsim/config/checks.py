@@ -52,6 +52,32 @@ def _external_problems(cfg: Config) -> list[str]:
     return out
 
 
+# Methods that work on VeRA's vectors through factor_of / layer_of alone. flexlora, fedsvd, fedex_lora, flora need the
+# B @ A product. as_lora is left out until it looks up factor keys with keys.factor_key (it spells lora_key today).
+VERA_METHODS = ("fedavg_lora", "ffa_lora", "fedsa_lora", "rolora")
+
+
+def _vera_problems(cfg: Config) -> list[str]:
+    """lora.variant vera: only methods in VERA_METHODS, and no sample-level DP (Opacus has no per-example
+    gradients for VeRA's lambda vectors: they live in ParameterDicts whose forward is never called)."""
+    if cfg.lora.variant != "vera":
+        return []
+    out: list[str] = []
+    if cfg.method.name not in VERA_METHODS:
+        out.append(
+            f"lora.variant: vera does not work with method.name {cfg.method.name} (it needs full LoRA A and B "
+            f"matrices; VeRA trains only the vectors lambda_d and lambda_b); use lora.variant lora or rslora, or one "
+            f"of the methods {', '.join(VERA_METHODS)}"
+        )
+    if cfg.privacy.mode == "sample":
+        out.append(
+            "lora.variant: vera does not work with privacy.mode sample (Opacus computes no per-example gradients "
+            "for VeRA's lambda vectors); use lora.variant lora or rslora for sample-level DP, or privacy.mode "
+            "none or client with vera"
+        )
+    return out
+
+
 def _privacy_problems(cfg: Config) -> list[str]:
     pr = cfg.privacy
     out: list[str] = []
@@ -132,6 +158,7 @@ def validate(cfg: Config) -> list[str]:
         need(key, _get(cfg, key) >= 1, ">= 1", "use a positive integer")
     need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")
     problems.extend(_privacy_problems(cfg))
+    problems.extend(_vera_problems(cfg))
     need("runtime.workers", rt.workers >= 1, ">= 1", "e.g. 2")
     need("runtime.cpus_per_worker", rt.cpus_per_worker > 0, "> 0", "e.g. 1")
     need("runtime.gpus_per_worker", rt.gpus_per_worker >= 0, ">= 0", "0 for CPU only, 0.25 for a quarter GPU")

@@ -45,7 +45,13 @@ class LoraConfig:
         "Module names to adapt (PEFT target_modules); [auto] = query/value projections of the "
         "model family (query,value for BERT/RoBERTa; q_proj,v_proj for Llama).",
     )
-    variant: str = _f("lora", "Adapter variant.", ("lora", "rslora"))
+    variant: str = _f(
+        "lora",
+        "Adapter variant: lora; rslora (scale alpha / sqrt(r)); vera (frozen shared random projections, trainable "
+        "vectors lambda_d (A side) and lambda_b (B side); alpha is unused; only with fedavg_lora, ffa_lora, "
+        "fedsa_lora, rolora; no privacy.mode sample).",
+        ("lora", "rslora", "vera"),
+    )
     train_head: bool = _f(
         True,
         "Train the classification head as part of the adapter (PEFT modules_to_save). "
@@ -173,6 +179,15 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    similarity: bool = _f(
+        False,
+        "Write <out>/similarity.parquet: per round, layer and trained factor, the mean pairwise cosine "
+        "similarity of the clients' trained tensors (FedSA-LoRA's A-vs-B finding).",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = _f(0, "Seed for every random draw (data split, init, sampling, noise).")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
@@ -182,3 +197,4 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "Aggregation method."})
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig, metadata={"help": "Differential privacy."})
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata={"help": "Execution backend."})
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig, metadata={"help": "Optional analyses."})

@@ -22,7 +22,17 @@ from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalCont
 ServerState = dict[str, Any]
 
 _REGISTRY: dict[str, type[Method]] = {}
-_METHOD_MODULES = ("fedavg_lora", "ffa_lora", "fedsa_lora", "as_lora", "rolora", "flexlora", "fedsvd")
+_METHOD_MODULES = (
+    "fedavg_lora",
+    "ffa_lora",
+    "fedsa_lora",
+    "as_lora",
+    "rolora",
+    "flexlora",
+    "fedsvd",
+    "fedex_lora",
+    "flora",
+)
 
 
 class Method(ABC):
@@ -35,6 +45,8 @@ class Method(ABC):
     personal: ClassVar[bool] = False
     #: clients upload scalar signals besides tensors (must come from privatised gradients: sample-level DP only)
     uses_signals: ClassVar[bool] = False
+    #: the global state carries "<layer>.base_residual" tensors that every worker folds into its frozen base
+    folds_into_base: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.config = cfg

@@ -57,6 +57,15 @@ CLIENT_SCHEMA = pa.schema(
 
 
 CHOICE_SCHEMA = pa.schema([("round", pa.int32()), ("layer", pa.string()), ("factor", pa.string())])
+SIMILARITY_SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("layer", pa.string()),
+        ("factor", pa.string()),
+        ("similarity", pa.float64()),
+        ("clients", pa.int32()),
+    ]
+)
 
 
 def _write(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
@@ -74,6 +83,7 @@ class MetricTables:
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
         self.choices: list[dict[str, Any]] = []  # per round and layer: the factor trained and shared
+        self.similarity: list[dict[str, Any]] | None = None  # analysis.similarity rows (None = analysis off)
 
     def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
         self.rounds.append(row)
@@ -86,8 +96,13 @@ class MetricTables:
             if factor != "head":
                 self.choices.append({"round": round, "layer": layer_of(key), "factor": factor})
 
+    def add_similarity(self, rows: list[dict[str, Any]]) -> None:
+        self.similarity = [*(self.similarity or []), *rows]
+
     def flush(self) -> None:
         _write(self.rounds, ROUND_SCHEMA, self.out_dir / "rounds.parquet")
         _write(self.clients, CLIENT_SCHEMA, self.out_dir / "clients.parquet")
         if self.choices:
             _write(self.choices, CHOICE_SCHEMA, self.out_dir / "as_lora_choices.parquet")
+        if self.similarity is not None:
+            _write(self.similarity, SIMILARITY_SCHEMA, self.out_dir / "similarity.parquet")

@@ -9,6 +9,13 @@ Canonical :data:`~fedsim.types.AdapterState` keys:
 * ``"head.<param path>"`` -- trained classification-head parameters (``head.classifier.weight``), present only
   when ``lora.train_head`` is true.
 
+* VeRA (``lora.variant: vera``): ``"<module path>.vera_lambda_d"`` (``[r]``, factor "A") and
+  ``"<module path>.vera_lambda_b"`` (``[d_out]``, factor "B"). The random projections ``vera_A`` / ``vera_B`` are
+  frozen buffers shared by all layers (PEFT slices the largest shape per layer), drawn by PEFT from
+  ``projection_prng_key = derive_seed(seed, "vera_projection") & 0x7FFFFFFF``, so they are identical in every
+  process and never part of the state. VeRA has no alpha (``lora.alpha`` is ignored); PEFT's defaults are kept:
+  ``lambda_d`` starts at ``d_initial = 0.1`` everywhere, ``lambda_b`` at zero (so the adapter starts as a no-op).
+
 With ``train_head`` false the head is not wrapped by PEFT at all (PEFT's SEQ_CLS task type would add it to
 ``modules_to_save``), so it stays frozen at its seeded init, is not in the state and is not exported.
 """
@@ -22,14 +29,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model
+from peft import PeftModel, TaskType, VeraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from fedsim.config.schema import LoraConfig
 from fedsim.errors import ConfigError
-from fedsim.model.keys import HEAD_PREFIX, factor_of, layer_of, lora_key
+from fedsim.model.keys import HEAD_PREFIX, factor_of, layer_of, lora_key, vera_key
 from fedsim.seeding import derive_seed
 from fedsim.types import AdapterState
 
@@ -51,29 +58,41 @@ DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "l
 HEAD_MODULES = {"bert": "classifier", "roberta": "classifier", "llama": "score"}
 _PEFT_PREFIX = "base_model.model."
 _LORA_MARK = {f".lora_{f}.{ADAPTER}.weight": f for f in ("A", "B")}
+_VERA_MARK = {f".vera_lambda_{s}.{ADAPTER}": f for s, f in (("d", "A"), ("b", "B"))}
 _HEAD_MARK = f".modules_to_save.{ADAPTER}."
 
 
 def attach_adapter(base: PreTrainedModel, cfg: LoraConfig, family: str, seed: int) -> PeftModel:
-    """Inject LoRA into ``base`` (in place) and return the PeftModel; every adapter tensor requires grad.
+    """Inject LoRA (or VeRA) into ``base`` (in place) and return the PeftModel; every adapter tensor requires grad.
 
     The LoRA A init is drawn under ``derive_seed(seed, "lora_init")`` inside ``fork_rng``, so every process gets the
-    same A for the same seed (B starts at zero). Raises ConfigError naming ``lora.targets`` if a target matches
+    same A for the same seed (B starts at zero); VeRA's frozen projections come from a PRNG key derived from
+    ``seed``. Raises ConfigError naming ``lora.targets`` if a target matches
     no module of the model.
     """
     targets = list(DEFAULT_TARGETS[family]) if list(cfg.targets) == ["auto"] else list(cfg.targets)
-    kwargs = {
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": targets,
-        "use_rslora": cfg.variant == "rslora",
-        "bias": "none",
-    }
-    if cfg.train_head:
-        peft_cfg = PeftLoraConfig(task_type=TaskType.SEQ_CLS, modules_to_save=[HEAD_MODULES[family]], **kwargs)
+    head = {"task_type": TaskType.SEQ_CLS, "modules_to_save": [HEAD_MODULES[family]]}
+    head = head if cfg.train_head else {"task_type": None, "modules_to_save": None}
+    if cfg.variant == "vera":
+        peft_cfg = VeraConfig(
+            r=cfg.r,
+            target_modules=targets,
+            vera_dropout=cfg.dropout,
+            projection_prng_key=derive_seed(seed, "vera_projection") & 0x7FFFFFFF,
+            save_projection=True,
+            bias="none",
+            **head,
+        )
     else:
-        peft_cfg = PeftLoraConfig(task_type=None, modules_to_save=None, **kwargs)
+        peft_cfg = PeftLoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            use_rslora=cfg.variant == "rslora",
+            bias="none",
+            **head,
+        )
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         torch.manual_seed(derive_seed(seed, "lora_init"))
@@ -99,6 +118,9 @@ def _canonical(name: str) -> str | None:
     for mark, factor in _LORA_MARK.items():
         if name.endswith(mark):
             return lora_key(name[: -len(mark)], factor)
+    for mark, factor in _VERA_MARK.items():
+        if name.endswith(mark):
+            return vera_key(name[: -len(mark)], factor)
     if _HEAD_MARK in name:
         module, param = name.split(_HEAD_MARK, 1)
         return f"{HEAD_PREFIX}{module}.{param}"

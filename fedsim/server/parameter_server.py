@@ -6,10 +6,12 @@ Plain Python; :mod:`fedsim.runtime` runs it in-process or as a Ray actor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fedsim.config.schema import Config
 from fedsim.methods.base import make_method
+from fedsim.metrics.similarity import similarity_rows
 from fedsim.model.adapters import state_bytes
 from fedsim.privacy.client_level import dp_fedavg_aggregate
 from fedsim.seeding import torch_generator
@@ -21,6 +23,7 @@ class AggregateInfo:
     round: int
     clients: int  # uploads folded into the new global state
     bytes_up: int
+    similarity: list[dict[str, Any]] = field(default_factory=list)  # analysis.similarity rows for uploaded factors
 
 
 class ParameterServer:
@@ -72,8 +75,12 @@ class ParameterServer:
             )
         elif updates and plan.uploaded:
             self._global, self.server_state = self.method.aggregate(self._global, updates, plan, self.server_state)
+        sim = (
+            similarity_rows(round, [u.tensors for u in updates], plan.uploaded) if self.cfg.analysis.similarity else []
+        )
         return AggregateInfo(
             round=round,
             clients=len(updates),
             bytes_up=sum(state_bytes(u.tensors) + 4 * len(u.signals) for u in updates),
+            similarity=sim,
         )

@@ -20,7 +20,7 @@ import torch
 import fedsim.methods
 from fedsim.config.schema import Config, FederationConfig, MethodConfig
 from fedsim.methods.base import Method, available_methods, get_method, make_method
-from fedsim.model.keys import factor_of, layers_of, lora_key
+from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
 from fedsim.types import AdapterState, ClientUpdate, Role, SignalContext
 from tests.methods.helpers import delta_w, state
 
@@ -73,6 +73,25 @@ def _expected_delta(global_state, upload: Mapping[str, torch.Tensor], layer: str
     return b.double() @ a.double()
 
 
+def _folds(m) -> bool:
+    return bool(getattr(m, "folds_into_base", False))
+
+
+def _new_delta(m, new, old, layer: str) -> torch.Tensor:
+    """The change the aggregate makes to the layer's effective weight, in B A units (as ``delta_w``).
+
+    Methods that fold into the base weight (``folds_into_base``) move part of it into the dense residual R:
+    their effective B A is B A + (R_new - R_old) / s, with s the LoRA scale of the method's config."""
+    got = delta_w(new, layer)
+    if not _folds(m):
+        return got
+    lora = m.config.lora
+    s = lora.alpha / (lora.r if lora.variant == "lora" else lora.r**0.5)
+    key = residual_key(layer)
+    r_old = old[key].double() if key in old else torch.zeros_like(got)
+    return got + (new[key].double() - r_old) / s
+
+
 def _assert_tree_close(x, y, where="server_state"):
     if isinstance(x, torch.Tensor) or isinstance(x, np.ndarray):
         torch.testing.assert_close(torch.as_tensor(x).double(), torch.as_tensor(y).double(), rtol=1e-6, atol=1e-6)
@@ -90,10 +109,12 @@ def _assert_tree_close(x, y, where="server_state"):
         assert x == y, where
 
 
-def _assert_same_global(m, got, want, layers, atol=1e-6):
+def _assert_same_global(m, got, want, layers, old, atol=1e-6):
     assert set(got) == set(want)
     for layer in layers:
-        torch.testing.assert_close(delta_w(got, layer), delta_w(want, layer), rtol=1e-5, atol=atol)
+        torch.testing.assert_close(
+            _new_delta(m, got, old, layer), _new_delta(m, want, old, layer), rtol=1e-5, atol=atol
+        )
     for k in got:
         if m.linear or factor_of(k) == "head":  # SVD methods may re-factorise: their factors are not compared
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=atol)
@@ -139,7 +160,8 @@ def test_identical_uploads_give_back_the_uploads_delta_w_and_head(name, t):
     ups = [ClientUpdate(i, w, update.tensors, update.signals) for i, w in enumerate(WEIGHTS)]
     new, _ = m.aggregate(g, ups, plan, server)
     for layer in layers_of(sorted(g)):
-        torch.testing.assert_close(delta_w(new, layer), _expected_delta(g, update.tensors, layer), rtol=1e-5, atol=1e-5)
+        got = _new_delta(m, new, g, layer)
+        torch.testing.assert_close(got, _expected_delta(g, update.tensors, layer), rtol=1e-5, atol=1e-5)
     for k in plan.uploaded:
         if m.linear or factor_of(k) == "head":
             torch.testing.assert_close(new[k], update.tensors[k], rtol=0, atol=1e-6)
@@ -159,11 +181,11 @@ def test_aggregation_does_not_depend_on_client_order_or_ids(name, t):
         (ClientUpdate(relabel[u.client_id], u.weight, u.tensors, u.signals) for u in ups), key=lambda u: u.client_id
     )
     got, got_server = m.aggregate(g, moved, plan, server)
-    _assert_same_global(m, got, base, layers)
+    _assert_same_global(m, got, base, layers, g)
     _assert_tree_close(got_server, base_server)
     # the same updates in reverse order
     got, got_server = m.aggregate(g, list(reversed(ups)), plan, server)
-    _assert_same_global(m, got, base, layers)
+    _assert_same_global(m, got, base, layers, g)
     _assert_tree_close(got_server, base_server)
 
 
@@ -185,7 +207,7 @@ def test_a_client_with_99_percent_of_the_weight_dominates_the_aggregate(name, t)
         new, _ = m.aggregate(g, ups, plan, server)
         for layer in layers:
             near, far = (_expected_delta(g, u.tensors, layer) for u in (heavy, light))
-            assert (delta_w(new, layer) - near).norm() <= 0.05 * (far - near).norm() + 1e-6
+            assert (_new_delta(m, new, g, layer) - near).norm() <= 0.05 * (far - near).norm() + 1e-6
         for k in plan.uploaded:
             if m.linear or factor_of(k) == "head":
                 gap = (new[k].double() - heavy.tensors[k].double()).norm()
@@ -200,9 +222,15 @@ def test_aggregate_keeps_keys_shapes_and_dtypes(name, dtype):
         g, server, plan = _at_round(m, t, dtype)
         ups = [u for u, _ in _cohort(m, g, plan, WEIGHTS, seed=31)]
         new, _ = m.aggregate(g, ups, plan, server)
-        assert sorted(new) == sorted(g)
+        if _folds(m):  # the dense residual of every aggregated layer appears after the first aggregation
+            assert not any(is_residual(k) for k in plan.roles)
+            assert sorted(new) == sorted(set(g) | {residual_key(layer) for layer in layers_of(plan.uploaded)})
+        else:
+            assert sorted(new) == sorted(g)
         for k in g:
-            assert new[k].shape == g[k].shape and new[k].dtype == dtype, k
+            assert new[k].shape == g[k].shape, k
+        for k in new:
+            assert new[k].dtype == dtype, k
 
 
 @pytest.mark.parametrize("t", ROUNDS)
@@ -224,7 +252,9 @@ def test_what_the_plan_freezes_or_keeps_is_preserved(name, t):
             continue
         shared = lora_key(layer, "A" if roles["A"] == Role.SHARED else "B")
         mean = sum(pk * u.tensors[shared].double() for pk, u in zip(p, ups, strict=True))
-        torch.testing.assert_close(delta_w(new, layer), _expected_delta(g, {shared: mean}, layer), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            _new_delta(m, new, g, layer), _expected_delta(g, {shared: mean}, layer), rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("t", ROUNDS)

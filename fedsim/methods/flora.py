@@ -1,0 +1,83 @@
+"""FLoRA: fold the stacked clients' product into the frozen base weight, then restart LoRA from scratch.
+
+METHODS.md "SVD-family baselines". Per layer the server stacks B_st = [p_1 B_1 ... p_K B_K] and
+A_st = [A_1; ...; A_K] (the weights may sit on either factor: the product is the same), adds
+s * B_st A_st = s * sum_k p_k B_k A_k to the dense residual ``<layer>.base_residual`` of the global state, and
+re-initialises the factors as PEFT does: A Kaiming-uniform (a = sqrt(5), bound 1 / sqrt(d_in)), B = 0. The
+effective weight W0 + R + s B A is therefore exactly W0 + R_old + s sum_k p_k B_k A_k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedsim.config.schema import Config
+from fedsim.methods.aggregation import mean_of_keys, normalised_weights
+from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.fedex_lora import adapter_keys_only, fold_into_residual, lora_scale, residual_broadcast
+from fedsim.methods.flexlora import mean_product
+from fedsim.model.keys import factor_of, layers_of, lora_key
+from fedsim.seeding import torch_generator
+from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+
+REINIT_PURPOSE = "flora_reinit"
+
+
+def kaiming_a(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """PEFT's default LoRA A init: ``kaiming_uniform_(A, a=sqrt(5))`` on an ``[r, d_in]`` tensor, i.e.
+    U(-1/sqrt(d_in), 1/sqrt(d_in)), drawn in float32 from ``generator`` then cast to ``dtype`` (so the draw does
+    not depend on the state's dtype)."""
+    a = torch.empty(tuple(shape), dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a.to(dtype)
+
+
+@register_method("flora")
+class FLoRA(Method):
+    """Every adapter tensor SHARED. Server, per layer: residual += s * sum_k p_k B_k A_k (float64); then
+    A = :func:`kaiming_a` from ``torch_generator(seed, "flora_reinit", round, layer index)`` (layer index: the
+    position of the layer in ``layers_of(sorted adapter keys of the global state)``), B = 0; head: weighted mean.
+
+    ``folds_into_base``: see :class:`fedsim.methods.fedex_lora.FedExLoRA` (residual keys, broadcast, plans).
+    Not a weighted mean of the uploads (``linear = False``). ``aggregate`` raises ValueError for an empty cohort.
+    """
+
+    linear = False
+    folds_into_base = True
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.scale = lora_scale(cfg.lora)
+
+    def role(self, round: int, key: str, server_state: ServerState) -> Role:
+        return Role.SHARED
+
+    def plan(self, round: int, keys: Sequence[str], server_state: ServerState) -> RoundPlan:
+        return super().plan(round, adapter_keys_only(keys), server_state)
+
+    def broadcast_keys(self, plan: RoundPlan) -> list[str]:
+        return residual_broadcast(plan)
+
+    def aggregate(
+        self,
+        global_state: AdapterState,
+        updates: Sequence[ClientUpdate],
+        plan: RoundPlan,
+        server_state: ServerState,
+    ) -> tuple[AdapterState, ServerState]:
+        """New global state (see the class docstring)."""
+        weights = normalised_weights(updates)
+        new = mean_of_keys(global_state, updates, [k for k in plan.uploaded if factor_of(k) == "head"])
+        index = {layer: i for i, layer in enumerate(layers_of(sorted(adapter_keys_only(list(global_state)))))}
+        for layer in layers_of(list(plan.uploaded)):
+            a_key, b_key = lora_key(layer, "A"), lora_key(layer, "B")
+            fold_into_residual(
+                new, global_state, layer, self.scale * mean_product(updates, global_state, layer, weights)
+            )
+            gen = torch_generator(self.seed, REINIT_PURPOSE, plan.round, index[layer])
+            new[a_key] = kaiming_a(global_state[a_key].shape, global_state[a_key].dtype, gen)
+            new[b_key] = torch.zeros_like(global_state[b_key])
+        return new, server_state
