@@ -68,8 +68,27 @@ def adapter_keys_only(keys: Sequence[str]) -> list[str]:
     return [k for k in keys if not is_residual(k)]
 
 
+class FoldingMethod(Method):
+    """Shared skeleton of the methods that fold a residual into the base: every adapter tensor SHARED, plans
+    over adapter keys only, the dense residual broadcast with the shared tensors, LoRA scale s at hand.
+    Abstract: subclasses give ``role`` (every adapter tensor SHARED) and ``aggregate``."""
+
+    linear = False
+    folds_into_base = True
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.scale = lora_scale(cfg.lora)
+
+    def plan(self, round: int, keys: Sequence[str], server_state: ServerState) -> RoundPlan:
+        return super().plan(round, adapter_keys_only(keys), server_state)
+
+    def broadcast_keys(self, plan: RoundPlan) -> list[str]:
+        return residual_broadcast(plan)
+
+
 @register_method("fedex_lora")
-class FedExLoRA(Method):
+class FedExLoRA(FoldingMethod):
     """Every adapter tensor SHARED. Server, per layer: A and B = weighted means (cast back to their dtype);
     residual += s * (sum_k p_k B_k A_k - B A) in float64 with B A the stored (cast) means; head: weighted mean.
 
@@ -79,21 +98,8 @@ class FedExLoRA(Method):
     ValueError for an empty cohort.
     """
 
-    linear = False
-    folds_into_base = True
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.scale = lora_scale(cfg.lora)
-
     def role(self, round: int, key: str, server_state: ServerState) -> Role:
         return Role.SHARED
-
-    def plan(self, round: int, keys: Sequence[str], server_state: ServerState) -> RoundPlan:
-        return super().plan(round, adapter_keys_only(keys), server_state)
-
-    def broadcast_keys(self, plan: RoundPlan) -> list[str]:
-        return residual_broadcast(plan)
 
     def aggregate(
         self,

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.config.schema import Config
 from fedsim.methods.aggregation import mean_of_keys, normalised_weights
-from fedsim.methods.base import Method, ServerState, register_method
-from fedsim.methods.fedex_lora import adapter_keys_only, fold_into_residual, lora_scale, residual_broadcast
+from fedsim.methods.base import ServerState, register_method
+from fedsim.methods.fedex_lora import FoldingMethod, adapter_keys_only, fold_into_residual
 from fedsim.methods.flexlora import mean_product
 from fedsim.model.keys import factor_of, layers_of, lora_key
 from fedsim.seeding import torch_generator
@@ -36,7 +35,7 @@ def kaiming_a(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generat
 
 
 @register_method("flora")
-class FLoRA(Method):
+class FLoRA(FoldingMethod):
     """Every adapter tensor SHARED. Server, per layer: residual += s * sum_k p_k B_k A_k (float64); then
     A = :func:`kaiming_a` from ``torch_generator(seed, "flora_reinit", round, layer index)`` (layer index: the
     position of the layer in ``layers_of(sorted adapter keys of the global state)``), B = 0; head: weighted mean.
@@ -45,21 +44,8 @@ class FLoRA(Method):
     Not a weighted mean of the uploads (``linear = False``). ``aggregate`` raises ValueError for an empty cohort.
     """
 
-    linear = False
-    folds_into_base = True
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.scale = lora_scale(cfg.lora)
-
     def role(self, round: int, key: str, server_state: ServerState) -> Role:
         return Role.SHARED
-
-    def plan(self, round: int, keys: Sequence[str], server_state: ServerState) -> RoundPlan:
-        return super().plan(round, adapter_keys_only(keys), server_state)
-
-    def broadcast_keys(self, plan: RoundPlan) -> list[str]:
-        return residual_broadcast(plan)
 
     def aggregate(
         self,
