@@ -38,7 +38,7 @@ from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.methods.aggregation import mean_of_keys, normalised_weights
 from fedsim.methods.base import Method, ServerState, register_method
-from fedsim.model.keys import factor_of, layer_of, layers_of, lora_key
+from fedsim.model.keys import factor_of, layer_of, layers_of
 from fedsim.seeding import numpy_rng, torch_generator
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
 
@@ -67,12 +67,11 @@ def noise_floored_energy(sq_norm: float, numel: int, noise_std: float) -> float:
 def choices_of(plan: RoundPlan) -> dict[str, str]:
     """Layer -> its SHARED factor ("A" or "B") in ``plan``; layers with neither factor shared are left out."""
     out: dict[str, str] = {}
-    for layer in layers_of(list(plan.roles)):
-        for factor in ("A", "B"):
-            if plan.roles.get(lora_key(layer, factor)) == Role.SHARED:
-                out[layer] = factor
-                break
-    return out
+    for key, role in plan.roles.items():
+        factor = factor_of(key)
+        if role == Role.SHARED and factor in ("A", "B"):  # LoRA factors or VeRA vectors alike
+            out.setdefault(layer_of(key), factor)
+    return {layer: out[layer] for layer in layers_of(list(plan.roles)) if layer in out}
 
 
 @register_method("as_lora")
@@ -173,9 +172,10 @@ class ASLoRA(Method):
         layers = sorted(layers_of(list(plan.roles)))
         active = choices_of(plan)
         signals: dict[str, float] = {}
+        by_factor = {(layer_of(k), factor_of(k)): g for k, g in grads.items() if factor_of(k) in ("A", "B")}
         for index, layer in enumerate(layers):
             factor = active.get(layer)
-            grad = grads.get(lora_key(layer, factor)) if factor else None
+            grad = by_factor.get((layer, factor)) if factor else None
             if grad is None:
                 continue
             e = self.energy(grad, index, factor, context.noise_std)

@@ -304,3 +304,14 @@ def test_config_errors_name_the_keys():
         _method(ema_beta=1.0, temperature_min=0.0)
     assert len(err.value.problems) == 2
     assert "method.ema_beta" in str(err.value) and "method.temperature_min" in str(err.value)
+
+
+def test_vera_vectors_are_chosen_and_scored_like_factors():
+    m = _method(projection=False)
+    keys = [f"{layer}.vera_lambda_{s}" for layer in LAYERS for s in ("d", "b")]
+    plan = m.plan(1, keys, m.init_server_state({k: torch.zeros(2) for k in keys}))  # warm-up round 1: B side
+    assert choices_of(plan) == {layer: "B" for layer in LAYERS}
+    grads = {f"{layer}.vera_lambda_b": torch.full((5,), 2.0) for layer in LAYERS}
+    ctx = SignalContext(round=1, client_id=0, lr=0.1, batch_size=4.0, noise_std=0.0)
+    signals = m.client_signal(plan, grads, ctx)
+    assert {k: v for k, v in signals.items() if k.endswith(":score")} == {f"{layer}:score": 20.0 for layer in LAYERS}

@@ -46,7 +46,7 @@ def test_method_runs_on_ray(tmp_path, ray_cluster, method, privacy):
     _check(tmp_path / "run", method, cfg.federation.rounds)
 
 
-@pytest.mark.parametrize("method", ["fedavg_lora", "ffa_lora", "fedsa_lora", "rolora"])
+@pytest.mark.parametrize("method", ["fedavg_lora", "ffa_lora", "fedsa_lora", "rolora", "as_lora"])
 def test_vera_variant_runs_on_the_local_backend(tmp_path, method):
     cfg, _ = load_config("tiny", ["runtime.backend=local", f"method.name={method}", "lora.variant=vera"])
     run_simulation(cfg, tmp_path / "run", progress=False)
