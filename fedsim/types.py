@@ -16,6 +16,11 @@ import torch
 AdapterState = dict[str, torch.Tensor]
 
 
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Payload size of a state: sum of numel * element_size."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 class Role(str, Enum):
     """What happens to one adapter tensor in one round."""
 

@@ -24,8 +24,10 @@ from fedsim.config.schema import FederationConfig, PrivacyConfig
 from fedsim.model.adapters import adapter_keys, parameters_for, set_trainable
 from fedsim.privacy.dpsgd import (
     clear_dp_buffers,
+    expected_batch_size,
     make_dp_optimizer,
     poisson_indices,
+    poisson_rate,
     set_empty_grad_samples,
     wrap_for_dp,
 )
@@ -48,7 +50,7 @@ def batch_schedule(n: int, batch_size: int, steps: int, dp: bool, generator: tor
     when fewer than a batch remain (so every batch holds distinct examples). All draws come from ``generator``.
     """
     if dp:
-        q = min(1.0, batch_size / n) if n > 0 else 0.0
+        q = poisson_rate(batch_size, n)
         return [poisson_indices(n, q, generator) for _ in range(steps)]
     if n == 0:
         return []
@@ -135,7 +137,7 @@ class LocalTrainer:
         if self.dp:
             noise_gen = torch.Generator(device=device)
             noise_gen.manual_seed(derive_seed(self.seed, "dp_noise", round, client_id))
-            expected = min(self.federation.batch_size, n) if n > 0 else self.federation.batch_size
+            expected = expected_batch_size(self.federation.batch_size, n)
             sigma = self.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
             optimizer = make_dp_optimizer(optimizer, sigma, self.privacy.clip, expected, noise_gen)
         batches = batch_schedule(

@@ -17,11 +17,12 @@ from fedsim.client.trainer import LocalTrainer
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
 from fedsim.methods.base import make_method
-from fedsim.model.adapters import attach_adapter, get_state, set_state, state_bytes
+from fedsim.model.adapters import attach_adapter, get_state, set_state
 from fedsim.model.build import BaseBlueprint, model_from_blueprint
 from fedsim.model.keys import is_residual, layer_of
-from fedsim.privacy.accounting import PrivacyLedger
+from fedsim.privacy.accounting import PrivacyLedger, would_exceed
 from fedsim.privacy.client_level import clip_update
+from fedsim.privacy.dpsgd import expected_batch_size
 from fedsim.types import (
     AdapterState,
     ClientResult,
@@ -31,6 +32,7 @@ from fedsim.types import (
     EvalTask,
     RoundPlan,
     SignalContext,
+    state_bytes,
 )
 
 
@@ -111,11 +113,11 @@ class ClientWorker:
             "sample_rate": task.sample_rate,
         }
         ledger = None
+        sigma, q = float(task.noise_multiplier or 0.0), float(task.sample_rate or 0.0)
         if pr.mode == "sample":
             ledger = self._ledger(ledger_json)
-            sigma, q = float(task.noise_multiplier or 0.0), float(task.sample_rate or 0.0)
-            nxt = ledger.spend(sigma, q, self.cfg.federation.local_steps)
-            if pr.epsilon is not None and nxt.epsilon(pr.delta) > pr.epsilon + 1e-9:
+            steps = self.cfg.federation.local_steps
+            if pr.epsilon is not None and would_exceed(ledger, sigma, q, steps, pr.epsilon, pr.delta):
                 result = ClientResult(
                     **base,
                     steps=0,
@@ -157,7 +159,7 @@ class ClientWorker:
             weight = 1.0
         epsilon = None
         if ledger is not None:
-            ledger = ledger.spend(float(task.noise_multiplier or 0.0), float(task.sample_rate or 0.0), outcome.steps)
+            ledger = ledger.spend(sigma, q, outcome.steps)  # only the steps really taken
             epsilon = ledger.epsilon(pr.delta)
         keep = {k: after[k] for k in plan.kept} or None
         signals = self.method.client_signal(plan, self.trainer.last_grads, self._signal_context(task, len(idx)))
@@ -176,7 +178,7 @@ class ClientWorker:
 
     def _signal_context(self, task: ClientTask, n: int) -> SignalContext:
         fe, pr = self.cfg.federation, self.cfg.privacy
-        batch = float(min(fe.batch_size, n)) if n else float(fe.batch_size)
+        batch = float(expected_batch_size(fe.batch_size, n))
         noise_std = 0.0
         if pr.mode == "sample":
             noise_std = float(task.noise_multiplier or 0.0) * pr.clip / batch

@@ -52,8 +52,8 @@ def _external_problems(cfg: Config) -> list[str]:
     return out
 
 
-# Methods that work on VeRA's vectors through factor_of / layer_of alone. flexlora, fedsvd, fedex_lora, flora need the
-# B @ A product. as_lora is left out until it looks up factor keys with keys.factor_key (it spells lora_key today).
+# Methods that work on VeRA's vectors through factor_of / layer_of alone; flexlora, fedsvd, fedex_lora and flora
+# need the B @ A product.
 VERA_METHODS = ("fedavg_lora", "ffa_lora", "fedsa_lora", "rolora", "as_lora")
 
 

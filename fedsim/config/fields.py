@@ -9,14 +9,10 @@ import re
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from fedsim.config.schema import Config
 
-PRESETS_DIR = Path(__file__).with_name("presets")
-DEFAULT_PRESET = "quickstart"
-_KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 # PyYAML (YAML 1.1) reads "1e-3" as a string; float fields accept such literals.
 _SCI_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 _NO = object()  # "does not convert"

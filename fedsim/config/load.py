@@ -21,10 +21,7 @@ from typing import Any
 import yaml
 
 from fedsim.config.checks import validate
-from fedsim.config.fields import (  # noqa: F401  (known_keys is part of this module's API)
-    _KEY_RE,
-    DEFAULT_PRESET,
-    PRESETS_DIR,
+from fedsim.config.fields import (
     _Bad,
     _convert,
     _fields,
@@ -36,6 +33,22 @@ from fedsim.config.fields import (  # noqa: F401  (known_keys is part of this mo
 )
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS_DIR",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "known_keys",
+    "list_presets",
+    "load_config",
+    "validate",
+]
+
+PRESETS_DIR = Path(__file__).with_name("presets")
+DEFAULT_PRESET = "quickstart"
+_KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")  # a dotted key in --set key.path=value
 
 
 def _expand_dotted(data: Mapping[Any, Any]) -> dict[Any, Any]:

@@ -19,14 +19,15 @@ def normalised_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     return [float(u.weight) / total for u in updates]
 
 
-def weighted_mean(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor:
-    """sum_k p_k * tensors_k[key], accumulated in float64 in the given (client-id) order, cast back."""
+def weighted_mean(updates: Sequence[ClientUpdate], key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sum_k p_k * tensors_k[key], accumulated in float64 in the given (client-id) order, cast back to the
+    tensors' dtype (or to ``dtype``, e.g. float64 for a method that keeps computing on the mean)."""
     weights = normalised_weights(updates)
     first = updates[0].tensors[key]
     acc = torch.zeros(first.shape, dtype=torch.float64)
     for p, u in zip(weights, updates, strict=True):
         acc += p * u.tensors[key].to(torch.float64)
-    return acc.to(first.dtype)
+    return acc.to(dtype or first.dtype)
 
 
 def mean_of_keys(global_state: AdapterState, updates: Sequence[ClientUpdate], keys: Sequence[str]) -> AdapterState:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.methods.aggregation import mean_of_keys, normalised_weights
+from fedsim.methods.aggregation import mean_of_keys, normalised_weights, weighted_mean
 from fedsim.methods.base import Method, ServerState, register_method
 from fedsim.methods.flexlora import truncated_factors
 from fedsim.model.keys import factor_of, layers_of, lora_key
@@ -51,13 +51,11 @@ class FedSVD(Method):
         server_state: ServerState,
     ) -> tuple[AdapterState, ServerState]:
         """New global state (see the class docstring); ValueError for an empty cohort."""
-        weights = normalised_weights(updates)
+        normalised_weights(updates)  # ValueError for an empty cohort, before any work
         new = mean_of_keys(global_state, updates, [k for k in plan.uploaded if factor_of(k) == "head"])
         for layer in layers_of(plan.uploaded):
             a_key, b_key = lora_key(layer, "A"), lora_key(layer, "B")
-            b_bar = torch.zeros(global_state[b_key].shape, dtype=torch.float64)
-            for p, u in zip(weights, updates, strict=True):
-                b_bar += p * u.tensors[b_key].to(torch.float64)
+            b_bar = weighted_mean(updates, b_key, dtype=torch.float64)
             if not torch.any(b_bar):  # no update: keep A (an SVD of 0 would give an arbitrary basis)
                 new[b_key] = b_bar.to(global_state[b_key].dtype)
                 continue

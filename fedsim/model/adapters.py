@@ -38,7 +38,7 @@ from fedsim.config.schema import LoraConfig
 from fedsim.errors import ConfigError
 from fedsim.model.keys import HEAD_PREFIX, factor_of, layer_of, lora_key, vera_key
 from fedsim.seeding import derive_seed
-from fedsim.types import AdapterState
+from fedsim.types import AdapterState, state_bytes
 
 __all__ = [
     "adapter_keys",
@@ -182,11 +182,6 @@ def set_trainable(model: PeftModel, keys: Iterable[str]) -> None:
     chosen = {id(p) for p in parameters_for(model, keys)}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
-
-
-def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Payload size of a state: sum of numel * element_size."""
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def export_peft(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir: Path) -> None:

@@ -13,8 +13,6 @@ that only use factor_of / layer_of (fedavg_lora, ffa_lora, fedsa_lora, rolora) w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 HEAD_PREFIX = "head."
 RESIDUAL_SUFFIX = ".base_residual"  # dense residual folded into a layer's frozen base weight (FedEx-LoRA, FLoRA)
 _FACTORS = {"lora_A": "A", "lora_B": "B", "vera_lambda_d": "A", "vera_lambda_b": "B"}
@@ -59,15 +57,6 @@ def vera_key(layer: str, factor: str) -> str:
     if factor not in _VERA_SUFFIX:
         raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
     return f"{layer}.{_VERA_SUFFIX[factor]}"
-
-
-def factor_key(layer: str, factor: str, keys: Iterable[str]) -> str | None:
-    """The key of ``factor`` of ``layer`` among ``keys`` (LoRA or VeRA spelling), or None if absent."""
-    keys = set(keys)
-    for key in (lora_key(layer, factor), vera_key(layer, factor)):
-        if key in keys:
-            return key
-    return None
 
 
 def layers_of(keys: list[str]) -> list[str]:

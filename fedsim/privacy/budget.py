@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.privacy.accounting import calibrate_noise
+from fedsim.privacy.dpsgd import poisson_rate
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def plan_client_privacy(cfg: Config, client_sizes: Sequence[int]) -> list[Client
     steps = planned_steps(cfg)
     out = []
     for n in client_sizes:
-        q = min(1.0, fe.batch_size / n)
+        q = poisson_rate(fe.batch_size, n)
         if pr.epsilon is None:
             sigma = float(pr.noise_multiplier or 0.0)
         else:

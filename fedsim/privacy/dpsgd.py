@@ -57,6 +57,19 @@ def make_dp_optimizer(
     )
 
 
+def poisson_rate(batch_size: int, n: int) -> float:
+    """THE per-step sampling rate of a client with ``n`` examples: q = min(1, batch_size / n) (0 if n == 0).
+
+    Sampling (trainer), calibration and accounting (privacy.budget) all use this one function, so the rate
+    a client is sampled at is the rate its epsilon is computed for."""
+    return min(1.0, batch_size / n) if n > 0 else 0.0
+
+
+def expected_batch_size(batch_size: int, n: int) -> int:
+    """q * n = min(batch_size, n): the denominator of the DP-SGD average (batch_size for an empty shard)."""
+    return min(batch_size, n) if n > 0 else batch_size
+
+
 def poisson_indices(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
     """Indices in ``[0, n)`` kept independently with probability ``sample_rate`` (sorted, int64, may be empty)."""
     if not 0.0 <= sample_rate <= 1.0:

@@ -12,10 +12,9 @@ from typing import Any
 from fedsim.config.schema import Config
 from fedsim.methods.base import make_method
 from fedsim.metrics.similarity import similarity_rows
-from fedsim.model.adapters import state_bytes
 from fedsim.privacy.client_level import dp_fedavg_aggregate
 from fedsim.seeding import torch_generator
-from fedsim.types import AdapterState, ClientUpdate, RoundPlan
+from fedsim.types import AdapterState, ClientUpdate, RoundPlan, state_bytes
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from fedsim.config.schema import LoraConfig, ModelConfig
 from fedsim.errors import ConfigError
 from fedsim.model.adapters import adapter_keys, attach_adapter, export_peft, get_state, set_state
 from fedsim.model.build import build_base_model, build_tokenizer
-from fedsim.model.keys import factor_key, factor_of, layer_of, layers_of, vera_key
+from fedsim.model.keys import factor_of, layer_of, layers_of, vera_key
 
 TEXTS = [f"the {w} sat on mat {i} and the dog barked" for i, w in enumerate(["cat", "cow", "pig", "hen", "owl"])]
 BERT_LAYERS = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
@@ -41,7 +41,7 @@ def test_keys_are_the_lambda_vectors_with_factors():
     for layer in BERT_LAYERS:
         assert factor_of(f"{layer}.vera_lambda_d") == "A" and factor_of(f"{layer}.vera_lambda_b") == "B"
         assert layer_of(f"{layer}.vera_lambda_d") == layer == layer_of(f"{layer}.vera_lambda_b")
-        assert factor_key(layer, "A", keys) == vera_key(layer, "A") == f"{layer}.vera_lambda_d"
+        assert vera_key(layer, "A") == f"{layer}.vera_lambda_d" in keys
     assert layers_of(keys) == sorted(BERT_LAYERS)
     state = get_state(model)
     hidden = model.config.hidden_size

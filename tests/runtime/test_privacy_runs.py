@@ -9,6 +9,7 @@ import pytest
 
 from fedsim.config.load import load_config
 from fedsim.errors import ConfigError
+from fedsim.privacy.dpsgd import poisson_rate
 from fedsim.simulation import run_simulation
 
 
@@ -36,6 +37,9 @@ def test_calibrated_full_participation_spends_just_under_the_target(tmp_path):
     assert summary["steps_basis"] == "full"
     assert all(c["noise_multiplier"] > 0 and 0 < c["sample_rate"] <= 1 for c in clients)
     assert all(c["steps"] == 3 and c["epsilon"] <= 3.0 for c in clients)
+    # the rate each client is accounted at is the rate the trainer samples at (one definition: poisson_rate)
+    batch = 16
+    assert all(c["sample_rate"] == poisson_rate(batch, c["examples"]) for c in clients)
     # clients of equal size got the same sigma; epsilon after round t is the same for same-size clients
     by_rate = {}
     for c in clients:
