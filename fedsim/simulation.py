@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -101,6 +102,9 @@ def run_simulation(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
+    caveats = method_cls.privacy_caveats(cfg)  # opt-ins that make uploads depend on more than DP-SGD output
+    for caveat in caveats:
+        print(f"WARNING (privacy): {caveat}", file=sys.stderr)
 
     # 3. Server + workers.
     from fedsim.runtime.backend import RunSetup, make_backend
@@ -181,6 +185,8 @@ def run_simulation(
         "best_eval_accuracy": best_acc,
         "final_personal_accuracy": last_eval.get("personal_accuracy"),
         **privacy.summary(),
+        "privacy_caveats": caveats,
+        "epsilon_covers_uploads": not caveats,
         "failed_client_rounds": sum(r["failed_clients"] for r in tables.rounds),
         "bytes_up": totals["bytes_up"],
         "bytes_down": totals["bytes_down"],

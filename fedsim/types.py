@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -71,6 +71,16 @@ class SignalContext:
     lr: float
     batch_size: float  # expected batch size of the last step
     noise_std: float  # per-coordinate std of the DP noise in the averaged gradient (sigma * C / batch); 0 without DP
+    #: the trained tensors' gradients of the step BEFORE the last one (privatised under DP); empty if < 2 steps
+    prev_grads: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: parameter displacement between the points where ``prev_grads`` and the last gradients were taken
+    #: (theta_{T-1} - theta_{T-2}; for SGD exactly ``-lr * prev_grads``); empty if < 2 steps
+    prev_step: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    #: ``plain_sgd``: ``prev_step == -lr * prev_grads`` (SGD without momentum or weight decay)
+    plain_sgd: bool = True
+    #: RAW minibatch loss at (current trainable tensors + offsets), on the client's last non-empty batch. NOT covered
+    #: by the DP accountant: given only to methods whose ``needs_raw_loss(round)`` is true (a documented opt-in).
+    raw_loss: Callable[[Mapping[str, torch.Tensor]], float] | None = None
 
 
 @dataclass(frozen=True)

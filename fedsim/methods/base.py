@@ -89,6 +89,17 @@ class Method(ABC):
         Default: none."""
         return {}
 
+    def needs_raw_loss(self, round: int) -> bool:
+        """Whether ``client_signal`` in ``round`` needs ``context.raw_loss`` (raw-data losses, OUTSIDE the DP
+        guarantee). Default: never. A method returning True must list the caveat in :meth:`privacy_caveats`."""
+        return False
+
+    @classmethod
+    def privacy_caveats(cls, cfg: Config) -> list[str]:
+        """Ways in which ``cfg`` makes uploads depend on more than DP-SGD output (printed as warnings at the start
+        of a run and recorded in summary.json). Default: none."""
+        return []
+
     def aggregate(
         self,
         global_state: AdapterState,

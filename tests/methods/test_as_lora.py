@@ -298,7 +298,7 @@ def test_server_state_is_plain_json_and_round_trips():
 
 
 def test_config_errors_name_the_keys():
-    with pytest.raises(ConfigError, match="method.reference_curvature"):
+    with pytest.raises(ConfigError, match="method.reference_curvature: true needs method.curvature: true"):
         _method(reference_curvature=True)
     with pytest.raises(ConfigError) as err:
         _method(ema_beta=1.0, temperature_min=0.0)
@@ -315,3 +315,81 @@ def test_vera_vectors_are_chosen_and_scored_like_factors():
     ctx = SignalContext(round=1, client_id=0, lr=0.1, batch_size=4.0, noise_std=0.0)
     signals = m.client_signal(plan, grads, ctx)
     assert {k: v for k, v in signals.items() if k.endswith(":score")} == {f"{layer}:score": 20.0 for layer in LAYERS}
+
+
+def _curvature_case(m: ASLoRA, hess: float, lr: float = 0.1, noise_std: float = 0.0, plain_sgd: bool = True):
+    """One layer training B in round 20 (inside the window); a quadratic loss with Hessian ``hess * I``:
+    g_T = g_{T-1} + hess * s with s = -lr * g_{T-1} (SGD)."""
+    plan = RoundPlan(round=20, roles={"l.lora_A": Role.FROZEN, "l.lora_B": Role.SHARED})
+    g_prev = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    step = -lr * g_prev
+    g_last = g_prev + hess * step
+    ctx = SignalContext(
+        round=20,
+        client_id=0,
+        lr=lr,
+        batch_size=8.0,
+        noise_std=noise_std,
+        prev_grads={"l.lora_B": g_prev},
+        prev_step={"l.lora_B": step},
+        plain_sgd=plain_sgd,
+    )
+    return m.client_signal(plan, {"l.lora_B": g_last}, ctx), g_last, step
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_privatised_curvature_is_exact_on_a_quadratic(projection):
+    m = _method(projection=projection, projection_dim=16, curvature=True, curvature_window=10)
+    sig, g_last, _ = _curvature_case(m, hess=3.0)
+    assert sig["l:kappa"] == pytest.approx(3.0, rel=1e-5)  # isotropic Hessian: exact even after projection
+    e = m.energy(g_last, 0, "B", 0.0)
+    assert sig["l:score"] == pytest.approx(e * (1 - 0.5 * 0.1 * 3.0), rel=1e-5)
+
+
+def test_privatised_curvature_subtracts_the_expected_noise_term_for_sgd_only():
+    m = _method(projection=False, curvature=True, curvature_window=10)
+    sig, g_last, step = _curvature_case(m, hess=3.0, noise_std=0.05)
+    want = 3.0 - 0.1 * g_last.numel() * 0.05**2 / float(step.double().pow(2).sum())
+    assert sig["l:kappa"] == pytest.approx(want, rel=1e-5)
+    other, _, _ = _curvature_case(m, hess=3.0, noise_std=0.05, plain_sgd=False)
+    assert other["l:kappa"] == pytest.approx(3.0, rel=1e-5)
+
+
+def test_curvature_only_in_the_window_and_zero_without_two_steps():
+    m = _method(projection=False, curvature=True, curvature_window=10)
+    plan = RoundPlan(round=5, roles={"l.lora_A": Role.FROZEN, "l.lora_B": Role.SHARED})
+    g = torch.ones(6, 4)
+    ctx = SignalContext(
+        round=5,
+        client_id=0,
+        lr=0.1,
+        batch_size=8.0,
+        noise_std=0.0,
+        prev_grads={"l.lora_B": g},
+        prev_step={"l.lora_B": -0.1 * g},
+    )
+    assert m.client_signal(plan, {"l.lora_B": 2 * g}, ctx)["l:kappa"] == 0.0  # round 5 is outside 11..20
+    late = RoundPlan(round=20, roles=plan.roles)
+    assert m.client_signal(late, {"l.lora_B": 2 * g}, _ctx(round=20))["l:kappa"] == 0.0  # one local step
+    assert not m.needs_raw_loss(20)
+
+
+def test_reference_curvature_is_the_raw_loss_second_difference_and_is_flagged():
+    m = _method(projection=False, curvature=True, curvature_window=10, reference_curvature=True)
+    assert m.needs_raw_loss(20) and not m.needs_raw_loss(10)
+    (caveat,) = ASLoRA.privacy_caveats(m.config)
+    assert "epsilon does NOT cover" in caveat
+    assert ASLoRA.privacy_caveats(_method().config) == []
+    center = torch.randn(6, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    hess = torch.linspace(0.5, 4.0, 24, dtype=torch.float64).reshape(6, 4)  # diagonal Hessian
+
+    def raw_loss(offsets):  # 0.5 * sum(hess * (theta - c)^2) at theta = offsets["l.lora_B"]
+        theta = offsets.get("l.lora_B", torch.zeros(6, 4, dtype=torch.float64)).double()
+        return float(0.5 * (hess * (theta - center) ** 2).sum())
+
+    plan = RoundPlan(round=20, roles={"l.lora_A": Role.FROZEN, "l.lora_B": Role.SHARED})
+    grad = -(hess * center)  # the gradient at theta = 0
+    ctx = SignalContext(round=20, client_id=0, lr=0.1, batch_size=8.0, noise_std=0.0, raw_loss=raw_loss)
+    sig = m.client_signal(plan, {"l.lora_B": grad.float()}, ctx)
+    u = grad / grad.norm()
+    assert sig["l:kappa"] == pytest.approx(float((hess * u * u).sum()), rel=1e-3)  # u^T H u
