@@ -58,8 +58,8 @@ VERA_METHODS = ("fedavg_lora", "ffa_lora", "fedsa_lora", "rolora", "as_lora")
 
 
 def _vera_problems(cfg: Config) -> list[str]:
-    """lora.variant vera: only methods in VERA_METHODS, and no sample-level DP (Opacus has no per-example
-    gradients for VeRA's lambda vectors: they live in ParameterDicts whose forward is never called)."""
+    """lora.variant vera: only methods in VERA_METHODS. (Sample-level DP works: the lambdas' per-example gradients
+    come from ``fedsim.privacy.vera_grad_sampler``, exact with dropout too.)"""
     if cfg.lora.variant != "vera":
         return []
     out: list[str] = []
@@ -68,12 +68,6 @@ def _vera_problems(cfg: Config) -> list[str]:
             f"lora.variant: vera does not work with method.name {cfg.method.name} (it needs full LoRA A and B "
             f"matrices; VeRA trains only the vectors lambda_d and lambda_b); use lora.variant lora or rslora, or one "
             f"of the methods {', '.join(VERA_METHODS)}"
-        )
-    if cfg.privacy.mode == "sample":
-        out.append(
-            "lora.variant: vera does not work with privacy.mode sample (Opacus computes no per-example gradients "
-            "for VeRA's lambda vectors); use lora.variant lora or rslora for sample-level DP, or privacy.mode "
-            "none or client with vera"
         )
     return out
 

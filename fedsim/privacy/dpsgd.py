@@ -3,6 +3,7 @@
 No accounting here (see ``fedsim.privacy.accounting``). The model is wrapped ONCE per worker; which tensors are
 trained (and clipped) is decided per client by ``requires_grad`` and by the optimizer's parameter list:
 clipping is over the optimizer's parameters only.
+VeRA layers (``lora.variant: vera``) are served by :mod:`fedsim.privacy.vera_grad_sampler`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,20 @@ from __future__ import annotations
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.utils.module_utils import requires_grad
+from opacus.utils.module_utils import requires_grad, trainable_parameters
+
+from fedsim.privacy.vera_grad_sampler import (
+    check_vera_layer,
+    install_input_capture,
+    is_vera_layer,
+    pop_captured_input,
+    vera_trains,
+)
+
+
+def _trains(module: torch.nn.Module) -> bool:
+    """Whether a hooked module has per-example gradients to compute now (a VeRA layer: any of its lambdas)."""
+    return vera_trains(module) if is_vera_layer(module) else requires_grad(module)
 
 
 class _FrozenAwareGradSampleModule(GradSampleModule):
@@ -20,10 +34,38 @@ class _FrozenAwareGradSampleModule(GradSampleModule):
     (e.g. FFA-LoRA freezes every ``lora_A``), its forward hook stores no activations but its backward hook still
     fires whenever its output needs a gradient (any layer above a trainable one) and would fail. Skipping it
     is exact: a frozen module has no per-example gradients to compute.
+
+    VeRA layers: Opacus hooks only modules that hold a trainable parameter directly, which for VeRA are the
+    ParameterDicts of the lambdas (never called). Instead each VeRA layer is hooked as a whole (its children are
+    not), its activation is the captured dropout output and its registered grad sampler computes the lambdas'
+    per-example gradients (:mod:`fedsim.privacy.vera_grad_sampler`).
     """
 
+    def iterate_submodules(self, module):  # noqa: D102
+        if is_vera_layer(module):
+            check_vera_layer(module)
+            if vera_trains(module):
+                yield module
+            return
+        yield from super().iterate_submodules(module)
+
+    def capture_activations_hook(self, module, forward_input, _forward_output):  # noqa: D102
+        if not is_vera_layer(module):
+            super().capture_activations_hook(module, forward_input, _forward_output)
+            return
+        captured = pop_captured_input(module)  # always taken, so no activation outlives its forward
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled() and vera_trains(module)):
+            return
+        if captured is None:
+            raise RuntimeError("VeRA layer ran without its dropout module; per-example gradients need its output")
+        if not hasattr(module, "activations"):
+            module.activations = []
+        module.activations.append([captured])
+        for _, p in trainable_parameters(module):
+            p._forward_counter += 1
+
     def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):  # noqa: D102
-        if not requires_grad(module):
+        if not _trains(module):
             return
         super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
 
@@ -32,9 +74,12 @@ def wrap_for_dp(model: torch.nn.Module) -> GradSampleModule:
     """Attach Opacus per-example gradient hooks (``hooks`` mode, batch-first, mean loss reduction).
 
     Call once, while every tensor that may ever be trained requires grad: hooks exist only for those modules.
-    Raises NotImplementedError (from Opacus) if a trainable module has buffers.
+    Raises NotImplementedError (from Opacus) if a trainable module has buffers, or if a VeRA layer has a trainable
+    base layer or a merged adapter.
     """
-    return _FrozenAwareGradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    gsm = _FrozenAwareGradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    gsm.autograd_grad_sample_hooks.extend(install_input_capture(model))  # removed with Opacus' own hooks
+    return gsm
 
 
 def make_dp_optimizer(
@@ -104,3 +149,4 @@ def clear_dp_buffers(model: torch.nn.Module) -> None:
             m.activations = []
         if hasattr(m, "max_batch_len"):
             del m.max_batch_len
+        pop_captured_input(m)

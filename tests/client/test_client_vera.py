@@ -52,3 +52,42 @@ def test_training_both_vectors_moves_both():
     after = get_state(model)
     assert all(not torch.equal(after[k], before[k]) for k in ab)
     assert all(torch.equal(after[k], before[k]) for k in before if factor_of(k) == "head")
+
+
+DP = PrivacyConfig(mode="sample", noise_multiplier=1.0, clip=1.0)
+
+
+def test_dp_ffa_style_training_leaves_lambda_d_bit_identical():
+    model, ids, mask, labels = _setup()
+    trainer = LocalTrainer(model, FederationConfig(local_steps=3, batch_size=4, lr=0.5), DP, seed=0)
+    keys = adapter_keys(model)
+    b_keys = [k for k in keys if factor_of(k) == "B"]
+    before = get_state(model)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    out = trainer.train(b_keys, ids, mask, labels, round=1, client_id=0)
+    after = get_state(model)
+    assert out.steps == 3
+    for k in keys:
+        assert torch.equal(after[k], before[k]) is (k not in b_keys), k
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert set(trainer.last_grads) == set(b_keys)
+
+
+def test_dp_training_of_both_vectors_is_seeded_and_one_wrap_serves_other_key_sets():
+    def run(seed):
+        model, ids, mask, labels = _setup()
+        trainer = LocalTrainer(model, FederationConfig(local_steps=2, batch_size=4, lr=0.5), DP, seed=seed)
+        keys = adapter_keys(model)
+        set_state(model, {k: torch.ones_like(v) for k, v in get_state(model).items() if factor_of(k) == "B"})
+        start = get_state(model)
+        trainer.train([k for k in keys if factor_of(k) in ("A", "B")], ids, mask, labels, round=1, client_id=0)
+        first = get_state(model)
+        trainer.train([k for k in keys if factor_of(k) == "A"], ids, mask, labels, round=1, client_id=1)  # FedSA-ish
+        return start, first, get_state(model)
+
+    start, first, second = run(0)
+    assert all(not torch.equal(first[k], start[k]) for k in start if factor_of(k) in ("A", "B"))
+    for k in start:  # second client: only lambda_d moves
+        assert torch.equal(second[k], first[k]) is (factor_of(k) != "A"), k
+    again = run(0)
+    assert all(torch.equal(again[2][k], second[k]) for k in second)  # same seeds -> same noise, same batches

@@ -7,6 +7,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
+from fedsim.config.checks import VERA_METHODS
 from fedsim.config.load import load_config
 from fedsim.methods.base import available_methods
 from fedsim.simulation import run_simulation
@@ -46,8 +47,18 @@ def test_method_runs_on_ray(tmp_path, ray_cluster, method, privacy):
     _check(tmp_path / "run", method, cfg.federation.rounds)
 
 
-@pytest.mark.parametrize("method", ["fedavg_lora", "ffa_lora", "fedsa_lora", "rolora", "as_lora"])
-def test_vera_variant_runs_on_the_local_backend(tmp_path, method):
-    cfg, _ = load_config("tiny", ["runtime.backend=local", f"method.name={method}", "lora.variant=vera"])
+@pytest.mark.parametrize("privacy", sorted(PRIVACY))
+@pytest.mark.parametrize("method", VERA_METHODS)
+def test_vera_variant_runs_on_the_local_backend(tmp_path, method, privacy):
+    overrides = ["runtime.backend=local", f"method.name={method}", "lora.variant=vera", *PRIVACY[privacy]]
+    cfg, _ = load_config("tiny", overrides)
     run_simulation(cfg, tmp_path / "run", progress=False)
     _check(tmp_path / "run", method, cfg.federation.rounds)
+
+
+@pytest.mark.ray
+def test_vera_variant_with_sample_dp_runs_on_ray(tmp_path, ray_cluster):
+    overrides = ["runtime.backend=ray", "runtime.workers=2", "method.name=ffa_lora", "lora.variant=vera"]
+    cfg, _ = load_config("tiny", [*overrides, *PRIVACY["dp"]])
+    run_simulation(cfg, tmp_path / "run", progress=False)
+    _check(tmp_path / "run", "ffa_lora", cfg.federation.rounds)
