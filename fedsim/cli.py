@@ -1,4 +1,4 @@
-"""The ``fedsim`` command line: ``run``, ``presets``, ``validate``.
+"""The ``fedsim`` command line: ``run``, ``sweep``, ``report``, ``presets``, ``validate``.
 
 ``main`` returns the exit status: 0 on success, 2 for any :class:`~fedsim.errors.UserError`
 (printed to stderr as ``error: ...``; a ConfigError as a bulleted list of every problem) and
@@ -54,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a simulation", description="Run a simulation from a preset or YAML file.")
     _add_config_args(run, optional=True)
     run.add_argument("--out", metavar="DIR", help="output folder [default: runs/<label>-<YYYYmmdd-HHMMSS>]")
+    sw = sub.add_parser(
+        "sweep",
+        help="run every cell of a sweep file (resumable)",
+        description="Run a grid of configs; finished cells are skipped, so rerunning the command resumes.",
+    )
+    sw.add_argument("sweep_file", metavar="SWEEP.yaml", help="the sweep file (base config, grid, rules)")
+    sw.add_argument("--out", metavar="DIR", help="sweep folder [default: runs/sweeps/<sweep name>]")
+    sw.add_argument("--parallel", metavar="N|auto", help="cells at once (default: the sweep file's parallel, or 1)")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
+    rep = sub.add_parser(
+        "report",
+        help="Markdown + PNG report over runs and sweeps",
+        description="Write report.md and plots for run folders and/or sweep folders.",
+    )
+    rep.add_argument("inputs", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run folders or sweep folders")
+    rep.add_argument("--out", metavar="DIR", help="report folder [default: the single input, or runs/report]")
+    rep.add_argument("--machine", metavar="TEXT", help="how to name the machine in the report [default: this one]")
     sub.add_parser("presets", help="list the shipped presets", description="List the shipped presets.")
     val = sub.add_parser(
         "validate", help="check a config and print it resolved", description="Check a config; print it resolved."
@@ -102,6 +119,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.sweep.runner import is_complete, run_sweep
+    from fedsim.sweep.spec import load_sweep
+
+    spec = load_sweep(args.sweep_file)  # every config problem, before anything runs
+    out = Path(args.out) if args.out else Path("runs") / "sweeps" / spec.name
+    if args.dry_run:
+        for cell in spec.cells:
+            print(f"{'done' if is_complete(out, cell) else 'todo'}  {cell.cell_id}")
+        return 0
+    parallel: int | str | None = None
+    if args.parallel is not None:
+        if args.parallel != "auto" and not (args.parallel.isdigit() and int(args.parallel) >= 1):
+            raise UserError(f"--parallel: expected an integer >= 1 or auto, got {args.parallel!r}")
+        parallel = args.parallel if args.parallel == "auto" else int(args.parallel)
+    rows = run_sweep(spec, out, parallel=parallel)
+    return 0 if all(r["status"] == "complete" for r in rows) else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedsim.report.build import make_report
+
+    inputs = [Path(p) for p in args.inputs]
+    out = Path(args.out) if args.out else (inputs[0] if len(inputs) == 1 else Path("runs") / "report")
+    path = make_report(inputs, out, machine=args.machine)
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     presets = list_presets()
     width = max((len(name) for name, _ in presets), default=0)
@@ -129,7 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help / --version (0) and usage errors (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    commands = {"run": _cmd_run, "presets": _cmd_presets, "validate": _cmd_validate}
+    commands = {
+        "run": _cmd_run,
+        "sweep": _cmd_sweep,
+        "report": _cmd_report,
+        "presets": _cmd_presets,
+        "validate": _cmd_validate,
+    }
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
