@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import UserError
-from fedsim.report.groups import group_records, slug
+from fedsim.report.groups import group_records, per_setting_keys, slug
 from fedsim.report.plots import Plot, accuracy_plots, bytes_plots, epsilon_plots
 from fedsim.report.plots_adapters import choice_plots, similarity_plots
 from fedsim.report.records import COMPLETE, load_records, read_run_table
@@ -98,6 +98,10 @@ def render(
     if extra_keys:
         lines += ["", "Settings that differ between runs besides the seed (extra columns): "]
         lines[-1] += ", ".join(f"`{k}`" for k in extra_keys) + "."
+        tuned = per_setting_keys(done, extra_keys)
+        if tuned:
+            lines[-1] += " Of these, " + ", ".join(f"`{k}`" for k in tuned) + " take one value per (task, partition, "
+            lines[-1] += "privacy, method), e.g. learning rates tuned per method: they do not split the figures."
     for section, heading in SECTIONS:
         entries = [p for p in plots if p.section == section]
         if not entries:

@@ -64,6 +64,9 @@ class Group:
     noise_multiplier: float | None
     method: str
     runs: tuple[dict[str, Any], ...]
+    #: varying keys constant within each (task, partition, privacy, method), e.g. learning rates tuned per method:
+    #: shown as columns, but they do not split figures (methods with different tuned lr share a plot)
+    tuned: tuple[tuple[str, str], ...] = ()
 
     @property
     def privacy(self) -> str:
@@ -91,6 +94,24 @@ def varying_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _core(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["task"], r["partition"], r["privacy_mode"], r["epsilon_target"], r.get("noise_multiplier"), r["method"])
+
+
+def per_setting_keys(records: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """The ``keys`` with one value within every (task, partition, privacy, method): settings chosen per method and
+    privacy level (tuned learning rates), not separate experimental conditions."""
+    out = []
+    for k in keys:
+        seen: dict[tuple[Any, ...], str] = {}
+        if all(
+            seen.setdefault(_core(r), show_value(r["settings"].get(k))) == show_value(r["settings"].get(k))
+            for r in records
+        ):
+            out.append(k)
+    return out
+
+
 def group_records(records: Sequence[dict[str, Any]]) -> tuple[list[Group], list[str]]:
     """Group complete records by setting; returns (groups in report order, the extra keys).
 
@@ -98,9 +119,11 @@ def group_records(records: Sequence[dict[str, Any]]) -> tuple[list[Group], list[
     """
     done = [r for r in records if r["status"] == "complete"]
     extra_keys = varying_keys(done)
+    tuned_keys = per_setting_keys(done, extra_keys)
     buckets: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in done:
-        extras = tuple((k, show_value(r["settings"].get(k))) for k in extra_keys)
+        extras = tuple((k, show_value(r["settings"].get(k))) for k in extra_keys if k not in tuned_keys)
+        tuned = tuple((k, show_value(r["settings"].get(k))) for k in tuned_keys)
         key = (
             r["task"],
             r["partition"],
@@ -109,10 +132,12 @@ def group_records(records: Sequence[dict[str, Any]]) -> tuple[list[Group], list[
             r["epsilon_target"],
             r.get("noise_multiplier"),
             r["method"],
+            tuned,
         )
         buckets.setdefault(key, []).append(r)
     groups = [
-        Group(*key, runs=tuple(sorted(runs, key=lambda r: (r["seed"], r["path"])))) for key, runs in buckets.items()
+        Group(*key[:-1], runs=tuple(sorted(runs, key=lambda r: (r["seed"], r["path"]))), tuned=key[-1])
+        for key, runs in buckets.items()
     ]
     return sorted(groups, key=Group.sort_key), extra_keys
 

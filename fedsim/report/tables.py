@@ -100,7 +100,7 @@ def results_table(groups: Sequence[Group], extra_keys: Sequence[str]) -> str:
             [
                 g.task,
                 g.partition,
-                *(v for _, v in g.extras),
+                *(dict(g.extras + g.tuned)[k] for k in extra_keys),
                 g.privacy,
                 g.method,
                 s.n,

@@ -259,3 +259,23 @@ def test_report_over_real_runs(tmp_path: Path) -> None:
     assert {link.split("__")[0] for link in links} == {"accuracy", "bytes", "similarity", "choices"}
     for link in links:
         assert_png(out / link)
+
+
+def test_per_method_settings_do_not_split_figures():
+    from fedsim.report.groups import group_records
+
+    def rec(method: str, seed: int, lr: float, r: int = 8) -> dict:
+        settings = {"federation.lr": lr, "lora.r": r}
+        return {"status": "complete", "task": "t", "partition": "iid", "privacy_mode": "none",
+                "epsilon_target": None, "noise_multiplier": None, "method": method, "seed": seed,
+                "path": f"{method}-{seed}-{r}", "settings": settings}  # fmt: skip
+
+    tuned = [rec("a", s, 0.5) for s in (0, 1)] + [rec("b", s, 2.0) for s in (0, 1)]
+    groups, extra = group_records(tuned)
+    assert extra == ["federation.lr"] and len(groups) == 2
+    assert {g.panel_key for g in groups} == {("t", "iid", ())}  # one figure for both methods
+    assert {g.tuned for g in groups} == {(("federation.lr", "0.5"),), (("federation.lr", "2"),)}
+    swept = tuned + [rec("a", s, 0.5, r=4) for s in (0, 1)]  # lora.r varies within method a: a real condition
+    groups, extra = group_records(swept)
+    assert extra == ["federation.lr", "lora.r"]
+    assert {g.panel_key for g in groups} == {("t", "iid", (("lora.r", "4"),)), ("t", "iid", (("lora.r", "8"),))}
