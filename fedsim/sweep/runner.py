@@ -22,10 +22,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
+from fedsim.config.load import config_from_dict
+from fedsim.config.schema import Config
 from fedsim.errors import UserError
 from fedsim.report.records import run_record
-from fedsim.sweep.spec import Cell, SweepSpec, cell_config_text
+from fedsim.sweep.spec import Cell, SweepSpec
 
 SWEEP_FILE = "sweep.parquet"
 CELLS_DIR = "cells"
@@ -41,13 +44,19 @@ def is_complete(out: Path, cell: Cell) -> bool:
     return (d / "summary.json").is_file() and (d / "config.yaml").is_file()
 
 
+def _same_config(path: Path, cfg: Config) -> bool:
+    """Whether the run's config.yaml means ``cfg`` (compared as configs: keys added to fedsim later, with their
+    defaults, do not make a finished cell stale)."""
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}) == cfg
+    except (UserError, yaml.YAMLError, OSError):
+        return False
+
+
 def stale_cells(out: Path, cells: Sequence[Cell]) -> list[str]:
     """Complete cells whose config.yaml differs from the sweep's config for them."""
     return [
-        c.cell_id
-        for c in cells
-        if is_complete(out, c)
-        and (cell_dir(out, c) / "config.yaml").read_text(encoding="utf-8") != cell_config_text(c.config)
+        c.cell_id for c in cells if is_complete(out, c) and not _same_config(cell_dir(out, c) / "config.yaml", c.config)
     ]
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from fedsim.config.load import _resolve_source, config_from_dict, config_to_dict
+from fedsim.config.load import _resolve_source, config_from_dict
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 
@@ -212,11 +212,6 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(["grid: two cells get the same id; give the named-axis values distinct labels"])
     name = str(raw.get("name") or path.stem)
     return SweepSpec(name=name, path=path, cells=tuple(cells), parallel=parallel, axes=tuple(axes))
-
-
-def cell_config_text(cfg: Config) -> str:
-    """The YAML a cell's run folder holds as config.yaml (used to tell a finished cell from a stale one)."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 def describe(cells: Sequence[Cell]) -> str:
