@@ -1,4 +1,4 @@
-"""The ``fedsim`` command line: ``run``, ``sweep``, ``report``, ``presets``, ``validate``.
+"""The ``fedsim`` command line: ``run``, ``resume``, ``sweep``, ``report``, ``presets``, ``validate``.
 
 ``main`` returns the exit status: 0 on success, 2 for any :class:`~fedsim.errors.UserError`
 (printed to stderr as ``error: ...``; a ConfigError as a bulleted list of every problem) and
@@ -8,6 +8,7 @@ for bad command-line arguments. Other exceptions are not caught: they are bugs.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a simulation", description="Run a simulation from a preset or YAML file.")
     _add_config_args(run, optional=True)
     run.add_argument("--out", metavar="DIR", help="output folder [default: runs/<label>-<YYYYmmdd-HHMMSS>]")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder given with --out")
+    res = sub.add_parser(
+        "resume",
+        help="continue a stopped run from its newest checkpoint",
+        description="Continue a killed or stopped run in RUN_DIR from its newest checkpoint (same results).",
+    )
+    res.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holds config.yaml and checkpoints/)")
     sw = sub.add_parser(
         "sweep",
         help="run every cell of a sweep file (resumable)",
@@ -79,11 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _out_dir(out: str | None, label: str) -> Path:
-    """The run folder; raise UserError if it exists and is not an empty folder (nothing is written)."""
+def _out_dir(out: str | None, label: str, overwrite: bool = False) -> Path:
+    """The run folder; raise UserError if it exists and is not an empty folder (nothing is written), unless
+    ``overwrite`` and it is a run folder (holds config.yaml), which is then emptied."""
     path = Path(out) if out else Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if overwrite and path.is_dir() and (path / "config.yaml").is_file():
+            shutil.rmtree(path)
+            return path
         what = "is a file" if not path.is_dir() else "exists and is not empty"
+        if path.is_dir() and (path / "config.yaml").is_file():
+            state = "a finished run" if (path / "summary.json").is_file() else "a stopped run"
+            hint = "" if (path / "summary.json").is_file() else f", `fedsim resume {path}` to continue it"
+            raise UserError(
+                f"output folder {path} holds {state}; refusing to overwrite; choose another --out, pass "
+                f"--overwrite to replace it{hint}"
+            )
         raise UserError(f"output folder {path} {what}; refusing to overwrite; choose another --out or delete it")
     return path
 
@@ -105,7 +124,7 @@ def _print_summary(summary: Mapping[str, Any], out_dir: Path) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg, label = load_config(args.config, args.overrides)
-    out_dir = _out_dir(args.out, label)
+    out_dir = _out_dir(args.out, label, args.overwrite)
     from fedsim.simulation import run_simulation  # heavy imports only when a run starts
 
     fe = cfg.federation
@@ -116,6 +135,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     summary = run_simulation(cfg, out_dir, label=label)
     _print_summary(summary or {}, out_dir)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no config.yaml); give the --out folder of a `fedsim run`")
+    if (run_dir / "summary.json").is_file():
+        raise UserError(f"{run_dir}: the run is already complete (summary.json exists); nothing to resume")
+    cfg, _ = load_config(str(run_dir / "config.yaml"))
+    from fedsim.server.checkpoint import latest_checkpoint_dir
+    from fedsim.simulation import run_simulation
+
+    found = latest_checkpoint_dir(run_dir)
+    print(f"fedsim resume {run_dir}: from {found.name if found else 'the start (no checkpoint)'}")
+    summary = run_simulation(cfg, run_dir, label=run_dir.name, resume=True)
+    _print_summary(summary or {}, run_dir)
     return 0
 
 
@@ -177,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     commands = {
         "run": _cmd_run,
+        "resume": _cmd_resume,
         "sweep": _cmd_sweep,
         "report": _cmd_report,
         "presets": _cmd_presets,

@@ -18,3 +18,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """The data source cannot be read or does not fit the config (names the key and the fix)."""
+
+
+class RunStopped(UserError):
+    """A run stopped on purpose (e.g. too many failed clients); it can be continued with ``fedsim resume``."""

@@ -7,6 +7,7 @@ config -> data -> base model + initial adapter -> backend (server + workers)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ from fedsim.config.load import dump_config
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData, build_federated_data
 from fedsim.data.sources import load_source
+from fedsim.errors import RunStopped
 from fedsim.methods.base import get_method
 from fedsim.metrics.console import RoundProgress
 from fedsim.metrics.similarity import similarity_rows
@@ -29,6 +31,7 @@ from fedsim.model.adapters import attach_adapter, get_state
 from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
 from fedsim.model.export import export_adapter
 from fedsim.privacy.tracker import PrivacyTracker
+from fedsim.server.checkpoint import latest_checkpoint_dir, read_checkpoint, write_checkpoint
 from fedsim.server.cohort import sample_cohort
 from fedsim.types import ClientResult, ClientTask, EvalResult, EvalTask
 
@@ -76,12 +79,16 @@ def run_simulation(
     label: str = "run",
     progress: bool = True,
     inspect: Callable[[Backend], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run one simulation into ``out_dir``; returns the summary dict (also written to summary.json).
 
-    ``inspect`` (for tests and tools) is called with the live backend after the last round.
+    ``resume``: continue the run in ``out_dir`` from its newest checkpoint (``cfg`` must be its config.yaml);
+    the result equals an uninterrupted run's. ``inspect`` (for tests and tools) is called with the live backend
+    after the last round.
 
-    Raises UserError (ConfigError / DataError) for bad input before any training or any file is written.
+    Raises UserError (ConfigError / DataError) for bad input before any training or any file is written, and
+    RunStopped when more than ``runtime.max_failed_fraction`` of a cohort fails (resumable).
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -101,7 +108,8 @@ def run_simulation(
     initial_state = get_state(adapted)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
+    if not resume:
+        dump_config(cfg, out_dir / "config.yaml")
     caveats = method_cls.privacy_caveats(cfg)  # opt-ins that make uploads depend on more than DP-SGD output
     for caveat in caveats:
         print(f"WARNING (privacy): {caveat}", file=sys.stderr)
@@ -111,19 +119,45 @@ def run_simulation(
 
     backend = make_backend(RunSetup(cfg, blueprint, data, initial_state, privacy.server_sigma))
     tables = MetricTables(out_dir)
-    fed = cfg.federation
-    tasks_eval = eval_tasks(data, cfg.runtime.eval_batch_size, method_cls.personal)
+    fed, rt = cfg.federation, cfg.runtime
+    tasks_eval = eval_tasks(data, rt.eval_batch_size, method_cls.personal)
     totals = {"bytes_up": 0, "bytes_down": 0}
     best_acc: float | None = None
     last_eval: dict[str, float | None] = {}
+    start = 1
+
+    def checkpoint(t: int) -> None:
+        """Everything a resume needs after round ``t`` (RNG draws are functions of (seed, round, client))."""
+        driver = {"privacy": privacy.state(), "totals": totals, "best_acc": best_acc, "last_eval": last_eval}
+        write_checkpoint(out_dir, dataclasses.replace(backend.checkpoint_state(), round=t, driver=driver))
+
     try:
+        found = latest_checkpoint_dir(out_dir) if resume else None
+        if found is not None:  # 3b. Continue a stopped run from its newest checkpoint.
+            ckpt = read_checkpoint(found)
+            backend.restore(ckpt)
+            privacy.load_state(ckpt.driver["privacy"])
+            totals, best_acc, last_eval = ckpt.driver["totals"], ckpt.driver["best_acc"], ckpt.driver["last_eval"]
+            tables = MetricTables.resume(out_dir, ckpt.round)
+            start = ckpt.round + 1
+        else:
+            checkpoint(0)
         with RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress) as bar:
-            for t in range(1, fed.rounds + 1):
+            for t in range(start, fed.rounds + 1):
                 t0 = time.perf_counter()
                 # 4. One round: plan, cohort, local training, aggregation.
                 plan = backend.plan(t)
                 cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
                 results = backend.train([ClientTask(t, cid, plan, **privacy.task_fields(cid)) for cid in cohort])
+                failed = [r for r in results if r.status == "failed"]
+                if len(failed) > rt.max_failed_fraction * len(results):
+                    newest = latest_checkpoint_dir(out_dir)
+                    raise RunStopped(
+                        f"round {t}: {len(failed)} of {len(results)} clients failed (more than "
+                        f"runtime.max_failed_fraction = {rt.max_failed_fraction}); first error: "
+                        f"{(failed[0].error or '').strip().splitlines()[0] if failed[0].error else '?'}. Fix the "
+                        f"cause, then `fedsim resume {out_dir}` continues from {newest.name if newest else 'the start'}"
+                    )
                 info = backend.aggregate(t)
                 if cfg.analysis.similarity:  # uploaded factors (server side) + kept factors (ClientStore)
                     kept = [backend.kept_state(r.client_id) for r in results if r.status == "ok"] if plan.kept else []
@@ -163,6 +197,8 @@ def run_simulation(
                     tables.add_choices(t, plan)
                 tables.flush()
                 bar.update(row)
+                if t == fed.rounds or (rt.checkpoint_every and t % rt.checkpoint_every == 0):
+                    checkpoint(t)
 
         # 7. Final adapter in PEFT format + summary.
         final_state = backend.global_state()
@@ -191,6 +227,7 @@ def run_simulation(
         "bytes_up": totals["bytes_up"],
         "bytes_down": totals["bytes_down"],
         "wall_s": time.perf_counter() - t_start,
+        "resumed_from_round": start - 1 if resume else None,
         "out_dir": str(out_dir),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -181,6 +181,16 @@ class RuntimeConfig:
     gpus_per_worker: float = _f(0.0, "GPUs per worker; fractional shares a GPU (0.25 = four per GPU).")
     address: str = _f("", "Empty = start a local Ray; 'auto' or 'ray://host:port' = join a cluster.")
     eval_batch_size: int = _f(64, "Evaluation batch size (also the fixed evaluation chunk).")
+    checkpoint_every: int = _f(
+        1,
+        "Write <out>/checkpoints/ every this many rounds (and before round 1 and after the last); `fedsim resume "
+        "<out>` continues from the newest. 0 = only before round 1 and after the last round.",
+    )
+    max_failed_fraction: float = _f(
+        0.5,
+        "Stop the run (resumable from its newest checkpoint) when more than this fraction of a round's cohort "
+        "fails; failed clients are otherwise left out of that round's aggregate.",
+    )
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,24 @@ class MetricTables:
         self.choices: list[dict[str, Any]] = []  # per round and layer: the factor trained and shared
         self.similarity: list[dict[str, Any]] | None = None  # analysis.similarity rows (None = analysis off)
 
+    @classmethod
+    def resume(cls, out_dir: Path, upto_round: int) -> MetricTables:
+        """The tables of a stopped run, keeping only rounds ``<= upto_round`` (those its checkpoint covers)."""
+        tables = cls(out_dir)
+
+        def rows(name: str) -> list[dict[str, Any]]:
+            path = tables.out_dir / name
+            if not path.is_file():
+                return []
+            return [r for r in pq.read_table(path).to_pylist() if r["round"] <= upto_round]
+
+        tables.rounds = rows("rounds.parquet")
+        tables.clients = rows("clients.parquet")
+        tables.choices = rows("as_lora_choices.parquet")
+        if (tables.out_dir / "similarity.parquet").is_file():
+            tables.similarity = rows("similarity.parquet")
+        return tables
+
     def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
         self.rounds.append(row)
         self.clients.extend(client_rows)

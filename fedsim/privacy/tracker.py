@@ -80,6 +80,19 @@ class PrivacyTracker:
             return {"epsilon_max": self._round_eps, "epsilon_median": self._round_eps}
         return {"epsilon_max": None, "epsilon_median": None}
 
+    def state(self) -> dict[str, Any]:
+        """What :meth:`observe` has accumulated (JSON-able), for a checkpoint."""
+        return {
+            "eps": {str(c): e for c, e in self._eps.items()},
+            "round_eps": self._round_eps,
+            "exhausted": self.exhausted,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._eps = {int(c): float(e) for c, e in state.get("eps", {}).items()}
+        self._round_eps = state.get("round_eps")
+        self.exhausted = int(state.get("exhausted", 0))
+
     def client_epsilon(self, result: ClientResult) -> float | None:
         return self._round_eps if self.mode == "client" else result.epsilon
 

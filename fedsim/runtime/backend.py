@@ -9,6 +9,7 @@ from typing import Protocol
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
 from fedsim.model.build import BaseBlueprint
+from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.parameter_server import AggregateInfo
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
 
@@ -46,6 +47,14 @@ class Backend(Protocol):
     def kept_client_ids(self) -> list[int]: ...
 
     def kept_state(self, client_id: int) -> AdapterState | None: ...
+
+    def checkpoint_state(self) -> Checkpoint:
+        """Global, server and client-store state (round and driver fields left for the driver to fill)."""
+        ...
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt``: server and client store get its state."""
+        ...
 
     def describe(self) -> str: ...
 

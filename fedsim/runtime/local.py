@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from fedsim.client.worker import ClientWorker
 from fedsim.runtime.backend import RunSetup
+from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.client_store import ClientStore
 from fedsim.server.parameter_server import AggregateInfo, ParameterServer
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
@@ -55,6 +56,15 @@ class LocalBackend:
 
     def kept_state(self, client_id: int) -> AdapterState | None:
         return self.store.get(client_id)
+
+    def checkpoint_state(self) -> Checkpoint:
+        g, server_state = self.server.export_state()
+        states, ledgers = self.store.snapshot()
+        return Checkpoint(0, g, server_state, states, ledgers)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.server.import_state(ckpt.global_state, ckpt.server_state)
+        self.store.restore(ckpt.client_states, ckpt.ledgers)
 
     def describe(self) -> str:
         return "local backend (1 in-process worker)"

@@ -10,6 +10,7 @@ import ray
 
 from fedsim.runtime.actors import ClientStoreActor, ParameterServerActor, WorkerActor
 from fedsim.runtime.backend import RunSetup
+from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
 from fedsim.server.parameter_server import AggregateInfo
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
@@ -104,6 +105,20 @@ class RayBackend:
 
     def global_state(self) -> AdapterState:
         return ray.get(self.server.global_state.remote())
+
+    def checkpoint_state(self) -> Checkpoint:
+        (g, server_state), (states, ledgers) = ray.get(
+            [self.server.export_state.remote(), self.store.snapshot.remote()]
+        )
+        return Checkpoint(0, g, server_state, states, ledgers)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        ray.get(
+            [
+                self.server.import_state.remote(ckpt.global_state, ckpt.server_state),
+                self.store.restore.remote(ckpt.client_states, ckpt.ledgers),
+            ]
+        )
 
     def kept_client_ids(self) -> list[int]:
         return ray.get(self.store.client_ids.remote())

@@ -65,6 +65,21 @@ class ClientStore:
         if ledger is not None:
             self.put_ledger(client_id, ledger)
 
+    def snapshot(self) -> tuple[dict[int, AdapterState], dict[int, dict]]:
+        """(every client's kept tensors, every ledger): for a checkpoint (spilled clients are read back)."""
+        states = {cid: state for cid in self.client_ids() if (state := self.get(cid)) is not None}
+        return states, {cid: dict(led) for cid, led in self._ledgers.items()}
+
+    def restore(self, states: dict[int, AdapterState], ledgers: dict[int, dict]) -> None:
+        """Replace the whole content with a snapshot (spilled files of dropped clients are deleted)."""
+        for cid in list(self._on_disk):
+            self._path(cid).unlink(missing_ok=True)
+        self._mem.clear()
+        self._on_disk.clear()
+        for cid, state in sorted(states.items()):
+            self.put(cid, state)
+        self._ledgers = {cid: dict(led) for cid, led in ledgers.items()}
+
     def client_ids(self) -> list[int]:
         return sorted(set(self._mem) | self._on_disk)
 

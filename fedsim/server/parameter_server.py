@@ -51,6 +51,18 @@ class ParameterServer:
     def global_state(self) -> AdapterState:
         return self._global
 
+    def export_state(self) -> tuple[AdapterState, dict[str, Any]]:
+        """(global state, the method's JSON-able server state): for a checkpoint."""
+        return self._global, self.server_state
+
+    def import_state(self, global_state: AdapterState, server_state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: replace the global and server state; nothing pending."""
+        if sorted(global_state) != self._keys:
+            raise ValueError("checkpoint global state has other adapter keys than this run's model")
+        self._global = {k: v.detach().clone() for k, v in global_state.items()}
+        self.server_state = server_state
+        self._plans, self._pending = {}, {}
+
     def receive(self, update: ClientUpdate) -> None:
         """Buffer one client's upload; a second upload from the same client in a round is an error."""
         if update.client_id in self._pending:
