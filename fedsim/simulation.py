@@ -120,7 +120,7 @@ def run_simulation(
     backend = make_backend(RunSetup(cfg, blueprint, data, initial_state, privacy.server_sigma))
     tables = MetricTables(out_dir)
     fed, rt = cfg.federation, cfg.runtime
-    tasks_eval = eval_tasks(data, rt.eval_batch_size, method_cls.personal)
+    tasks_eval = eval_tasks(data, rt.eval_batch_size, personal=True)  # every method: clients' holdouts too
     totals = {"bytes_up": 0, "bytes_down": 0}
     best_acc: float | None = None
     last_eval: dict[str, float | None] = {}

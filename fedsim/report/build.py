@@ -29,7 +29,9 @@ SECTIONS = (
 )
 NOTES = (
     "*Accuracy*: global held-out test accuracy (%); *final* = last evaluated round, *best* = best evaluated "
-    "round; mean ± sample standard deviation (n − 1) over seeds (no ± with one seed). "
+    "round; *local* = final accuracy on the clients' own held-out examples, pooled (the personalised model — "
+    "global A, own B, own head — for FedSA-LoRA; the global model for the others); mean ± sample standard "
+    "deviation (n − 1) over seeds (no ± with one seed). "
     "*ε spent*: the largest per-client ε (sample-level DP) or the run's ε (client-level DP) at the end of the "
     "run, mean over seeds. *Wall s / run*: wall time of one run (sweep cell), mean over seeds. "
     "*MB up+down / run*: bytes uploaded + downloaded by all clients over a run (10^6 bytes), mean over seeds."

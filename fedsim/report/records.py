@@ -39,6 +39,7 @@ RECORD_COLUMNS = (
     "final_accuracy",  # global eval accuracy of the last evaluated round
     "best_accuracy",  # best global eval accuracy over the evaluated rounds
     "final_loss",  # global eval loss of the last evaluated round
+    "final_local_accuracy",  # accuracy on the clients' own held-out examples (personalised model for FedSA-LoRA)
     "epsilon_spent",  # summary "epsilon": max over clients (sample) / the run's epsilon (client); None without DP
     "wall_s",  # wall time of the whole run, seconds
     "bytes_up",  # bytes uploaded by all clients over the run
@@ -147,6 +148,7 @@ def run_record(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
         "final_accuracy": _num(s.get("final_eval_accuracy")),
         "best_accuracy": _num(s.get("best_eval_accuracy")),
         "final_loss": _num(s.get("final_eval_loss")),
+        "final_local_accuracy": _num(s.get("final_personal_accuracy")),
         "epsilon_spent": _num(s.get("epsilon")) if dp else None,
         "wall_s": _num(s.get("wall_s")),
         "bytes_up": None if up is None else int(up),

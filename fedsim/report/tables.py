@@ -29,6 +29,7 @@ class GroupStats:
     n: int
     final: tuple[float | None, float | None]
     best: tuple[float | None, float | None]
+    local: tuple[float | None, float | None]  # final accuracy on the clients' own held-out examples
     epsilon_spent: float | None
     wall_s: float | None
     megabytes: float | None  # bytes up + down per run, mean over seeds, in MB (10^6 bytes)
@@ -46,6 +47,7 @@ def group_stats(g: Group) -> GroupStats:
         n=len(g.runs),
         final=mean_std([r["final_accuracy"] for r in g.runs]),
         best=mean_std([r["best_accuracy"] for r in g.runs]),
+        local=mean_std([r.get("final_local_accuracy") for r in g.runs]),
         epsilon_spent=mean_std([r["epsilon_spent"] for r in g.runs])[0],
         wall_s=mean_std([r["wall_s"] for r in g.runs])[0],
         megabytes=mean_std([_total_bytes(r) for r in g.runs])[0],
@@ -77,8 +79,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], right: 
 
 
 def results_table(groups: Sequence[Group], extra_keys: Sequence[str]) -> str:
-    """One row per setting: task, partition, extra keys, privacy, method, n seeds, final and best
-    accuracy (mean ± std, %), mean epsilon spent, mean wall time per run, mean MB up + down per run."""
+    """One row per setting: task, partition, extra keys, privacy, method, n seeds, final and best global
+    accuracy and final local accuracy (clients' own held-out examples; the personalised model for methods that
+    keep client state) (mean ± std, %), mean epsilon spent, mean wall time per run, mean MB up + down per run."""
     header = [
         "Task",
         "Partition",
@@ -88,11 +91,12 @@ def results_table(groups: Sequence[Group], extra_keys: Sequence[str]) -> str:
         "Seeds",
         "Final acc. (%)",
         "Best acc. (%)",
+        "Local acc. (%)",
         "ε spent",
         "Wall s / run",
         "MB up+down / run",
     ]
-    right = [False, False, *[False] * len(extra_keys), False, False, True, True, True, True, True, True]
+    right = [False, False, *[False] * len(extra_keys), False, False, True, True, True, True, True, True, True]
     rows = []
     for g in groups:
         s = group_stats(g)
@@ -106,6 +110,7 @@ def results_table(groups: Sequence[Group], extra_keys: Sequence[str]) -> str:
                 s.n,
                 fmt_pct(s.final),
                 fmt_pct(s.best),
+                fmt_pct(s.local),
                 fmt_num(s.epsilon_spent, ".3g"),
                 fmt_num(s.wall_s, ".1f"),
                 fmt_num(s.megabytes, ".3g"),
