@@ -3,7 +3,8 @@
 A cell is complete when its folder holds ``summary.json`` (written last by a run) and a ``config.yaml`` equal to
 the cell's config; complete cells are skipped, so a stopped sweep resumes where it stopped. A cell folder without
 ``summary.json`` (a run killed mid-way) is deleted and the cell is run again. A complete cell whose config differs
-from the sweep's (the sweep file changed under it) stops the sweep before anything runs: choose another ``--out``.
+from the sweep's (the sweep file changed under it) stops the sweep before anything runs: choose another ``--out``;
+``runtime.*`` is not compared (a finished sweep may be continued with more parallel cells or other resources).
 
 ``sweep.parquet``: one row per cell in grid order, the columns of :func:`fedsim.report.records.run_record` plus
 one column per grid axis (its value, or the label of a named axis) and ``error`` (a failed cell's message). It is
@@ -12,6 +13,7 @@ rewritten atomically after every cell.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -46,11 +48,13 @@ def is_complete(out: Path, cell: Cell) -> bool:
 
 def _same_config(path: Path, cfg: Config) -> bool:
     """Whether the run's config.yaml means ``cfg`` (compared as configs: keys added to fedsim later, with their
-    defaults, do not make a finished cell stale)."""
+    defaults, do not make a finished cell stale; nor does ``runtime.*`` — where and on how many workers / CPUs a
+    cell ran — since a run's results do not depend on it beyond floating-point summation order)."""
     try:
-        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}) == cfg
+        done = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except (UserError, yaml.YAMLError, OSError):
         return False
+    return dataclasses.replace(done, runtime=cfg.runtime) == cfg
 
 
 def stale_cells(out: Path, cells: Sequence[Cell]) -> list[str]:

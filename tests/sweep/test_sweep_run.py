@@ -104,3 +104,19 @@ def test_changed_sweep_refuses_stale_cells(tmp_path):
     with pytest.raises(UserError, match="different config"):
         run_sweep(changed, out, progress=False, log=lambda _: None)
     assert (out / "sweep.parquet").read_bytes() == before  # nothing written
+
+
+def test_other_runtime_resources_keep_finished_cells(tmp_path):
+    out = tmp_path / "sweep"
+    spec = load_sweep(_sweep_file(tmp_path))
+    run_sweep(dataclasses.replace(spec, cells=spec.cells[:1]), out, progress=False, log=lambda _: None)
+    first = out / "cells" / spec.cells[0].cell_id / "summary.json"
+    mtime = first.stat().st_mtime_ns
+    path = tmp_path / "tiny-grid.yaml"
+    path.write_text(path.read_text().replace("data.synthetic_examples: 300", "data.synthetic_examples: 300, "
+                                                                            "runtime.cpus_per_worker: 2"))
+    more = load_sweep(path)
+    assert more.cells[0].config.runtime.cpus_per_worker == 2 != spec.cells[0].config.runtime.cpus_per_worker
+    logs: list[str] = []
+    run_sweep(dataclasses.replace(more, cells=more.cells[:2]), out, progress=False, log=logs.append)
+    assert "1 complete, 1 to run" in logs[0] and first.stat().st_mtime_ns == mtime  # not stale, not redone
