@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,12 +27,14 @@ from fedsim.errors import RunStopped
 from fedsim.methods.base import get_method
 from fedsim.metrics.console import RoundProgress
 from fedsim.metrics.similarity import similarity_rows
-from fedsim.metrics.tables import MetricTables
+from fedsim.metrics.tables import MetricTables, worker_busy_frac
 from fedsim.model.adapters import attach_adapter, get_state
 from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
 from fedsim.model.export import export_adapter
 from fedsim.privacy.tracker import PrivacyTracker
+from fedsim.seeding import numpy_rng
 from fedsim.server.checkpoint import latest_checkpoint_dir, read_checkpoint, write_checkpoint
+from fedsim.server.client_store import SPILL_DIR
 from fedsim.server.cohort import sample_cohort
 from fedsim.types import ClientResult, ClientTask, EvalResult, EvalTask
 
@@ -39,14 +42,18 @@ if TYPE_CHECKING:
     from fedsim.runtime.backend import Backend
 
 
-def eval_tasks(data: FederatedData, chunk: int, personal: bool) -> list[EvalTask]:
-    """Global test set in fixed chunks (same batches whatever the worker count) + one task per client holdout."""
+def eval_tasks(data: FederatedData, chunk: int, local_clients: int, seed: int) -> list[EvalTask]:
+    """Global test set in fixed chunks (same batches whatever the worker count) + one task per client holdout for
+    at most ``local_clients`` clients with a holdout (all of them if there are no more; else a seeded sample, the
+    same at every evaluation), in client-id order."""
     test = data.test_indices
     tasks = [EvalTask("global", tuple(int(i) for i in test[s : s + chunk])) for s in range(0, len(test), chunk)]
-    if personal:
-        for cid, hold in enumerate(data.client_holdout):
-            if len(hold):
-                tasks.append(EvalTask(f"client:{cid}", tuple(int(i) for i in hold), client_id=cid))
+    with_holdout = [cid for cid, hold in enumerate(data.client_holdout) if len(hold)]
+    if len(with_holdout) > local_clients:
+        pick = numpy_rng(seed, "local_eval").choice(len(with_holdout), size=local_clients, replace=False)
+        with_holdout = sorted(with_holdout[i] for i in pick)
+    for cid in with_holdout:
+        tasks.append(EvalTask(f"client:{cid}", tuple(int(i) for i in data.client_holdout[cid]), client_id=cid))
     return tasks
 
 
@@ -117,10 +124,10 @@ def run_simulation(
     # 3. Server + workers.
     from fedsim.runtime.backend import RunSetup, make_backend
 
-    backend = make_backend(RunSetup(cfg, blueprint, data, initial_state, privacy.server_sigma))
+    backend = make_backend(RunSetup(cfg, blueprint, data, initial_state, privacy.server_sigma, run_dir=out_dir))
     tables = MetricTables(out_dir)
     fed, rt = cfg.federation, cfg.runtime
-    tasks_eval = eval_tasks(data, rt.eval_batch_size, personal=True)  # every method: clients' holdouts too
+    tasks_eval = eval_tasks(data, rt.eval_batch_size, fed.local_eval_clients, cfg.seed)
     totals = {"bytes_up": 0, "bytes_down": 0}
     best_acc: float | None = None
     last_eval: dict[str, float | None] = {}
@@ -148,7 +155,9 @@ def run_simulation(
                 # 4. One round: plan, cohort, local training, aggregation.
                 plan = backend.plan(t)
                 cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
+                t_train = time.perf_counter()
                 results = backend.train([ClientTask(t, cid, plan, **privacy.task_fields(cid)) for cid in cohort])
+                t_train = time.perf_counter() - t_train
                 failed = [r for r in results if r.status == "failed"]
                 if len(failed) > rt.max_failed_fraction * len(results):
                     newest = latest_checkpoint_dir(out_dir)
@@ -190,6 +199,7 @@ def run_simulation(
                     "bytes_down": down,
                     **privacy.observe(t, results),
                     "wall_s": time.perf_counter() - t0,
+                    "worker_busy_frac": worker_busy_frac(results, rt.workers if rt.backend == "ray" else 1, t_train),
                 }
                 client_rows = [{**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results]
                 tables.add_round(row, client_rows)
@@ -207,6 +217,7 @@ def run_simulation(
             inspect(backend)
     finally:
         backend.shutdown()
+        shutil.rmtree(out_dir / SPILL_DIR, ignore_errors=True)  # spilled clients: the checkpoints hold their own links
 
     summary = {
         "label": label,

@@ -151,6 +151,7 @@ def validate(cfg: Config) -> list[str]:
     for key in ("federation.rounds", "federation.local_steps", "federation.batch_size", "federation.eval_every"):
         need(key, _get(cfg, key) >= 1, ">= 1", "use a positive integer")
     need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")
+    need("federation.local_eval_clients", fe.local_eval_clients >= 0, ">= 0", "e.g. 100; 0 turns local evaluation off")
     problems.extend(_privacy_problems(cfg))
     problems.extend(_vera_problems(cfg))
     need("runtime.workers", rt.workers >= 1, ">= 1", "e.g. 2")
@@ -159,5 +160,11 @@ def validate(cfg: Config) -> list[str]:
     need("runtime.eval_batch_size", rt.eval_batch_size >= 1, ">= 1", "e.g. 64")
     need("runtime.checkpoint_every", rt.checkpoint_every >= 0, ">= 0", "e.g. 1; 0 = first and last round only")
     need("runtime.max_failed_fraction", 0.0 <= rt.max_failed_fraction <= 1.0, "in [0, 1]", "e.g. 0.5")
+    need(
+        "runtime.client_store.memory_mb",
+        math.isfinite(rt.client_store.memory_mb) and rt.client_store.memory_mb >= 0,
+        ">= 0",
+        "the in-memory budget for kept client tensors in MiB, e.g. 512; 0 spills every client to disk",
+    )
     problems.extend(_external_problems(cfg))
     return problems

@@ -110,6 +110,12 @@ class FederationConfig:
     lr: float = _f(0.5, "Client learning rate.")
     optimizer: str = _f("sgd", "Client optimiser (fresh state every round).", ("sgd", "adamw"))
     eval_every: int = _f(1, "Evaluate every N rounds (the last round is always evaluated).")
+    local_eval_clients: int = _f(
+        100,
+        "Local evaluation (each client's model on its own held-out examples: the personalised model for methods "
+        "that keep client state, the global model otherwise) covers at most this many clients, a fixed sample "
+        "drawn with the seed, so its cost does not grow with the population; 0 turns it off.",
+    )
     weighting: str = _f(
         "examples", "Aggregation weights p_k: by training examples, or uniform.", ("examples", "uniform")
     )
@@ -174,6 +180,15 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class ClientStoreConfig:
+    memory_mb: float = _f(
+        512.0,
+        "In-memory budget (MiB) for the clients' kept tensors (FedSA's B, personal heads); least recently used "
+        "clients beyond it spill to <out>/client_store/ as safetensors files. 0 = keep every client on disk.",
+    )
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     backend: str = _f("ray", "ray (actors) or local (one process, for debugging).", ("ray", "local"))
     workers: int = _f(2, "ClientWorker actors; each holds one frozen base model.")
@@ -190,6 +205,9 @@ class RuntimeConfig:
         0.5,
         "Stop the run (resumable from its newest checkpoint) when more than this fraction of a round's cohort "
         "fails; failed clients are otherwise left out of that round's aggregate.",
+    )
+    client_store: ClientStoreConfig = field(
+        default_factory=ClientStoreConfig, metadata={"help": "Per-client kept state (memory budget, spilling)."}
     )
 
 

@@ -47,6 +47,7 @@ from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.methods.aggregation import mean_of_keys, normalised_weights
 from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of, layer_of, layers_of
 from fedsim.seeding import numpy_rng, torch_generator
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
@@ -249,12 +250,31 @@ class ASLoRA(Method):
         is not mutated). Raises ValueError for an empty cohort.
         """
         new_global = mean_of_keys(global_state, updates, plan.uploaded)
+        return new_global, self._next_server_state(plan, server_state, lambda name: _mean_signal(updates, name))
+
+    def aggregate_sums(
+        self,
+        global_state: AdapterState,
+        sums: PartialSum,
+        plan: RoundPlan,
+        server_state: ServerState,
+    ) -> tuple[AdapterState, ServerState]:
+        """Streaming :meth:`aggregate`: the same weighted means, from the round's float64 sums (the score of a
+        layer is ``sum_k w_k s_k / sum_k w_k`` over the clients with a finite score)."""
+        return sums.mean_of_keys(global_state, plan.uploaded), self._next_server_state(
+            plan, server_state, sums.signal_mean
+        )
+
+    def _next_server_state(
+        self, plan: RoundPlan, server_state: ServerState, mean_signal: Callable[[str], float | None]
+    ) -> ServerState:
+        """EMA update of each layer's active factor from ``mean_signal("<layer>:score")`` (a NEW dict)."""
         active = choices_of(plan)
         beta = self.cfg.ema_beta
         old_ema = server_state.get("ema", {})
         ema = {layer: dict(v) for layer, v in old_ema.items()}
         for layer in sorted(active):
-            score = _mean_signal(updates, f"{layer}:score")
+            score = mean_signal(f"{layer}:score")
             if score is None:
                 continue
             factor = active[layer]
@@ -264,7 +284,7 @@ class ASLoRA(Method):
         choices = {r: dict(c) for r, c in server_state.get("choices", {}).items()}
         choices[str(plan.round)] = {layer: active[layer] for layer in sorted(active)}
         layers = sorted(set(server_state.get("layers", [])) | set(layers_of(list(plan.roles))))
-        return new_global, {"layers": layers, "ema": ema, "choices": choices}
+        return {"layers": layers, "ema": ema, "choices": choices}
 
 
 RAW_CURVATURE_STEP = 1e-3

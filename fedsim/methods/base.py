@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.methods.aggregation import mean_of_keys
+from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
 
@@ -39,7 +40,9 @@ class Method(ABC):
     """Base class. Subclasses set ``name`` (via :func:`register_method`) and implement ``role``."""
 
     name: ClassVar[str] = ""
-    #: aggregation is a weighted mean of the uploads (a worker may pre-sum them)
+    #: aggregation is a weighted mean of the SHARED uploads (plus weighted means of scalar signals), so the runtime
+    #: streams it: workers pre-sum their clients' uploads into a :class:`PartialSum`, the server merges those and
+    #: calls :meth:`aggregate_sums`. ``linear = False`` methods get the buffered uploads in ``aggregate``.
     linear: ClassVar[bool] = True
     #: clients keep state between rounds, so personalised evaluation is meaningful
     personal: ClassVar[bool] = False
@@ -113,6 +116,20 @@ class Method(ABC):
         """
         return mean_of_keys(global_state, updates, plan.uploaded), server_state
 
+    def aggregate_sums(
+        self,
+        global_state: AdapterState,
+        sums: PartialSum,
+        plan: RoundPlan,
+        server_state: ServerState,
+    ) -> tuple[AdapterState, ServerState]:
+        """Streaming twin of :meth:`aggregate` for ``linear`` methods: the new global state from the round's
+        folded uploads (float64 ``sum_k w_k x_k``, ``sum_k w_k``, weighted signal sums). Must equal
+        ``aggregate`` on the same uploads up to float rounding (tests/methods/test_streaming.py checks every
+        linear method). Default: weighted mean of every SHARED tensor. Raises ValueError for an empty cohort.
+        """
+        return sums.mean_of_keys(global_state, plan.uploaded), server_state
+
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: ``@register_method("ffa_lora")``."""
@@ -120,6 +137,11 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} registered twice")
+        if cls.linear and cls.aggregate is not Method.aggregate and cls.aggregate_sums is Method.aggregate_sums:
+            raise TypeError(
+                f"method {name!r} is linear and overrides aggregate: it must override aggregate_sums too "
+                "(the runtime streams linear methods), or declare linear = False"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls

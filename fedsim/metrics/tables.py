@@ -7,6 +7,7 @@ run leaves complete tables of the rounds it finished.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedsim.model.keys import factor_of, layer_of
-from fedsim.types import RoundPlan
+from fedsim.types import ClientResult, RoundPlan
 
 ROUND_SCHEMA = pa.schema(
     [
@@ -33,6 +34,8 @@ ROUND_SCHEMA = pa.schema(
         ("epsilon_max", pa.float64()),
         ("epsilon_median", pa.float64()),
         ("wall_s", pa.float64()),
+        # mean over workers of (their clients' training seconds) / (wall seconds of the round's training phase)
+        ("worker_busy_frac", pa.float64()),
     ]
 )
 
@@ -66,6 +69,21 @@ SIMILARITY_SCHEMA = pa.schema(
         ("clients", pa.int32()),
     ]
 )
+
+
+def worker_busy_frac(results: Sequence[ClientResult], workers: int, train_wall_s: float) -> float | None:
+    """Mean over workers of (sum of that worker's client training seconds) / ``train_wall_s``.
+
+    ``workers``: how many workers could take clients; a worker that got none counts as idle (0), so the value is
+    the fraction of the training phase's worker-time spent training. Results without a worker (``worker_id`` < 0,
+    e.g. lost with a dead actor) are not counted. None when ``train_wall_s`` is not positive or there are no
+    workers; not clipped, so a value above 1 exposes double-counted seconds."""
+    seen = {r.worker_id for r in results if r.worker_id >= 0}
+    n = max(int(workers), len(seen))
+    if n <= 0 or not train_wall_s > 0:
+        return None
+    busy = sum(r.seconds for r in results if r.worker_id >= 0)
+    return busy / (n * train_wall_s)
 
 
 def _write(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
 from fedsim.model.build import BaseBlueprint
 from fedsim.server.checkpoint import Checkpoint
+from fedsim.server.client_store import client_store_args
 from fedsim.server.parameter_server import AggregateInfo
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
 
@@ -23,6 +25,11 @@ class RunSetup:
     data: FederatedData
     initial_state: AdapterState
     server_noise_multiplier: float | None = None  # client-level DP: sigma of the server's Gaussian noise
+    run_dir: Path | None = None  # the run's output folder (the ClientStore spills under it); None = a temp folder
+
+    def client_store_args(self) -> tuple[float, Path | None]:
+        """(memory_mb, spill_dir): ``ClientStore(*setup.client_store_args())`` / ``ClientStoreActor.remote(*...)``."""
+        return client_store_args(self.cfg, self.run_dir)
 
 
 class Backend(Protocol):

@@ -1,4 +1,7 @@
-"""In-process backend: one worker, the server and the store in this process (debugging, tests)."""
+"""In-process backend: one worker, the server and the store in this process (debugging, tests).
+
+Each upload is folded into the server's running sum as soon as its client finishes (the one in-process worker's
+"pre-sum" is the server's own), so no round's uploads are ever held together for linear methods."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ class LocalBackend:
     def __init__(self, setup: RunSetup) -> None:
         cfg = setup.cfg
         self.server = ParameterServer(cfg, setup.initial_state, setup.server_noise_multiplier)
-        self.store = ClientStore()
+        self.store = ClientStore(*setup.client_store_args())
         self.worker = ClientWorker(0, cfg, setup.blueprint, setup.data)
 
     def plan(self, round: int) -> RoundPlan:
@@ -26,11 +29,11 @@ class LocalBackend:
         results = []
         g = self.server.global_state()
         for task in sorted(tasks, key=lambda t: t.client_id):
-            kept, ledger = self.store.get_client(task.client_id, tensors=bool(task.plan.kept))
+            kept, ledger = self.store.get_client(task.client_id, tensors=bool(task.plan.kept), round=task.round)
             out = self.worker.train(task, g, kept, ledger)
-            self.store.put_client(task.client_id, out.keep, out.ledger)
+            self.store.put_client(task.client_id, out.keep, out.ledger, round=task.round)
             if out.upload is not None:
-                self.server.receive(out.upload)
+                self.server.receive(out.upload, round=task.round)
             results.append(out.result)
         return results
 

@@ -1,19 +1,38 @@
-"""Ray backend: W ClientWorker actors, a ParameterServer actor and a ClientStore actor."""
+"""Ray backend: W ClientWorker actors, a ParameterServer actor and a ClientStore actor.
+
+A round: the driver hands clients (largest first) to whichever worker is free; each worker folds its clients'
+uploads into one partial sum; then the driver calls ``flush(round)`` on every worker (one message each to the
+server) and compares the clients that trained against ``server.received_ids(round)``.
+
+Faults: a worker process that dies is restarted by Ray (``max_restarts``; ``__init__`` re-runs with the same
+arguments). Its in-flight client, and the clients whose uploads sat in its unflushed partial sum, are re-run on
+the live workers (up to :data:`CLIENT_ATTEMPTS` times); each re-run starts from the client's state and ledger as
+of the start of the round (the ClientStore is round-versioned) with the same seeds, so the round's result equals
+a fault-free one and no privacy budget is charged twice. A client whose training raises is a ``failed`` row.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
 
-from fedsim.runtime.actors import ClientStoreActor, ParameterServerActor, WorkerActor
+from fedsim.runtime.actors import FAULT_ENV, ClientStoreActor, ParameterServerActor, WorkerActor
 from fedsim.runtime.backend import RunSetup
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
 from fedsim.server.parameter_server import AggregateInfo
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
+
+#: Ray restarts a dead worker actor this many times over the run
+WORKER_MAX_RESTARTS = 8
+_PROBE = object()  # marks a worker.ready() call in flight in _dispatch
+
+#: a client is tried this many times when worker processes die under it (then it is a failed row)
+CLIENT_ATTEMPTS = 3
 
 
 def _init_ray(address: str, cpus_needed: float) -> bool:
@@ -30,65 +49,152 @@ def _init_ray(address: str, cpus_needed: float) -> bool:
     return True
 
 
+def _settle(worker: Any, ref: Any) -> bool:
+    """Wait for a ``ready`` probe of ``worker``; False if the actor is dead for good."""
+    for _ in range(100):
+        try:
+            ray.get(ref)
+            return True
+        except ray.exceptions.ActorDiedError:
+            return False
+        except ray.exceptions.RayActorError:  # still restarting
+            time.sleep(0.1)
+            ref = worker.ready.remote()
+    return False
+
+
 class RayBackend:
     def __init__(self, setup: RunSetup) -> None:
         rt = setup.cfg.runtime
         self._started = _init_ray(rt.address, rt.workers * rt.cpus_per_worker)
         self.sizes = [len(ix) for ix in setup.data.client_train]
         self.server = ParameterServerActor.remote(setup.cfg, setup.initial_state, setup.server_noise_multiplier)
-        self.store = ClientStoreActor.remote()
+        self.store = ClientStoreActor.remote(*setup.client_store_args())
         bp_ref, data_ref = ray.put(setup.blueprint), ray.put(setup.data)  # shipped once per node
+        self._refs = (bp_ref, data_ref)  # kept alive: a restarted worker is rebuilt from them
+        env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else None
         self.workers = [
-            WorkerActor.options(num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker).remote(
-                i, setup.cfg, bp_ref, data_ref, self.server, self.store
-            )
+            WorkerActor.options(
+                num_cpus=rt.cpus_per_worker,
+                num_gpus=rt.gpus_per_worker,
+                max_restarts=WORKER_MAX_RESTARTS,
+                max_task_retries=0,  # the driver decides what to re-run (after comparing with the server)
+                **({"runtime_env": {"env_vars": env}} if env else {}),
+            ).remote(i, setup.cfg, bp_ref, data_ref, self.server, self.store)
             for i in range(rt.workers)
         ]
         self._desc = f"ray backend ({rt.workers} workers x {rt.cpus_per_worker} CPU, {rt.gpus_per_worker} GPU)"
 
     def _dispatch(self, items: Sequence[Any], submit: Callable[[Any, Any], Any]) -> list[tuple[Any, Any]]:
-        """Hand items to idle workers in the given order; returns (item, result or exception)."""
+        """Hand items to idle workers in the given order; returns (item, result or exception).
+
+        A worker whose call fails because its process died (RayActorError) gets no new item until a ``ready``
+        probe answers (Ray is restarting it); one that is dead for good is dropped from ``self.workers``.
+        Raises RuntimeError when no worker is left."""
         queue = list(items)
         in_flight: dict[Any, tuple[Any, Any]] = {}
+        probes: dict[Any, int] = {}  # worker -> probes sent since it failed
         done: list[tuple[Any, Any]] = []
         idle = list(self.workers)
-        while queue or in_flight:
+        while queue or any(item is not _PROBE for item, _ in in_flight.values()):
             while queue and idle:
                 worker = idle.pop(0)
                 item = queue.pop(0)
                 in_flight[submit(worker, item)] = (item, worker)
+            if not in_flight:
+                raise RuntimeError("every Ray worker actor died and could not be restarted")
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             item, worker = in_flight.pop(ready[0])
             try:
-                done.append((item, ray.get(ready[0])))
-            except ray.exceptions.RayError as exc:
-                done.append((item, exc))
-            idle.append(worker)
+                res, alive = ray.get(ready[0]), True
+            except ray.exceptions.RayActorError as exc:
+                res, alive = exc, False
+            except ray.exceptions.RayError as exc:  # the call raised; the worker is fine
+                res, alive = exc, True
+            if item is not _PROBE:
+                done.append((item, res))
+            if alive:
+                probes.pop(worker, None)
+                idle.append(worker)
+            elif isinstance(res, ray.exceptions.ActorDiedError) and item is _PROBE or probes.get(worker, 0) > 100:
+                self.workers.remove(worker)  # out of restarts
+            else:
+                probes[worker] = probes.get(worker, 0) + 1
+                in_flight[worker.ready.remote()] = (_PROBE, worker)
+        for ref, (_, worker) in in_flight.items():  # leftover probes: let them finish (or fail) quietly
+            _settle(worker, ref)
         return done
+
+    def _flush(self, round: int) -> list[ClientResult]:
+        """Every worker sends its partial sum of ``round`` to the server; returns the results of the clients whose
+        uploads those carried. On return no live worker holds anything of ``round`` (a worker whose flush call
+        failed is flushed again once it answers: after a restart it holds nothing, so nothing arrives twice)."""
+        out: list[ClientResult] = []
+        for worker in list(self.workers):
+            for _ in range(100):
+                try:
+                    out.extend(ray.get(worker.flush.remote(round)))
+                    break
+                except ray.exceptions.ActorDiedError:
+                    if not _settle(worker, worker.ready.remote()):
+                        self.workers.remove(worker)
+                        break
+                except ray.exceptions.RayActorError:
+                    time.sleep(0.1)
+        return out
 
     def plan(self, round: int) -> RoundPlan:
         return ray.get(self.server.plan.remote(round))
 
     def train(self, tasks: Sequence[ClientTask]) -> list[ClientResult]:
+        """Train the round's clients; on return every ``ok`` client's upload is at the server (re-running the
+        clients a dead worker lost). Results sorted by client id."""
+        if not tasks:
+            return []
+        round = tasks[0].round
         g = self.server.global_state.remote()
         by_id = {t.client_id: t for t in tasks}
-        order = [by_id[c] for c in largest_first(list(by_id), self.sizes)]
-        results = []
-        for task, res in self._dispatch(order, lambda w, t: w.train.remote(t, g)):
-            if isinstance(res, Exception):
-                res = ClientResult(
-                    round=task.round,
-                    client_id=task.client_id,
-                    worker_id=-1,
-                    examples=self.sizes[task.client_id],
-                    steps=0,
-                    train_loss=float("nan"),
-                    seconds=0.0,
-                    status="failed",
-                    error=str(res)[:2000],
-                )
-            results.append(res)
-        return sorted(results, key=lambda r: r.client_id)
+        results: dict[int, ClientResult] = {}
+        deaths: dict[int, str] = {}
+        todo = list(by_id)
+        for _ in range(CLIENT_ATTEMPTS):
+            order = [by_id[c] for c in largest_first(todo, self.sizes)]
+            for task, res in self._dispatch(order, lambda w, t: w.train.remote(t, g)):
+                if isinstance(res, ray.exceptions.RayActorError):  # its worker died under it
+                    deaths[task.client_id] = str(res)
+                elif isinstance(res, Exception):
+                    results[task.client_id] = self._failed(task, str(res))
+                else:
+                    results[task.client_id] = res
+            for res in self._flush(round):  # also the results of calls that failed after the client trained
+                results[res.client_id] = res
+            received = set(ray.get(self.server.received_ids.remote(round)))
+            todo = []
+            for c in sorted(by_id):
+                if c not in results:
+                    todo.append(c)
+                elif results[c].status == "ok" and by_id[c].plan.uploaded and c not in received:
+                    deaths[c] = "its worker died before sending the round's uploads"
+                    del results[c]
+                    todo.append(c)
+            if not todo:
+                break
+        for c in todo:
+            results[c] = self._failed(by_id[c], f"worker processes died {CLIENT_ATTEMPTS} times: {deaths.get(c, '?')}")
+        return [results[c] for c in sorted(results)]
+
+    def _failed(self, task: ClientTask, error: str) -> ClientResult:
+        return ClientResult(
+            round=task.round,
+            client_id=task.client_id,
+            worker_id=-1,
+            examples=self.sizes[task.client_id],
+            steps=0,
+            train_loss=float("nan"),
+            seconds=0.0,
+            status="failed",
+            error=error[:2000],
+        )
 
     def aggregate(self, round: int) -> AggregateInfo:
         return ray.get(self.server.aggregate.remote(round))
@@ -96,11 +202,20 @@ class RayBackend:
     def evaluate(self, tasks: Sequence[EvalTask], round: int) -> list[EvalResult]:
         g = self.server.global_state.remote()
         plan = self.server.plan.remote(round)
-        out = []
-        for _, res in self._dispatch(tasks, lambda w, t: w.evaluate.remote(t, g, plan)):
-            if isinstance(res, Exception):
-                raise res
-            out.append(res)
+        out: list[EvalResult] = []
+        todo = list(tasks)
+        for attempt in range(CLIENT_ATTEMPTS):
+            lost = []
+            for task, res in self._dispatch(todo, lambda w, t: w.evaluate.remote(t, g, plan)):
+                if isinstance(res, ray.exceptions.RayActorError) and attempt + 1 < CLIENT_ATTEMPTS:
+                    lost.append(task)  # the worker died: evaluate the chunk again elsewhere
+                elif isinstance(res, Exception):
+                    raise res
+                else:
+                    out.append(res)
+            if not lost:
+                break
+            todo = lost
         return out
 
     def global_state(self) -> AdapterState:

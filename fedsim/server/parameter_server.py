@@ -1,20 +1,28 @@
 """The parameter server: owns the global adapter state and the method's server state.
 
 Plain Python; :mod:`fedsim.runtime` runs it in-process or as a Ray actor.
+
+Streaming aggregation: uploads are folded into a per-round :class:`~fedsim.methods.partial_sum.PartialSum` as they
+arrive, either one client at a time (:meth:`ParameterServer.receive`) or as a worker's pre-summed partial
+(:meth:`ParameterServer.receive_partial`). For ``linear`` methods that is a float64 running sum (memory: one copy of
+the shared tensors, whatever the cohort size; the result does not depend on arrival order beyond float64 rounding);
+non-linear methods (FlexLoRA, FedSVD, FedEx-LoRA, FLoRA: an SVD or a product must see every client's factors) keep
+the round's uploads and get them in client-id order. ``analysis.similarity`` is streamed too (sums of unit vectors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fedsim.config.schema import Config
-from fedsim.methods.base import make_method
-from fedsim.metrics.similarity import similarity_rows
-from fedsim.privacy.client_level import dp_fedavg_aggregate
+from fedsim.methods.base import Method, make_method
+from fedsim.methods.partial_sum import PartialSum
+from fedsim.privacy.client_level import gaussian_noise
 from fedsim.seeding import torch_generator
-from fedsim.types import AdapterState, ClientUpdate, RoundPlan, state_bytes
+from fedsim.types import AdapterState, ClientUpdate, RoundPlan
 
 
 @dataclass(frozen=True)
@@ -23,14 +31,54 @@ class AggregateInfo:
     clients: int  # uploads folded into the new global state
     bytes_up: int
     similarity: list[dict[str, Any]] = field(default_factory=list)  # analysis.similarity rows for uploaded factors
+    messages: int = 0  # arrivals folded in: one per client (receive) or one per worker (receive_partial)
+
+
+def new_partial(cfg: Config, method: Method, round: int) -> PartialSum:
+    """An empty :class:`PartialSum` for ``round`` with this run's settings: float64 sums for linear methods
+    (buffered uploads otherwise), re-clipping to ``privacy.client_clip`` under client-level DP, unit-vector sums
+    when ``analysis.similarity`` is on. Workers and the server must build theirs with this so they can merge."""
+    clip = cfg.privacy.client_clip if cfg.privacy.mode == "client" else None
+    return PartialSum(round, clip=clip, similarity=cfg.analysis.similarity, buffer=not method.linear)
+
+
+def dp_fedavg_from_sum(
+    global_state: AdapterState,
+    sums: PartialSum,
+    keys: list[str],
+    expected_clients: int,
+    noise_multiplier: float,
+    clip: float,
+    generator: torch.Generator,
+) -> AdapterState:
+    """DP-FedAvg's server step from a streamed sum of clipped deltas (same maths and noise draw as
+    :func:`fedsim.privacy.client_level.dp_fedavg_aggregate`): ``new[k] = global[k] + (sum[k] + N(0, (nm C)^2)) / m``
+    with ``m = expected_clients`` fixed. ``sums`` must have been folded with ``clip`` (see :func:`new_partial`).
+    Raises ValueError for ``expected_clients < 1`` or a clip other than the sum's."""
+    if int(expected_clients) < 1:
+        raise ValueError(f"expected_clients must be >= 1, got {expected_clients}")
+    if sums.clip != clip:
+        raise ValueError(f"the uploads were clipped to {sums.clip}, not to privacy.client_clip = {clip}")
+    noise = gaussian_noise(global_state, keys, noise_multiplier, clip, generator)
+    m = float(int(expected_clients))
+    new: AdapterState = dict(global_state)
+    for key in keys:
+        g = global_state[key]
+        total = noise[key] + (sums.sums[key].to(noise[key].device) if key in sums.sums else 0.0)
+        new[key] = (g.detach().to(torch.float64) + total / m).to(g.dtype)
+    return new
 
 
 class ParameterServer:
-    """Receives uploads for a round, aggregates them in client-id order.
+    """Folds a round's uploads in as they arrive; ``aggregate(round)`` turns them into the new global state.
 
     Client-level DP (``privacy.mode: client``): uploads are clipped deltas; the server adds their sum and ONE
     Gaussian noise draw (std ``server_noise_multiplier * privacy.client_clip``, seeded by (seed, round)) divided
     by the expected cohort size to the shared tensors (DP-FedAvg). Only linear methods are allowed there.
+
+    A client id may arrive once per round (a second arrival raises ValueError, also when it comes inside another
+    worker's partial sum); :meth:`received_ids` tells the runtime whose uploads arrived (crash recovery re-runs
+    the others). Uploads for a round that was already aggregated are rejected (ValueError).
     """
 
     def __init__(self, cfg: Config, initial_state: AdapterState, server_noise_multiplier: float | None = None) -> None:
@@ -41,7 +89,9 @@ class ParameterServer:
         self._keys = sorted(self._global)
         self.server_state = self.method.init_server_state(self._global)
         self._plans: dict[int, RoundPlan] = {}
-        self._pending: dict[int, ClientUpdate] = {}
+        self._open: dict[int, PartialSum] = {}  # round -> what arrived so far
+        self._messages: dict[int, int] = {}  # round -> arrivals so far
+        self._last_aggregated: int | None = None
 
     def plan(self, round: int) -> RoundPlan:
         if round not in self._plans:
@@ -61,37 +111,62 @@ class ParameterServer:
             raise ValueError("checkpoint global state has other adapter keys than this run's model")
         self._global = {k: v.detach().clone() for k, v in global_state.items()}
         self.server_state = server_state
-        self._plans, self._pending = {}, {}
+        self._plans, self._open, self._messages, self._last_aggregated = {}, {}, {}, None
 
-    def receive(self, update: ClientUpdate) -> None:
-        """Buffer one client's upload; a second upload from the same client in a round is an error."""
-        if update.client_id in self._pending:
-            raise ValueError(f"client {update.client_id} uploaded twice in one round")
-        self._pending[update.client_id] = update
+    def _round(self, round: int) -> PartialSum:
+        if self._last_aggregated is not None and round <= self._last_aggregated:
+            raise ValueError(f"round {round} was already aggregated; its uploads arrived too late")
+        if round not in self._open:
+            self._open[round] = new_partial(self.cfg, self.method, round)
+        return self._open[round]
+
+    def receive(self, update: ClientUpdate, round: int) -> None:
+        """Fold one client's upload of ``round`` in (a second upload of that client in that round is an error)."""
+        self._round(round).add(update)
+        self._messages[round] = self._messages.get(round, 0) + 1
+
+    def receive_partial(self, partial: PartialSum) -> None:
+        """Fold a worker's pre-summed uploads in (built with :func:`new_partial`). Raises ValueError when one of
+        its clients already arrived in that round, or when its settings differ from the server's."""
+        self._round(partial.round).merge(partial)
+        self._messages[partial.round] = self._messages.get(partial.round, 0) + 1
+
+    def received_ids(self, round: int) -> list[int]:
+        """Sorted ids of the clients whose uploads for ``round`` arrived (and are not yet aggregated)."""
+        return sorted(self._open[round].client_ids) if round in self._open else []
 
     def aggregate(self, round: int) -> AggregateInfo:
-        """Fold the buffered uploads (sorted by client id) into the global state; no uploads = no change."""
-        updates: Sequence[ClientUpdate] = [self._pending[c] for c in sorted(self._pending)]
-        self._pending = {}
+        """Turn what arrived for ``round`` into the new global state; no uploads = no change (except client-level
+        DP, whose noise is added every round)."""
+        sums = self._open.pop(round, None) or new_partial(self.cfg, self.method, round)
+        self._open = {r: p for r, p in self._open.items() if r > round}
+        messages = self._messages.pop(round, 0)
+        self._messages = {r: n for r, n in self._messages.items() if r > round}
+        self._last_aggregated = round
         plan = self.plan(round)
         if self.cfg.privacy.mode == "client" and plan.uploaded:
-            self._global = dp_fedavg_aggregate(
+            self._global = dp_fedavg_from_sum(
                 self._global,
-                [u.tensors for u in updates],
+                sums,
                 plan.uploaded,
                 expected_clients=self.cfg.federation.clients_per_round,
                 noise_multiplier=float(self.server_noise_multiplier or 0.0),
                 clip=self.cfg.privacy.client_clip,
                 generator=torch_generator(self.cfg.seed, "server_noise", round),
             )
-        elif updates and plan.uploaded:
-            self._global, self.server_state = self.method.aggregate(self._global, updates, plan, self.server_state)
-        sim = (
-            similarity_rows(round, [u.tensors for u in updates], plan.uploaded) if self.cfg.analysis.similarity else []
-        )
+        elif len(sums) and plan.uploaded:
+            if self.method.linear:
+                self._global, self.server_state = self.method.aggregate_sums(
+                    self._global, sums, plan, self.server_state
+                )
+            else:
+                self._global, self.server_state = self.method.aggregate(
+                    self._global, sums.buffered(), plan, self.server_state
+                )
         return AggregateInfo(
             round=round,
-            clients=len(updates),
-            bytes_up=sum(state_bytes(u.tensors) + 4 * len(u.signals) for u in updates),
-            similarity=sim,
+            clients=len(sums),
+            bytes_up=sums.bytes_up,
+            similarity=sums.similarity_rows(plan.uploaded),
+            messages=messages,
         )

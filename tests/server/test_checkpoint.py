@@ -62,3 +62,40 @@ def test_kill_during_a_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     write_checkpoint(tmp_path, _ckpt(2))  # the next write cleans the leftover
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert latest_checkpoint_dir(tmp_path).name == "round-000002"
+
+
+def test_client_files_are_replaced_atomically_and_links_keep_the_old_content(tmp_path, monkeypatch):
+    a, b = {"w": torch.ones(3)}, {"w": torch.full((3,), 2.0)}
+    path = tmp_path / "client_1.safetensors"
+    ck.save_state_atomic(a, path)
+    ck.link_or_copy(path, tmp_path / "linked.safetensors")
+    ck.save_state_atomic(b, path)  # a new inode: the link still holds a
+    assert torch.equal(ck.load_file(str(tmp_path / "linked.safetensors"))["w"], a["w"])
+
+    def dies_midway(tensors, target):
+        with open(target, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ck, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_state_atomic(a, path)
+    monkeypatch.undo()
+    assert torch.equal(ck.load_file(str(path))["w"], b["w"])  # the complete previous file
+
+
+def test_stored_clients_are_moved_in_and_read_back_lazily(tmp_path):
+    folder = tmp_path / "snap"
+    folder.mkdir()
+    want = _ckpt(5)
+    for cid, state in want.client_states.items():
+        ck.save_state_atomic(state, folder / ck.client_file_name(cid))
+    stored = ck.StoredClients(folder, list(want.client_states))
+    path = write_checkpoint(tmp_path, Checkpoint(5, want.global_state, {}, stored, want.ledgers))
+    assert not folder.exists() and not (path / "clients.safetensors").exists()
+    got = read_checkpoint(path)
+    assert isinstance(got.client_states, ck.StoredClients) and sorted(got.client_states) == [3, 11]
+    assert all(torch.equal(got.client_states[c][k], v) for c, s in want.client_states.items() for k, v in s.items())
+    assert got.ledgers == want.ledgers and 4 not in got.client_states
+    with pytest.raises(KeyError):
+        got.client_states[4]

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import pickle
+
+import pytest
 import torch
 
-from fedsim.config.schema import Config, MethodConfig
+from fedsim.config.schema import AnalysisConfig, Config, FederationConfig, MethodConfig, PrivacyConfig
+from fedsim.methods.base import make_method
+from fedsim.metrics.similarity import similarity_rows
+from fedsim.privacy.client_level import clip_update, dp_fedavg_aggregate
+from fedsim.seeding import torch_generator
 from fedsim.server.client_store import ClientStore
 from fedsim.server.cohort import largest_first, sample_cohort
-from fedsim.server.parameter_server import ParameterServer
+from fedsim.server.parameter_server import ParameterServer, dp_fedavg_from_sum, new_partial
 from fedsim.types import ClientUpdate
 from tests.methods.helpers import state
 
@@ -28,9 +35,9 @@ def test_parameter_server_aggregates_in_client_id_order_whatever_the_arrival_ord
         ps = ParameterServer(Config(method=MethodConfig("fedavg_lora")), state(0))
         plan = ps.plan(1)
         for cid in order:
-            ps.receive(ClientUpdate(cid, 1.0 + cid, {k: state(10 + cid)[k] for k in plan.uploaded}))
+            ps.receive(ClientUpdate(cid, 1.0 + cid, {k: state(10 + cid)[k] for k in plan.uploaded}), round=1)
         info = ps.aggregate(1)
-        assert info.clients == 3 and info.bytes_up > 0
+        assert info.clients == 3 and info.messages == 3 and info.bytes_up > 0
         results.append(ps.global_state())
     for k in results[0]:
         assert torch.equal(results[0][k], results[1][k])
@@ -47,3 +54,77 @@ def test_client_store_spills_to_disk_and_returns_identical_tensors(tmp_path):
         got = store.get(c)
         assert got is not None and all(torch.equal(got[k], s[k]) for k in s)
     assert store.get(99) is None
+
+
+def _upload(plan, cid: int) -> ClientUpdate:
+    return ClientUpdate(cid, 1.0 + cid, {k: state(10 + cid)[k] for k in plan.uploaded})
+
+
+@pytest.mark.parametrize("name", ["fedavg_lora", "flexlora"])  # streamed (linear) and buffered (SVD family)
+def test_worker_partial_sums_give_the_method_aggregate_of_all_uploads(name):
+    cfg = Config(method=MethodConfig(name), analysis=AnalysisConfig(similarity=True))
+    ps = ParameterServer(cfg, state(0))
+    plan = ps.plan(1)
+    ups = [_upload(plan, c) for c in range(5)]
+    for worker in ([3, 0], [4, 1, 2]):  # each worker pre-sums its clients and sends one message
+        partial = new_partial(cfg, ps.method, 1)
+        for c in worker:
+            partial.add(ups[c])
+        ps.receive_partial(pickle.loads(pickle.dumps(partial)))  # as Ray ships it
+    assert ps.received_ids(1) == [0, 1, 2, 3, 4] and ps.received_ids(2) == []
+    info = ps.aggregate(1)
+    want, _ = make_method(cfg).aggregate(state(0), ups, plan, {})
+    got = ps.global_state()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+    assert info.clients == 5 and info.messages == 2  # one per worker
+    assert info.bytes_up == sum(4 * sum(t.numel() for t in u.tensors.values()) for u in ups)
+    want_sim = similarity_rows(1, [u.tensors for u in ups], plan.uploaded)
+    assert len(info.similarity) == len(want_sim) > 0
+    for a, b in zip(info.similarity, want_sim, strict=True):
+        assert (a["layer"], a["factor"]) == (b["layer"], b["factor"])
+        assert a["similarity"] == pytest.approx(b["similarity"], abs=1e-9)
+    assert ps.received_ids(1) == []
+
+
+def test_a_client_arriving_twice_or_late_is_rejected():
+    cfg = Config(method=MethodConfig("ffa_lora"))
+    ps = ParameterServer(cfg, state(0))
+    plan = ps.plan(1)
+    ps.receive(_upload(plan, 0), round=1)
+    partial = new_partial(cfg, ps.method, 1)
+    partial.add(_upload(plan, 1))
+    partial.add(_upload(plan, 0))
+    with pytest.raises(ValueError, match="twice"):
+        ps.receive_partial(partial)
+    with pytest.raises(ValueError, match="twice"):
+        ps.receive(_upload(plan, 0), round=1)
+    assert ps.received_ids(1) == [0]
+    ps.aggregate(1)
+    with pytest.raises(ValueError, match="already aggregated"):
+        ps.receive(_upload(plan, 1), round=1)
+
+
+def test_client_level_dp_from_streamed_sums_equals_dp_fedavg_on_the_deltas():
+    cfg = Config(
+        method=MethodConfig("ffa_lora"),
+        federation=FederationConfig(clients_per_round=4),
+        privacy=PrivacyConfig(mode="client", client_clip=0.7),
+    )
+    g = state(0)
+    keys = [k for k in sorted(g) if k.endswith("lora_B")]
+    deltas = [{k: state(20 + c)[k] * (0.05 if c == 0 else 1.0) for k in keys} for c in range(3)]  # one unclipped
+    partial = new_partial(cfg, make_method(cfg), 1)
+    for c in (2, 0, 1):
+        partial.add(ClientUpdate(c, 1.0, clip_update(deltas[c], 0.7)[0]))
+    got = dp_fedavg_from_sum(g, partial, keys, 4, 1.3, 0.7, torch_generator(0, "server_noise", 1))
+    want = dp_fedavg_aggregate(g, deltas, keys, 4, 1.3, 0.7, torch_generator(0, "server_noise", 1))
+    for k in g:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+    noise_only = dp_fedavg_from_sum(
+        g, new_partial(cfg, make_method(cfg), 1), keys, 4, 1.3, 0.7, torch_generator(0, "n")
+    )
+    assert all(not torch.equal(noise_only[k], g[k]) for k in keys)
+    with pytest.raises(ValueError, match="client_clip"):
+        dp_fedavg_from_sum(g, partial, keys, 4, 1.3, 0.5, torch_generator(0, "n"))

@@ -113,8 +113,11 @@ def test_other_runtime_resources_keep_finished_cells(tmp_path):
     first = out / "cells" / spec.cells[0].cell_id / "summary.json"
     mtime = first.stat().st_mtime_ns
     path = tmp_path / "tiny-grid.yaml"
-    path.write_text(path.read_text().replace("data.synthetic_examples: 300", "data.synthetic_examples: 300, "
-                                                                            "runtime.cpus_per_worker: 2"))
+    path.write_text(
+        path.read_text().replace(
+            "data.synthetic_examples: 300", "data.synthetic_examples: 300, runtime.cpus_per_worker: 2"
+        )
+    )
     more = load_sweep(path)
     assert more.cells[0].config.runtime.cpus_per_worker == 2 != spec.cells[0].config.runtime.cpus_per_worker
     logs: list[str] = []

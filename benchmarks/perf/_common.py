@@ -1,0 +1,161 @@
+"""Shared helpers of the perf benchmarks (overhead.py, vs_flower.py, scale.py): run environment, the MiniLM job,
+the hand-written local training loop, a float64 FedAvg, Markdown tables and the run-directory tables.
+
+Importable from fedsim's venv and from the Flower venv that vs_flower.py makes (torch, numpy and fedsim's
+torch-level modules only; pyarrow and the data layer are imported inside the functions that need them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]  # the fedsim checkout
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+
+RUN_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_TELEMETRY_ENABLED": "0",  # Flower would otherwise try to send telemetry events
+}
+
+
+def set_run_env() -> dict[str, str]:
+    """Set the offline / no-telemetry variables (keeping values the caller already set); returns os.environ copy."""
+    for k, v in RUN_ENV.items():
+        os.environ.setdefault(k, v)
+    return dict(os.environ)
+
+
+def minilm_job(
+    *,
+    clients: int,
+    cohort: int,
+    rounds: int,
+    local_steps: int,
+    batch_size: int,
+    max_length: int,
+    workers: int,
+    threads: int,
+    backend: str = "ray",
+    dp: bool = False,
+    noise_multiplier: float = 1.0,
+    clip: float = 1.0,
+    seed: int = 0,
+    checkpoint_every: int = 0,
+    source: str = "bbc-news",
+) -> dict[str, Any]:
+    """The fedsim config (dotted keys) of the MiniLM job the bare loop, Flower and fedsim all run.
+
+    MiniLM + LoRA r=8 alpha=16 on query/value + trained head (as fedsim builds it), FedAvg-LoRA (every adapter
+    tensor trained and averaged, weighted by examples: what Flower's FedAvg does), iid shards (every client the same
+    size up to one example), plain SGD; no personal holdout and evaluation only after the last round, so that
+    training dominates. DP: per-example clipping ``clip`` and a FIXED noise multiplier (no calibration).
+    """
+    job: dict[str, Any] = {
+        "seed": seed,
+        "model.name": "minilm",
+        "lora.r": 8,
+        "lora.alpha": 16.0,
+        "lora.dropout": 0.0,
+        "lora.train_head": True,
+        "data.source": source,
+        "data.max_length": max_length,
+        "data.test_fraction": 0.2,
+        "data.personal_fraction": 0.0,
+        "data.partition.kind": "iid",
+        "federation.clients": clients,
+        "federation.clients_per_round": cohort,
+        "federation.rounds": rounds,
+        "federation.local_steps": local_steps,
+        "federation.batch_size": batch_size,
+        "federation.lr": 0.5,
+        "federation.optimizer": "sgd",
+        "federation.eval_every": rounds,  # the last round is always evaluated; no other
+        "method.name": "fedavg_lora",
+        "privacy.mode": "sample" if dp else "none",
+        "runtime.backend": backend,
+        "runtime.workers": workers,
+        "runtime.cpus_per_worker": float(threads),
+        "runtime.checkpoint_every": checkpoint_every,
+    }
+    if dp:
+        job.update({"privacy.noise_multiplier": noise_multiplier, "privacy.clip": clip, "privacy.epsilon": None})
+    return job
+
+
+def local_train(
+    forward: Any,
+    params: Sequence[Any],
+    optimizer: Any,
+    ids: Any,
+    mask: Any,
+    labels: Any,
+    batches: Sequence[Any],
+    dropout_seed: int,
+) -> tuple[int, int, list[float]]:
+    """The bare local loop: one optimiser step per batch (SGD; a DPOptimizer under DP). Returns (steps, examples
+    seen, losses). ``ids``/``mask``/``labels`` are the client's tensors, ``batches`` index tensors (fedsim's
+    ``batch_schedule``); an empty (Poisson) batch is a noise-only step, marked as fedsim marks it. Dropout draws come
+    from ``torch.manual_seed(dropout_seed)`` inside ``fork_rng``, as in fedsim's trainer.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    losses: list[float] = []
+    seen = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(dropout_seed)
+        for idx in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if len(idx) == 0:
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            else:
+                logits = forward(input_ids=ids[idx], attention_mask=mask[idx]).logits
+                loss = F.cross_entropy(logits.float(), labels[idx])
+                loss.backward()
+                losses.append(float(loss.detach()))
+                seen += len(idx)
+            optimizer.step()
+    return len(batches), seen, losses
+
+
+def fedavg(states: Sequence[tuple[float, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Weighted mean of adapter states (float64 accumulation, cast back to each tensor's dtype)."""
+    total = sum(w for w, _ in states)
+    first = states[0][1]
+    out = {}
+    for k, v in first.items():
+        acc = sum(w / total * s[k].double() for w, s in states)
+        out[k] = acc.to(v.dtype)
+    return out
+
+
+def max_abs_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    """Largest |a[k] - b[k]| over the common keys (inf if the key sets differ)."""
+    if set(a) != set(b):
+        return float("inf")
+    return max((float((a[k].double() - b[k].double()).abs().max()) for k in a), default=0.0)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A Markdown table; columns whose index is in ``right`` are right-aligned."""
+    align = ["---:" if i in right else "---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet table (rounds.parquet / clients.parquet) as dicts."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()

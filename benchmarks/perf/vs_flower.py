@@ -1,0 +1,442 @@
+"""The same federated job in Flower's simulation engine and in fedsim, one after the other: wall times and ratio.
+
+The job (``_common.minilm_job``): bundled MiniLM + LoRA r=8, alpha=16 on query/value + trained head, FedAvg over
+all adapter tensors weighted by examples, BBC News in iid shards, ``--clients`` clients, ``--cohort`` per round,
+``--local-steps`` plain-SGD steps of ``--batch-size`` per client, ``--rounds`` rounds, ``--workers`` parallel
+client executors of ``--threads`` CPU(s) each (fedsim: ClientWorker actors; Flower: ClientApp actors via
+``client_resources``), one evaluation on the global test set after the last round, no DP.
+
+This script (in fedsim's venv) first exports the job: the tokenised data and client shards (``.npz``) and the
+frozen base model (safetensors + JSON) that fedsim's own builders make, so both sides train on identical inputs.
+Then, each in a fresh subprocess:
+
+* fedsim: ``run_simulation`` (Ray backend, ``runtime.checkpoint_every = 0`` unless ``--fedsim-checkpoint-every``).
+* Flower: ``flwr.simulation.run_simulation`` with a ``ServerApp`` running the message-API ``FedAvg`` strategy and a
+  ``ClientApp`` whose train handler loads the global arrays into a MiniLM+LoRA model (fedsim's
+  ``model_from_blueprint`` + ``attach_adapter``), runs the same batches (fedsim's ``batch_schedule`` and seeds)
+  with the same hand-written loop as the bare loop of overhead.py, and replies with the arrays and
+  ``num-examples``. The model and data are cached per Ray actor process (kind to Flower: its tutorials rebuild
+  the model in every message; ``--flower-rebuild`` does that). Flower samples its cohort itself (random), fedsim
+  by its seeded sampler: with equal-size iid shards every client costs the same.
+
+Flower runs from its own virtual environment ``.cache/flower-venv`` (git-ignored), which this script creates on
+first use with ``pip install "torch==<fedsim's>" "flwr[simulation]==<--flwr-version>"`` and fedsim's versions of
+transformers, peft, opacus, safetensors and numpy. flwr 1.42.0 (the newest) needs certifi>=2026.10.19, which the
+package index here does not have, hence the default 1.41.0 (it pins ray 2.55.1; fedsim's venv has its own Ray).
+
+Reported per framework: the subprocess's wall time (interpreter start to exit: imports, Ray start, model build,
+rounds, shutdown: the like-for-like number), the federated loop (fedsim: the sum of rounds.parquet ``wall_s``;
+Flower: ``strategy.start``; start-up falls differently: fedsim's workers build their model when they start, partly
+before round 1, Flower's actors on their first message, inside the loop) and the steady-state median seconds of
+rounds 2..R-1 (fedsim: ``wall_s``; Flower: time between its ``evaluate_fn`` calls, which come after every round;
+needs ``--rounds`` >= 3), with Flower / fedsim ratios (> 1: fedsim is faster). With ``--cohort`` = ``--clients``
+both sides do the same computation and the final adapters are compared.
+
+    python benchmarks/perf/vs_flower.py                      # the measured setting (idle machine)
+    python benchmarks/perf/vs_flower.py --quick              # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import ROOT, local_train, markdown_table, max_abs_diff, minilm_job, read_table, set_run_env  # noqa: E402
+
+FLOWER_VENV = ROOT / ".cache" / "flower-venv"
+PROBE = "import flwr, ray, torch, transformers, peft, opacus, safetensors, numpy; print(flwr.__version__)"
+_CACHE: dict[str, Any] = {}  # per process (each Flower ClientApp actor keeps its model and data here)
+
+
+# ----------------------------------------------------------------------------------------------- the Flower venv
+
+
+def ensure_flower_venv(venv: Path, flwr_version: str) -> Path:
+    """The Flower venv's python; creates the venv and installs into it if ``PROBE`` fails there."""
+    py = venv / "bin" / "python"
+    if py.exists() and subprocess.run([str(py), "-c", PROBE], capture_output=True).returncode == 0:
+        return py
+    print(f"creating the Flower venv {venv} (flwr[simulation]=={flwr_version}); this takes a few minutes", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pins = [
+        f"torch=={version('torch').split('+')[0]}",  # torch pinned in every pip call
+        f"flwr[simulation]=={flwr_version}",
+        *(f"{p}=={version(p)}" for p in ("transformers", "peft", "opacus", "safetensors", "numpy")),
+    ]
+    subprocess.run([str(py), "-m", "pip", "install", *pins], check=True)
+    subprocess.run([str(py), "-c", PROBE], check=True)
+    return py
+
+
+# ----------------------------------------------------------------------------------------------- the job export
+
+
+def export_job(job: dict[str, Any], job_dir: Path) -> None:
+    """Build data and base model with fedsim's builders; write job.json, data.npz, base.safetensors, base.json."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from fedsim.config.load import config_from_dict
+    from fedsim.data.federated import build_federated_data
+    from fedsim.data.sources import load_source
+    from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
+
+    cfg = config_from_dict(job)
+    dataset = load_source(cfg.data, cfg.seed)
+    tokenizer = build_tokenizer(cfg.model, dataset.texts)
+    data = build_federated_data(cfg, dataset, tokenizer)
+    bp = blueprint_of(build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed))
+    job_dir.mkdir(parents=True, exist_ok=True)
+    sizes = np.asarray([len(c) for c in data.client_train], dtype=np.int64)
+    np.savez(
+        job_dir / "data.npz",
+        input_ids=data.input_ids,
+        attention_mask=data.attention_mask,
+        labels=data.labels,
+        test_indices=data.test_indices,
+        client_offsets=np.concatenate([[0], np.cumsum(sizes)]),
+        client_flat=np.concatenate(data.client_train),
+    )
+    save_file({k: v.contiguous() for k, v in bp.weights.items()}, str(job_dir / "base.safetensors"))
+    (job_dir / "base.json").write_text(json.dumps({"config": bp.config, "family": bp.family}, default=str))
+    (job_dir / "job.json").write_text(json.dumps(job, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------- the Flower side
+
+
+def _model_and_data(job_dir: str, rebuild: bool = False) -> dict[str, Any]:
+    """This process's MiniLM+LoRA model, data tensors and job (built once per process unless ``rebuild``)."""
+    if job_dir in _CACHE and not rebuild:
+        return _CACHE[job_dir]
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from fedsim.config.schema import LoraConfig
+    from fedsim.model.adapters import adapter_keys, attach_adapter, parameters_for, set_trainable
+    from fedsim.model.build import BaseBlueprint, model_from_blueprint
+
+    root = Path(job_dir)
+    job = json.loads((root / "job.json").read_text())
+    meta = json.loads((root / "base.json").read_text())
+    torch.set_num_threads(int(job["runtime.cpus_per_worker"]))
+    bp = BaseBlueprint(config=meta["config"], weights=load_file(str(root / "base.safetensors")), family=meta["family"])
+    lora = LoraConfig(r=job["lora.r"], alpha=job["lora.alpha"], dropout=job["lora.dropout"])
+    model = attach_adapter(model_from_blueprint(bp), lora, bp.family, job["seed"])
+    keys = adapter_keys(model)
+    set_trainable(model, keys)
+    with np.load(root / "data.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    entry = {
+        "job": job,
+        "model": model,
+        "keys": keys,
+        "params": parameters_for(model, keys),
+        "tensors": [torch.as_tensor(arrays[k], dtype=torch.long) for k in ("input_ids", "attention_mask", "labels")],
+        "arrays": arrays,
+    }
+    _CACHE[job_dir] = entry
+    return entry
+
+
+def flower_train(msg: Any, context: Any) -> Any:
+    """ClientApp train handler: global arrays in, the same local SGD steps as fedsim's trainer, arrays out."""
+    import torch
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from fedsim.client.trainer import batch_schedule
+    from fedsim.model.adapters import get_state, set_state
+    from fedsim.seeding import derive_seed, torch_generator
+
+    w = _model_and_data(os.environ["VS_FLOWER_JOB"], rebuild=os.environ.get("VS_FLOWER_REBUILD") == "1")
+    job, model, keys, params = w["job"], w["model"], w["keys"], w["params"]
+    cid = int(context.node_config["partition-id"])
+    rnd = int(msg.content["config"]["server-round"])
+    set_state(model, dict(msg.content["arrays"].to_torch_state_dict()))
+    off = w["arrays"]["client_offsets"]
+    idx = torch.as_tensor(w["arrays"]["client_flat"][off[cid] : off[cid + 1]], dtype=torch.long)
+    ids, mask, labels = (x[idx] for x in w["tensors"])
+    seed, n = job["seed"], len(idx)
+    batches = batch_schedule(
+        n,
+        job["federation.batch_size"],
+        job["federation.local_steps"],
+        False,
+        torch_generator(seed, "batches", rnd, cid),
+    )
+    opt = torch.optim.SGD(params, lr=job["federation.lr"])
+    model.train()
+    _, _, losses = local_train(model, params, opt, ids, mask, labels, batches, derive_seed(seed, "dropout", rnd, cid))
+    model.eval()
+    for p in params:
+        p.grad = None
+    metrics = MetricRecord({"num-examples": n, "train_loss": sum(losses) / max(len(losses), 1)})
+    content = RecordDict({"arrays": ArrayRecord(get_state(model, keys)), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def _evaluate(job_dir: str, state: dict[str, Any]) -> dict[str, float]:
+    """Loss and accuracy of ``state`` on the global test set (chunks of ``runtime.eval_batch_size`` = 64)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fedsim.model.adapters import set_state
+
+    w = _model_and_data(job_dir)
+    model = w["model"]
+    set_state(model, state)
+    model.eval()
+    test = torch.as_tensor(w["arrays"]["test_indices"], dtype=torch.long)
+    ids, mask, labels = (x[test] for x in w["tensors"])
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(test), 64):
+            logits = model(input_ids=ids[s : s + 64], attention_mask=mask[s : s + 64]).logits.float()
+            loss += float(F.cross_entropy(logits, labels[s : s + 64], reduction="sum"))
+            correct += int((logits.argmax(-1) == labels[s : s + 64]).sum())
+    return {"eval_loss": loss / len(test), "eval_accuracy": correct / len(test)}
+
+
+def flower_side(job_dir: Path, result_path: Path) -> int:
+    """Run the job in Flower's simulation engine; write {loop_s, final state file, eval} to ``result_path``."""
+    from flwr.app import ArrayRecord, MetricRecord
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+    from safetensors.torch import save_file
+
+    from fedsim.model.adapters import get_state
+
+    os.environ["VS_FLOWER_JOB"] = str(job_dir)  # inherited by the Ray actor processes
+    job = json.loads((job_dir / "job.json").read_text())
+    clients, cohort, rounds = job["federation.clients"], job["federation.clients_per_round"], job["federation.rounds"]
+    workers, threads = job["runtime.workers"], job["runtime.cpus_per_worker"]
+    out: dict[str, Any] = {}
+
+    client_app = ClientApp()
+    client_app.train()(flower_train)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Any, context: Any) -> None:
+        initial = get_state(_model_and_data(str(job_dir))["model"])
+
+        marks: list[float] = []
+        out["round_s"] = []
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            marks.append(time.perf_counter())  # called before round 1 and after every round
+            if len(marks) > 1:
+                out["round_s"].append(marks[-1] - marks[-2])
+            if server_round != rounds:
+                return None
+            ev = _evaluate(str(job_dir), dict(arrays.to_torch_state_dict()))
+            out["eval"] = ev
+            return MetricRecord(ev)
+
+        strategy = FedAvg(
+            fraction_train=cohort / clients,
+            fraction_evaluate=0.0,
+            min_train_nodes=cohort,
+            min_evaluate_nodes=0,
+            min_available_nodes=clients,
+        )
+        t0 = time.perf_counter()
+        result = strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds, evaluate_fn=evaluate_fn
+        )
+        out["loop_s"] = time.perf_counter() - t0
+        final = {k: v.clone() for k, v in result.arrays.to_torch_state_dict().items()}
+        save_file(final, str(result_path.with_suffix(".safetensors")))
+
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=clients,
+            backend_config={
+                "client_resources": {"num_cpus": threads, "num_gpus": 0.0},
+                "init_args": {"num_cpus": int(workers * threads), "include_dashboard": False},
+            },
+        )
+    except BaseException:  # Flower leaves non-daemon threads behind after a failure: exit hard, do not hang
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    if "loop_s" not in out:
+        print("Flower's ServerApp did not finish (see its log above)", file=sys.stderr)
+        return 1
+    result_path.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- the fedsim side
+
+
+def fedsim_side(job_dir: Path, result_path: Path) -> int:
+    """Run the job with fedsim; write {loop_s, eval} and the final state next to ``result_path``."""
+    from safetensors.torch import save_file
+
+    from fedsim.config.load import config_from_dict
+    from fedsim.simulation import run_simulation
+
+    cfg = config_from_dict(json.loads((job_dir / "job.json").read_text()))
+    run_dir = result_path.parent / "fedsim-run"
+    box: dict[str, Any] = {}
+    run_simulation(cfg, run_dir, label="vs_flower", progress=False, inspect=lambda b: box.update(g=b.global_state()))
+    save_file({k: v.contiguous() for k, v in box["g"].items()}, str(result_path.with_suffix(".safetensors")))
+    rounds = read_table(run_dir / "rounds.parquet")
+    ev = {"eval_loss": rounds[-1]["eval_loss"], "eval_accuracy": rounds[-1]["eval_accuracy"]}
+    out = {"loop_s": sum(r["wall_s"] for r in rounds), "round_s": [r["wall_s"] for r in rounds], "eval": ev}
+    result_path.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def steady(round_s: list[float]) -> str:
+    """Median seconds of rounds 2 .. R-1 (no start-up, no evaluation), or n/a with fewer than 3 rounds."""
+    inner = round_s[1:-1]
+    return f"{statistics.median(inner):.2f}" if inner else "n/a"
+
+
+def run_side(python: str, side: str, job_dir: Path, work: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """One side in a fresh subprocess (own session; killed with its Ray processes after ``timeout`` seconds);
+    its result JSON plus the subprocess wall time."""
+    result = work / f"{side}.json"
+    code = f"import sys, vs_flower; sys.exit(vs_flower.side_main({side!r}, {str(job_dir)!r}, {str(result)!r}))"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([python, "-c", code], env=env, cwd=str(HERE), start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session holds this side's Ray processes too
+        proc.wait()
+        raise SystemExit(f"the {side} side ran past --timeout {timeout:.0f} s and was stopped") from None
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"the {side} side failed (exit {rc}); see its output above")
+    out = json.loads(result.read_text())
+    out["wall_s"] = wall
+    return out
+
+
+def side_main(side: str, job_dir: str, result: str) -> int:
+    set_run_env()
+    run = flower_side if side == "flower" else fedsim_side
+    return run(Path(job_dir), Path(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--cohort", type=int, default=10, help="clients per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    ap.add_argument("--workers", type=int, default=2, help="parallel client executors (Ray actors) on each side")
+    ap.add_argument("--threads", type=int, default=1, help="CPUs (and torch threads) per executor")
+    ap.add_argument("--fedsim-checkpoint-every", type=int, default=0, help="runtime.checkpoint_every of fedsim")
+    ap.add_argument("--flower-rebuild", action="store_true", help="Flower builds the model in every message")
+    ap.add_argument("--flwr-version", default="1.41.0", help="flwr[simulation] version for the Flower venv")
+    ap.add_argument("--venv", type=Path, default=FLOWER_VENV, help="the Flower venv (created if missing)")
+    ap.add_argument("--order", choices=["flower-first", "fedsim-first"], default="flower-first")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds each side may run before it is stopped")
+    ap.add_argument("--out", type=Path, default=None, help="work folder (default: a folder under .cache/)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2 clients, 2 rounds, 1 step of batch 4")
+    if ap.parse_args(argv).quick:  # smaller defaults; options given explicitly still win
+        ap.set_defaults(clients=2, cohort=2, rounds=2, local_steps=1, batch_size=4, max_length=32)
+    args = ap.parse_args(argv)
+    env = set_run_env()
+    flower_py = ensure_flower_venv(args.venv, args.flwr_version)
+    (ROOT / ".cache").mkdir(exist_ok=True)
+    work = args.out or Path(tempfile.mkdtemp(prefix="fedsim-vs-flower-", dir=ROOT / ".cache"))
+    job = minilm_job(
+        clients=args.clients,
+        cohort=args.cohort,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        workers=args.workers,
+        threads=args.threads,
+        checkpoint_every=args.fedsim_checkpoint_every,
+    )
+    export_job(job, work / "job")
+    env = {
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+        "VS_FLOWER_REBUILD": str(int(args.flower_rebuild)),
+    }
+    fl_version = subprocess.run([str(flower_py), "-c", PROBE], capture_output=True, text=True).stdout.strip()
+    print(
+        f"MiniLM + LoRA r=8 + head, FedAvg, BBC News iid: {args.clients} clients, cohort {args.cohort}, {args.rounds} "
+        f"rounds x {args.local_steps} SGD steps of batch {args.batch_size}, {args.max_length} tokens; {args.workers} "
+        f"executor(s) x {args.threads} CPU each side; flwr {fl_version}, fedsim checkpoint_every "
+        f"{args.fedsim_checkpoint_every}, Flower model {'rebuilt per message' if args.flower_rebuild else 'cached'}.\n",
+        flush=True,
+    )
+    sides = [("flower", str(flower_py)), ("fedsim", sys.executable)]
+    if args.order == "fedsim-first":
+        sides.reverse()
+    res = {side: run_side(py, side, work / "job", work, env, args.timeout) for side, py in sides}
+    fl, fs = res["flower"], res["fedsim"]
+    rows = [
+        [
+            name,
+            f"{r['wall_s']:.1f}",
+            f"{r['loop_s']:.1f}",
+            f"{r['loop_s'] / args.rounds:.2f}",
+            steady(r["round_s"]),
+            f"{r['eval']['eval_accuracy']:.3f}",
+        ]
+        for name, r in (("Flower", fl), ("fedsim", fs))
+    ]
+    fl_st, fs_st = steady(fl["round_s"]), steady(fs["round_s"])
+    steady_ratio = f"{float(fl_st) / float(fs_st):.2f}x" if fs_st != "n/a" else ""
+    rows.append(
+        [
+            "Flower / fedsim",
+            f"{fl['wall_s'] / fs['wall_s']:.2f}x",
+            f"{fl['loop_s'] / fs['loop_s']:.2f}x",
+            "",
+            steady_ratio,
+            "",
+        ]
+    )
+    print(
+        "\n"
+        + markdown_table(
+            ["", "process wall s", "federated loop s", "loop s / round", "s / round (2..R-1)", "final accuracy"],
+            rows,
+            (1, 2, 3, 4, 5),
+        )
+    )
+    if args.cohort == args.clients:
+        from safetensors.torch import load_file
+
+        diff = max_abs_diff(load_file(str(work / "flower.safetensors")), load_file(str(work / "fedsim.safetensors")))
+        print(f"\nfinal adapters, max abs difference Flower vs fedsim (same computation): {diff:.2e}")
+    print(f"\nwork folder: {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
