@@ -13,9 +13,10 @@ Non-linear methods (the SVD family) cannot be pre-summed: a ``buffer=True`` part
 
 Optional extras, folded the same way:
 
-* client-level DP (``clip``): each upload is clipped jointly to L2 norm ``clip`` before it is added (the clients
-  already clip; this makes the sum's sensitivity ``clip`` whatever they did), as
-  :func:`fedsim.privacy.client_level.dp_fedavg_aggregate` does;
+* client-level DP (``clip``): each upload is clipped jointly to L2 norm ``clip`` and added with weight 1 (the
+  clients already clip; this makes the sum's sensitivity ``clip`` whatever they did or whatever weight they sent),
+  as :func:`fedsim.privacy.client_level.dp_fedavg_aggregate` does; the server step is
+  :func:`fedsim.privacy.client_level.dp_fedavg_step`;
 * ``analysis.similarity`` (``similarity``): per key, the sum of the uploads' unit vectors and the count of
   non-zero uploads, from which the mean pairwise cosine across clients follows exactly:
   ``sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - #nonzero`` over ``n (n - 1)`` ordered pairs.
@@ -83,7 +84,7 @@ class PartialSum:
             self.updates[update.client_id] = ClientUpdate(
                 update.client_id, update.weight, dict(tensors), update.signals
             )
-        w = float(update.weight)
+        w = 1.0 if self.clip is not None else float(update.weight)  # DP-FedAvg: uniform, sensitivity = clip
         self.weight += w
         for key, t in tensors.items():
             x = t.detach().to(device="cpu", dtype=torch.float64)

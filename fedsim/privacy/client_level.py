@@ -7,7 +7,7 @@ The unit of privacy is one *client* (all of its data), not one example. One roun
 2. the server sums the clipped deltas and adds Gaussian noise **once**, N(0, (noise_multiplier * clip)^2) per
    coordinate (:func:`noisy_sum`);
 3. the server divides by a **fixed** denominator, the expected cohort size ``m``, and adds the result to the
-   global state (:func:`dp_fedavg_aggregate`).
+   global state (:func:`dp_fedavg_aggregate`; from an already formed sum, e.g. streamed: :func:`dp_fedavg_step`).
 
 Sensitivity: adding or removing one client changes the clipped sum by at most ``clip`` in L2 norm, so the noisy sum
 is the Gaussian mechanism with noise multiplier ``noise_multiplier``; dividing by a constant is post-processing.
@@ -118,8 +118,10 @@ def noisy_sum(
     like = template if template is not None else (clipped[0] if clipped else None)
     if like is None:
         raise ValueError("noisy_sum of no clients needs a template for the shapes")
-    sums = _noisy_sum64(clipped, keys, noise_multiplier, clip, generator, like)
-    return {k: v.to(like[k].dtype) for k, v in sums.items()}
+    _check_noise_args(noise_multiplier, clip)
+    sums = _sum64(clipped, keys, like)
+    noise = gaussian_noise(like, keys, noise_multiplier, clip, generator)
+    return {k: (sums[k] + noise[k]).to(like[k].dtype) for k in keys}
 
 
 def dp_fedavg_aggregate(
@@ -139,27 +141,51 @@ def dp_fedavg_aggregate(
 
     Clipping: the clients clip; this function clips each delta again, jointly over ``keys``, with
     :func:`clip_update`, so the sensitivity of the sum is ``clip`` whatever the caller did (for a delta already
-    clipped by its client this changes nothing beyond float rounding). Noise: added once, to the sum, before the
-    division. Denominator: ``m`` is the expected cohort size, never ``len(deltas)`` (clients that failed or were
-    not heard from do not change it), so the average has sensitivity ``clip / m`` and noise std
-    ``noise_multiplier * clip / m``. An empty ``deltas`` still adds the noise: the mechanism runs every round.
+    clipped by its client this changes nothing beyond float rounding). Noise and denominator: see
+    :func:`dp_fedavg_step`, which this calls with the float64 sum of the clipped deltas.
 
-    Arithmetic is float64, cast back to each global tensor's dtype. Raises ValueError if ``expected_clients < 1``,
-    ``clip <= 0``, ``noise_multiplier < 0``, a key is missing from ``global_state`` or a delta, or shapes differ.
+    Raises ValueError if ``expected_clients < 1``, ``clip <= 0``, ``noise_multiplier < 0``, a key is missing from
+    ``global_state`` or a delta, or shapes differ.
     """
-    if int(expected_clients) < 1:
-        raise ValueError(f"expected_clients must be >= 1, got {expected_clients}")
     _check_noise_args(noise_multiplier, clip)
     missing = [k for k in keys if k not in global_state]
     if missing:
         raise ValueError(f"keys not in the global state: {missing[:5]}")
     clipped = [clip_update({k: _get(d, k, i) for k in keys}, clip)[0] for i, d in enumerate(deltas)]
-    sums = _noisy_sum64(clipped, keys, noise_multiplier, clip, generator, global_state)
+    return dp_fedavg_step(
+        global_state, _sum64(clipped, keys, global_state), keys, expected_clients, noise_multiplier, clip, generator
+    )
+
+
+def dp_fedavg_step(
+    global_state: Mapping[str, torch.Tensor],
+    clipped_sum: Mapping[str, torch.Tensor],
+    keys: Sequence[str],
+    expected_clients: int,
+    noise_multiplier: float,
+    clip: float,
+    generator: torch.Generator,
+) -> AdapterState:
+    """DP-FedAvg's server step from the SUM of the round's clipped deltas (each of joint norm <= ``clip``, uniform
+    weights): ``new[k] = global[k] + (clipped_sum[k] + N(0, (noise_multiplier * C)^2)) / m``, ``m =
+    expected_clients``. A key missing from ``clipped_sum`` (nobody uploaded) gets the noise alone.
+
+    Noise: ONE draw per coordinate from :func:`gaussian_noise` (order of ``keys``), added to the sum before the
+    division. Denominator: ``m`` is the expected cohort size, never the number of uploads (clients that failed or
+    were not heard from do not change it), so the average has sensitivity ``clip / m`` and noise std
+    ``noise_multiplier * clip / m``; the mechanism runs every round, uploads or not. Arithmetic is float64, cast
+    back to each global tensor's dtype; keys outside ``keys`` are copied unchanged (same tensor object).
+    Raises ValueError if ``expected_clients < 1`` and for the argument errors of :func:`gaussian_noise`.
+    """
+    if int(expected_clients) < 1:
+        raise ValueError(f"expected_clients must be >= 1, got {expected_clients}")
+    noise = gaussian_noise(global_state, keys, noise_multiplier, clip, generator)
     new: AdapterState = dict(global_state)
     m = float(int(expected_clients))
     for key in keys:
         g = global_state[key]
-        new[key] = (g.detach().to(torch.float64) + sums[key] / m).to(g.dtype)
+        total = noise[key] + clipped_sum[key].to(noise[key].device) if key in clipped_sum else noise[key]
+        new[key] = (g.detach().to(torch.float64) + total / m).to(g.dtype)
     return new
 
 
@@ -203,16 +229,10 @@ def client_level_epsilon(
     return epsilon_for(accountant, history, float(delta))
 
 
-def _noisy_sum64(
-    clipped: Sequence[Mapping[str, torch.Tensor]],
-    keys: Sequence[str],
-    noise_multiplier: float,
-    clip: float,
-    generator: torch.Generator,
-    template: Mapping[str, torch.Tensor],
+def _sum64(
+    clipped: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], template: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Float64 sum over clients (given order) plus one noise draw (order of ``keys``), shaped like ``template``."""
-    noise = gaussian_noise(template, keys, noise_multiplier, clip, generator)
+    """Float64 sum over clients (given order) of each key, shaped like ``template`` (zeros for no clients)."""
     sums: dict[str, torch.Tensor] = {}
     for key in keys:
         shape = template[key].shape
@@ -222,7 +242,7 @@ def _noisy_sum64(
             if t.shape != shape:
                 raise ValueError(f"client #{i} tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
             acc += t.detach().to(device=acc.device, dtype=torch.float64)
-        sums[key] = acc + noise[key]
+        sums[key] = acc
     return sums
 
 

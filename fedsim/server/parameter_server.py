@@ -15,12 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from fedsim.config.schema import Config
 from fedsim.methods.base import Method, make_method
 from fedsim.methods.partial_sum import PartialSum
-from fedsim.privacy.client_level import gaussian_noise
+from fedsim.privacy.client_level import dp_fedavg_step
 from fedsim.seeding import torch_generator
 from fedsim.types import AdapterState, ClientUpdate, RoundPlan
 
@@ -40,33 +38,6 @@ def new_partial(cfg: Config, method: Method, round: int) -> PartialSum:
     when ``analysis.similarity`` is on. Workers and the server must build theirs with this so they can merge."""
     clip = cfg.privacy.client_clip if cfg.privacy.mode == "client" else None
     return PartialSum(round, clip=clip, similarity=cfg.analysis.similarity, buffer=not method.linear)
-
-
-def dp_fedavg_from_sum(
-    global_state: AdapterState,
-    sums: PartialSum,
-    keys: list[str],
-    expected_clients: int,
-    noise_multiplier: float,
-    clip: float,
-    generator: torch.Generator,
-) -> AdapterState:
-    """DP-FedAvg's server step from a streamed sum of clipped deltas (same maths and noise draw as
-    :func:`fedsim.privacy.client_level.dp_fedavg_aggregate`): ``new[k] = global[k] + (sum[k] + N(0, (nm C)^2)) / m``
-    with ``m = expected_clients`` fixed. ``sums`` must have been folded with ``clip`` (see :func:`new_partial`).
-    Raises ValueError for ``expected_clients < 1`` or a clip other than the sum's."""
-    if int(expected_clients) < 1:
-        raise ValueError(f"expected_clients must be >= 1, got {expected_clients}")
-    if sums.clip != clip:
-        raise ValueError(f"the uploads were clipped to {sums.clip}, not to privacy.client_clip = {clip}")
-    noise = gaussian_noise(global_state, keys, noise_multiplier, clip, generator)
-    m = float(int(expected_clients))
-    new: AdapterState = dict(global_state)
-    for key in keys:
-        g = global_state[key]
-        total = noise[key] + (sums.sums[key].to(noise[key].device) if key in sums.sums else 0.0)
-        new[key] = (g.detach().to(torch.float64) + total / m).to(g.dtype)
-    return new
 
 
 class ParameterServer:
@@ -145,9 +116,9 @@ class ParameterServer:
         self._last_aggregated = round
         plan = self.plan(round)
         if self.cfg.privacy.mode == "client" and plan.uploaded:
-            self._global = dp_fedavg_from_sum(
+            self._global = dp_fedavg_step(
                 self._global,
-                sums,
+                sums.sums,
                 plan.uploaded,
                 expected_clients=self.cfg.federation.clients_per_round,
                 noise_multiplier=float(self.server_noise_multiplier or 0.0),

@@ -12,7 +12,7 @@ from fedsim.privacy.client_level import clip_update, dp_fedavg_aggregate
 from fedsim.seeding import torch_generator
 from fedsim.server.client_store import ClientStore
 from fedsim.server.cohort import largest_first, sample_cohort
-from fedsim.server.parameter_server import ParameterServer, dp_fedavg_from_sum, new_partial
+from fedsim.server.parameter_server import ParameterServer, new_partial
 from fedsim.types import ClientUpdate
 from tests.methods.helpers import state
 
@@ -107,24 +107,26 @@ def test_a_client_arriving_twice_or_late_is_rejected():
 
 
 def test_client_level_dp_from_streamed_sums_equals_dp_fedavg_on_the_deltas():
+    """The server (worker pre-sums merged, any order, any weights sent) == DP-FedAvg on the raw deltas."""
     cfg = Config(
         method=MethodConfig("ffa_lora"),
         federation=FederationConfig(clients_per_round=4),
         privacy=PrivacyConfig(mode="client", client_clip=0.7),
     )
     g = state(0)
-    keys = [k for k in sorted(g) if k.endswith("lora_B")]
+    method = make_method(cfg)
+    keys = method.plan(1, sorted(g), method.init_server_state(g)).uploaded
     deltas = [{k: state(20 + c)[k] * (0.05 if c == 0 else 1.0) for k in keys} for c in range(3)]  # one unclipped
-    partial = new_partial(cfg, make_method(cfg), 1)
-    for c in (2, 0, 1):
-        partial.add(ClientUpdate(c, 1.0, clip_update(deltas[c], 0.7)[0]))
-    got = dp_fedavg_from_sum(g, partial, keys, 4, 1.3, 0.7, torch_generator(0, "server_noise", 1))
-    want = dp_fedavg_aggregate(g, deltas, keys, 4, 1.3, 0.7, torch_generator(0, "server_noise", 1))
+    ps = ParameterServer(cfg, g, server_noise_multiplier=1.3)
+    worker_a, worker_b = new_partial(cfg, method, 1), new_partial(cfg, method, 1)
+    for c, part in ((2, worker_a), (0, worker_b), (1, worker_a)):
+        part.add(ClientUpdate(c, 3.0 + c, clip_update(deltas[c], 0.7)[0]))  # weights are ignored under client DP
+    ps.receive_partial(worker_a)
+    ps.receive_partial(worker_b)
+    ps.aggregate(1)
+    want = dp_fedavg_aggregate(g, deltas, keys, 4, 1.3, 0.7, torch_generator(cfg.seed, "server_noise", 1))
     for k in g:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
-    noise_only = dp_fedavg_from_sum(
-        g, new_partial(cfg, make_method(cfg), 1), keys, 4, 1.3, 0.7, torch_generator(0, "n")
-    )
-    assert all(not torch.equal(noise_only[k], g[k]) for k in keys)
-    with pytest.raises(ValueError, match="client_clip"):
-        dp_fedavg_from_sum(g, partial, keys, 4, 1.3, 0.5, torch_generator(0, "n"))
+        torch.testing.assert_close(ps.global_state()[k], want[k], rtol=1e-6, atol=1e-6)
+    empty = ParameterServer(cfg, g, server_noise_multiplier=1.3)
+    empty.aggregate(1)  # nobody uploaded: the noise is still added
+    assert all(not torch.equal(empty.global_state()[k], g[k]) for k in keys)
