@@ -45,12 +45,11 @@ import torch
 
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
-from fedsim.methods.aggregation import mean_of_keys, normalised_weights
 from fedsim.methods.base import Method, ServerState, register_method
 from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of, layer_of, layers_of
 from fedsim.seeding import numpy_rng, torch_generator
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
+from fedsim.types import AdapterState, Role, RoundPlan, SignalContext
 
 _EPS = 1e-8
 _CLIP = 30.0
@@ -235,23 +234,6 @@ class ASLoRA(Method):
 
     # ------------------------------------------------------------------ server side
 
-    def aggregate(
-        self,
-        global_state: AdapterState,
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        server_state: ServerState,
-    ) -> tuple[AdapterState, ServerState]:
-        """Weighted mean of the SHARED tensors; EMA of the active factor's mean score per layer.
-
-        Per layer the client scores are averaged with the clients' normalised weights over the clients that
-        sent a finite ``"<layer>:score"`` (others are ignored; none = no update). The first value initialises
-        the EMA, later ones mix ``ema = beta * ema + (1 - beta) * score``. Returns a NEW server state (the input
-        is not mutated). Raises ValueError for an empty cohort.
-        """
-        new_global = mean_of_keys(global_state, updates, plan.uploaded)
-        return new_global, self._next_server_state(plan, server_state, lambda name: _mean_signal(updates, name))
-
     def aggregate_sums(
         self,
         global_state: AdapterState,
@@ -259,22 +241,19 @@ class ASLoRA(Method):
         plan: RoundPlan,
         server_state: ServerState,
     ) -> tuple[AdapterState, ServerState]:
-        """Streaming :meth:`aggregate`: the same weighted means, from the round's float64 sums (the score of a
-        layer is ``sum_k w_k s_k / sum_k w_k`` over the clients with a finite score)."""
-        return sums.mean_of_keys(global_state, plan.uploaded), self._next_server_state(
-            plan, server_state, sums.signal_mean
-        )
+        """Weighted mean of the SHARED tensors; EMA of the active factor's mean score per layer.
 
-    def _next_server_state(
-        self, plan: RoundPlan, server_state: ServerState, mean_signal: Callable[[str], float | None]
-    ) -> ServerState:
-        """EMA update of each layer's active factor from ``mean_signal("<layer>:score")`` (a NEW dict)."""
+        Per layer the client scores are averaged with the clients' weights over the clients that sent a finite
+        ``"<layer>:score"`` (``sums.signal_mean``; others are ignored; none = no update). The first value
+        initialises the EMA, later ones mix ``ema = beta * ema + (1 - beta) * score``. Returns a NEW server state
+        (the input is not mutated). Raises ValueError for an empty cohort.
+        """
         active = choices_of(plan)
         beta = self.cfg.ema_beta
         old_ema = server_state.get("ema", {})
         ema = {layer: dict(v) for layer, v in old_ema.items()}
         for layer in sorted(active):
-            score = mean_signal(f"{layer}:score")
+            score = sums.signal_mean(f"{layer}:score")
             if score is None:
                 continue
             factor = active[layer]
@@ -284,7 +263,7 @@ class ASLoRA(Method):
         choices = {r: dict(c) for r, c in server_state.get("choices", {}).items()}
         choices[str(plan.round)] = {layer: active[layer] for layer in sorted(active)}
         layers = sorted(set(server_state.get("layers", [])) | set(layers_of(list(plan.roles))))
-        return {"layers": layers, "ema": ema, "choices": choices}
+        return sums.mean_of_keys(global_state, plan.uploaded), {"layers": layers, "ema": ema, "choices": choices}
 
 
 RAW_CURVATURE_STEP = 1e-3
@@ -302,15 +281,6 @@ def raw_loss_curvature(
     offset = grad * (RAW_CURVATURE_STEP / norm)
     plus, minus = raw_loss({key: offset}), raw_loss({key: -offset})
     return (plus - 2.0 * base_loss + minus) / RAW_CURVATURE_STEP**2
-
-
-def _mean_signal(updates: Sequence[ClientUpdate], name: str) -> float | None:
-    """Weighted mean of the finite signal ``name`` over the clients that sent it (weights renormalised)."""
-    have = [u for u in updates if name in u.signals and math.isfinite(float(u.signals[name]))]
-    if not have:
-        return None
-    weights = normalised_weights(have)
-    return math.fsum(p * float(u.signals[name]) for p, u in zip(weights, have, strict=True))
 
 
 def _validate(cfg: Config) -> None:

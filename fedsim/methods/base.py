@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
-from fedsim.methods.aggregation import mean_of_keys
 from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
@@ -110,11 +109,13 @@ class Method(ABC):
         plan: RoundPlan,
         server_state: ServerState,
     ) -> tuple[AdapterState, ServerState]:
-        """Default: weighted mean of every SHARED tensor; FROZEN and KEPT tensors unchanged.
+        """The new global and server state from the round's uploads (in client-id order).
 
-        ``updates`` arrive in client-id order. Raises ValueError for an empty cohort.
+        Linear methods do not override this: it folds ``updates`` into a :class:`PartialSum` and calls
+        :meth:`aggregate_sums`, so the buffered and the streamed path share one definition of the maths.
+        ``linear = False`` methods override it. Raises ValueError for an empty cohort.
         """
-        return mean_of_keys(global_state, updates, plan.uploaded), server_state
+        return self.aggregate_sums(global_state, PartialSum.of(plan.round, updates), plan, server_state)
 
     def aggregate_sums(
         self,
@@ -123,10 +124,9 @@ class Method(ABC):
         plan: RoundPlan,
         server_state: ServerState,
     ) -> tuple[AdapterState, ServerState]:
-        """Streaming twin of :meth:`aggregate` for ``linear`` methods: the new global state from the round's
-        folded uploads (float64 ``sum_k w_k x_k``, ``sum_k w_k``, weighted signal sums). Must equal
-        ``aggregate`` on the same uploads up to float rounding (tests/methods/test_streaming.py checks every
-        linear method). Default: weighted mean of every SHARED tensor. Raises ValueError for an empty cohort.
+        """For ``linear`` methods: the new global state from the round's folded uploads (float64
+        ``sum_k w_k x_k``, ``sum_k w_k``, weighted signal sums). Default: weighted mean of every SHARED tensor;
+        FROZEN and KEPT tensors unchanged. Raises ValueError for an empty cohort.
         """
         return sums.mean_of_keys(global_state, plan.uploaded), server_state
 
@@ -137,10 +137,10 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} registered twice")
-        if cls.linear and cls.aggregate is not Method.aggregate and cls.aggregate_sums is Method.aggregate_sums:
+        if cls.linear and cls.aggregate is not Method.aggregate:
             raise TypeError(
-                f"method {name!r} is linear and overrides aggregate: it must override aggregate_sums too "
-                "(the runtime streams linear methods), or declare linear = False"
+                f"method {name!r} is linear and overrides aggregate: override aggregate_sums instead (aggregate "
+                "derives from it; the runtime streams linear methods), or declare linear = False"
             )
         cls.name = name
         _REGISTRY[name] = cls
