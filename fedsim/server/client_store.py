@@ -47,13 +47,13 @@ def _prev(client_id: int) -> str:
 
 
 class _SpillingDict:
-    """name -> AdapterState: at most ``budget`` bytes / ``max_items`` states in memory (LRU), the rest as files.
+    """name -> AdapterState: at most ``budget`` bytes in memory (LRU), the rest as files.
 
     A name is in memory, on file, or both (written and unchanged since: evicting it costs nothing). The file of a
     name exists exactly when the name is in ``on_file``."""
 
-    def __init__(self, budget: int | None, max_items: int | None, folder: Path | None) -> None:
-        self.budget, self.max_items, self.folder = budget, max_items, folder
+    def __init__(self, budget: int | None, folder: Path | None) -> None:
+        self.budget, self.folder = budget, folder
         self.mem: OrderedDict[str, AdapterState] = OrderedDict()
         self.sizes: dict[str, int] = {}
         self.used = 0
@@ -69,11 +69,6 @@ class _SpillingDict:
         save_state_atomic(state, self.path(name))
         self.on_file.add(name)
 
-    def _over(self) -> bool:
-        return (self.budget is not None and self.used > self.budget) or (
-            self.max_items is not None and len(self.mem) > self.max_items
-        )
-
     def put(self, name: str, state: AdapterState) -> None:
         self.drop(name)
         size = _nbytes(state)
@@ -82,7 +77,7 @@ class _SpillingDict:
             return
         self.mem[name], self.sizes[name] = state, size
         self.used += size
-        while self._over():
+        while self.budget is not None and self.used > self.budget:
             old, old_state = self.mem.popitem(last=False)
             self.used -= self.sizes.pop(old)
             if old not in self.on_file:
@@ -139,18 +134,15 @@ class _SpillingDict:
 class ClientStore:
     """Mapping client id -> AdapterState (+ ledger). ``get`` returns None for a client never stored.
 
-    ``memory_mb``: in-memory budget in MiB (None = unbounded); ``max_in_memory``: at most this many clients in
-    memory (None = no count limit). A bounded store spills to ``spill_dir`` (None: a temporary folder removed by
-    :meth:`close` or when the store is garbage-collected). Leftover files of an earlier store in ``spill_dir`` are
-    removed at construction. Raises ValueError for a negative budget.
+    ``memory_mb``: in-memory budget in MiB (None = unbounded). A bounded store spills to ``spill_dir`` (None: a
+    temporary folder removed by :meth:`close` or when the store is garbage-collected). Leftover files of an earlier
+    store in ``spill_dir`` are removed at construction. Raises ValueError for a negative budget.
     """
 
-    def __init__(
-        self, memory_mb: float | None = None, spill_dir: Path | None = None, *, max_in_memory: int | None = None
-    ) -> None:
+    def __init__(self, memory_mb: float | None = None, spill_dir: Path | None = None) -> None:
         if memory_mb is not None and memory_mb < 0:
             raise ValueError(f"ClientStore memory_mb must be >= 0 (got {memory_mb})")
-        bounded = memory_mb is not None or max_in_memory is not None
+        bounded = memory_mb is not None
         self._cleanup: weakref.finalize | None = None
         if spill_dir is None and bounded:
             spill_dir = Path(tempfile.mkdtemp(prefix="fedsim-client-store-"))
@@ -160,7 +152,7 @@ class ClientStore:
             self._dir.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
         budget = None if memory_mb is None else int(memory_mb * 2**20)
-        self._tier = _SpillingDict(budget, max_in_memory, self._dir)
+        self._tier = _SpillingDict(budget, self._dir)
         self._ids: set[int] = set()  # clients with kept tensors
         self._ledgers: dict[int, dict] = {}  # client id -> PrivacyLedger.to_json() (small; kept in memory)
         self._round: int | None = None  # newest round seen by put_client(round=...)
@@ -323,8 +315,3 @@ def client_store_args(cfg: Config, run_dir: Path | None) -> tuple[float, Path | 
 
     The spill folder is ``<run_dir>/client_store/``; None (no run folder) gives a temporary one."""
     return float(cfg.runtime.client_store.memory_mb), (Path(run_dir) / SPILL_DIR if run_dir is not None else None)
-
-
-def make_client_store(cfg: Config, run_dir: Path | None) -> ClientStore:
-    """The run's ClientStore: ``runtime.client_store.memory_mb`` budget, spilling under ``run_dir``."""
-    return ClientStore(*client_store_args(cfg, run_dir))

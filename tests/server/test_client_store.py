@@ -9,7 +9,7 @@ import torch
 
 from fedsim.config.load import load_config
 from fedsim.server.checkpoint import Checkpoint, StoredClients, read_checkpoint, write_checkpoint
-from fedsim.server.client_store import ClientStore, make_client_store
+from fedsim.server.client_store import ClientStore, client_store_args
 
 NUMEL = 256  # float32: 1 KiB per state
 STATE_BYTES = NUMEL * 4
@@ -160,9 +160,9 @@ def test_snapshot_streams_into_a_checkpoint_and_restore_links_it_back_lazily(tmp
     assert isinstance(snap2, dict) and set(snap2) == set(range(5))
 
 
-def test_make_client_store_reads_the_budget_and_spills_under_the_run_folder(tmp_path):
+def test_client_store_args_read_the_budget_and_spill_under_the_run_folder(tmp_path):
     cfg, _ = load_config("tiny", ["runtime.client_store.memory_mb=0"])
-    store = make_client_store(cfg, tmp_path)
+    store = ClientStore(*client_store_args(cfg, tmp_path))
     assert store.spill_dir == tmp_path / "client_store"
     store.put(1, _state(1))
     assert (tmp_path / "client_store" / "client_1.safetensors").is_file() and store.memory_bytes() == 0

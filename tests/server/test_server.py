@@ -10,7 +10,6 @@ from fedsim.methods.base import make_method
 from fedsim.metrics.similarity import similarity_rows
 from fedsim.privacy.client_level import clip_update, dp_fedavg_aggregate
 from fedsim.seeding import torch_generator
-from fedsim.server.client_store import ClientStore
 from fedsim.server.cohort import largest_first, sample_cohort
 from fedsim.server.parameter_server import ParameterServer, new_partial
 from fedsim.types import ClientUpdate
@@ -41,19 +40,6 @@ def test_parameter_server_aggregates_in_client_id_order_whatever_the_arrival_ord
         results.append(ps.global_state())
     for k in results[0]:
         assert torch.equal(results[0][k], results[1][k])
-
-
-def test_client_store_spills_to_disk_and_returns_identical_tensors(tmp_path):
-    store = ClientStore(max_in_memory=2, spill_dir=tmp_path)
-    states = {c: state(c, head=False) for c in range(5)}
-    for c, s in states.items():
-        store.put(c, s)
-    assert store.client_ids() == [0, 1, 2, 3, 4]
-    assert len(list(tmp_path.glob("*.safetensors"))) == 3
-    for c, s in states.items():
-        got = store.get(c)
-        assert got is not None and all(torch.equal(got[k], s[k]) for k in s)
-    assert store.get(99) is None
 
 
 def _upload(plan, cid: int) -> ClientUpdate:
