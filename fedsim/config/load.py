@@ -40,9 +40,11 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "dump_config",
+    "flatten_dotted",
     "known_keys",
     "list_presets",
     "load_config",
+    "merge_nested",
     "validate",
 ]
 
@@ -61,16 +63,28 @@ def _expand_dotted(data: Mapping[Any, Any]) -> dict[Any, Any]:
             v = _expand_dotted({rest: v})
             k = head
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_nested(out[k], v)
         else:
             out[k] = v
     return out
 
 
-def _merge(base: dict[Any, Any], extra: Mapping[Any, Any]) -> dict[Any, Any]:
+def merge_nested(base: Mapping[Any, Any], extra: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``base`` with ``extra`` laid over it, section by section (nested mappings merge; other values replace)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+        out[k] = merge_nested(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def flatten_dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"federation.rounds": 10, ...}`` (leaves as they are; the inverse of dotted keys)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 

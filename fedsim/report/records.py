@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from fedsim.config.load import config_to_dict
+from fedsim.config.load import config_to_dict, flatten_dotted, merge_nested
 from fedsim.config.schema import Config
 from fedsim.errors import UserError
 
@@ -54,13 +54,6 @@ def _defaults() -> dict[str, Any]:
     return config_to_dict(Config())
 
 
-def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """The run's config.yaml as a nested dict, missing keys filled with the schema defaults.
 
@@ -76,7 +69,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot be read as YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, Mapping):
         raise UserError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
-    return _merge(_defaults(), data)
+    return merge_nested(_defaults(), data)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -101,16 +94,12 @@ def partition_label(partition: Mapping[str, Any]) -> str:
     return kind
 
 
-def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> ``{"federation.rounds": 10, ...}``; lists become compact JSON strings."""
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, tuple)) else v
-    return out
+def flatten(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested config -> ``{"federation.rounds": 10, ...}``; lists become compact JSON strings (hashable)."""
+    return {
+        k: json.dumps(v, separators=(",", ":")) if isinstance(v, (list, tuple)) else v
+        for k, v in flatten_dotted(cfg).items()
+    }
 
 
 def _num(v: Any) -> float | None:

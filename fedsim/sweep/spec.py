@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from fedsim.config.load import _resolve_source, config_from_dict
+from fedsim.config.load import _resolve_source, config_from_dict, flatten_dotted
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 
@@ -93,17 +93,6 @@ def _axis_values(axis: str, raw: Any, problems: list[str]) -> list[tuple[str, An
     labels = [lab for lab, _, _ in out]
     if len(set(labels)) != len(labels):
         problems.append(f"grid.{axis}: value labels must be distinct, got {labels}; add label: to named values")
-    return out
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
     return out
 
 
@@ -193,7 +182,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
             for k, v in sets.items():
                 _set_dotted(data, k, v)
         for when, sets in rules:
-            flat = _flatten(data)
+            flat = flatten_dotted(data)
             if all(flat.get(k) == v for k, v in when.items()):
                 for k, v in sets.items():
                     _set_dotted(data, k, v)
