@@ -147,11 +147,11 @@ def max_abs_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    """A Markdown table; columns whose index is in ``right`` are right-aligned."""
-    align = ["---:" if i in right else "---" for i in range(len(headers))]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """fedsim's report table (:func:`fedsim.report.tables.markdown_table`); columns whose index is in ``right``
+    are right-aligned. Imported here, not at module level: the Flower side imports this module in its own venv."""
+    from fedsim.report.tables import markdown_table as table
+
+    return table(headers, rows, [i in right for i in range(len(headers))])
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
