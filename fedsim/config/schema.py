@@ -94,6 +94,11 @@ class DataConfig:
     personal_fraction: float = _f(
         0.2, "Fraction of each client's shard held out for personalised evaluation, in [0, 1)."
     )
+    balance_classes: bool = _f(
+        False,
+        "Subsample every class to the size of the smallest (seeded) before max_examples, so chance accuracy is "
+        "1/classes; for skewed corpora such as the tweets (79 % negative in tweets-sentiment-binary).",
+    )
     max_examples: int | None = _f(None, "Keep at most this many examples (seeded subsample); null = all.")
     synthetic_examples: int = _f(2000, "synthetic only: number of examples.")
     synthetic_classes: int = _f(4, "synthetic only: number of classes.")

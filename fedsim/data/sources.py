@@ -105,7 +105,7 @@ def source_path_problem(source: str) -> str | None:
 
 
 def load_source(cfg: DataConfig, seed: int) -> TextDataset:
-    """Load ``cfg.source`` and apply ``cfg.max_examples`` (seeded stratified subsample, original order).
+    """Load ``cfg.source``, apply ``cfg.balance_classes`` then ``cfg.max_examples`` (seeded, original order kept).
 
     Raises:
         DataError: unknown/missing source, unreadable file, missing column, fewer than 2 classes,
@@ -126,6 +126,8 @@ def load_source(cfg: DataConfig, seed: int) -> TextDataset:
     else:
         assert path is not None
         ds = _load_file(kind, Path(path).expanduser(), cfg)
+    if cfg.balance_classes:
+        ds = _balance(ds, seed)
     if cfg.max_examples is not None and cfg.max_examples < len(ds.texts):
         ds = _subsample(ds, cfg.max_examples, seed)
     return ds
@@ -355,6 +357,17 @@ def _from_table(table: Any, cfg: DataConfig, class_label_names: Sequence[str] | 
 
 
 # ----------------------------------------------------------------------------- subsample
+
+
+def _balance(ds: TextDataset, seed: int) -> TextDataset:
+    """Keep the same number of examples of every class present (the smallest class's size); original order."""
+    n_cls = ds.num_labels
+    counts = np.bincount(ds.labels, minlength=n_cls)
+    m = int(counts[counts > 0].min())
+    rng = numpy_rng(seed, "balance")
+    chosen = [rng.choice(np.flatnonzero(ds.labels == c), size=m, replace=False) for c in range(n_cls) if counts[c]]
+    keep = np.sort(np.concatenate(chosen))
+    return TextDataset([ds.texts[i] for i in keep], ds.labels[keep], ds.label_names)
 
 
 def _subsample(ds: TextDataset, k: int, seed: int) -> TextDataset:

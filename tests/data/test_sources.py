@@ -222,3 +222,29 @@ def test_max_examples_applied_by_load_source():
     assert len(load_source(replace(cfg, max_examples=1000), seed=0).texts) == 300
     with pytest.raises(DataError, match="data.max_examples"):
         load_source(replace(cfg, max_examples=2), seed=0)
+
+
+# ----------------------------------------------------------------------------- balance_classes
+
+
+def test_balance_classes_keeps_smallest_class_size_per_class_seeded_in_original_order():
+    labels = np.asarray([0] * 70 + [1] * 20 + [2] * 10, dtype=np.int64)
+    full = TextDataset([f"doc {i}" for i in range(100)], labels, ("a", "b", "c"))
+    bal = sources._balance(full, seed=3)
+    assert np.bincount(bal.labels).tolist() == [10, 10, 10]
+    pos = [full.texts.index(t) for t in bal.texts]
+    assert pos == sorted(pos) and np.array_equal(full.labels[pos], bal.labels)
+    assert set(pos) >= set(range(90, 100))  # the smallest class is kept whole
+    assert sources._balance(full, seed=3).texts == bal.texts
+    assert sources._balance(full, seed=4).texts != bal.texts
+
+
+def test_balance_classes_applied_before_max_examples(tmp_path):
+    path = tmp_path / "skewed.csv"
+    rows = [f"neg text {i},neg" for i in range(300)] + [f"pos text {i},pos" for i in range(60)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    cfg = DataConfig(source=f"csv:{path}", balance_classes=True, max_examples=80)
+    ds = load_source(cfg, seed=0)
+    assert np.bincount(ds.labels).tolist() == [40, 40]
+    skewed = load_source(replace(cfg, balance_classes=False), seed=0)
+    assert np.bincount(skewed.labels).tolist()[0] > 60
