@@ -105,6 +105,7 @@ def run_simulation(
     dataset = load_source(cfg.data, cfg.seed)
     tokenizer = build_tokenizer(cfg.model, dataset.texts)
     data = build_federated_data(cfg, dataset, tokenizer)
+    del dataset  # the raw texts (population-sized) are not needed once tokenised
     sizes = [len(ix) for ix in data.client_train]
     privacy = PrivacyTracker(cfg, sizes, method_cls.linear, method_cls.uses_signals)  # calibrates once
 

@@ -50,7 +50,8 @@ class _ExplodingTokenizer:
 def test_tokenize_pads_truncates_and_matches_tokenizer(tokenizer):
     texts = ["apple river stone", "the " * 40, "zzz-unknown"]
     ids, mask = tokenize(texts, tokenizer, MAX_LEN)
-    assert ids.shape == mask.shape == (3, MAX_LEN) and ids.dtype == mask.dtype == np.int64
+    assert ids.shape == mask.shape == (3, MAX_LEN) and ids.dtype == np.int32 and mask.dtype == np.int8
+    assert not ids.flags.writeable and not mask.flags.writeable  # views of the Arrow table, not copies
     ref = tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_LEN)
     assert np.array_equal(ids, np.asarray(ref["input_ids"])) and np.array_equal(mask, np.asarray(ref["attention_mask"]))
     assert mask[0].sum() == 3 and mask[1].sum() == MAX_LEN  # padded / truncated
@@ -114,6 +115,9 @@ def test_client_arrays_gathers_rows(dataset, tokenizer):
     ids, mask, y = fd.client_arrays(idx)
     assert ids.shape == (len(idx), MAX_LEN) and mask.shape == ids.shape
     assert np.array_equal(ids, fd.input_ids[idx]) and np.array_equal(y, dataset.labels[idx])
+    assert ids.dtype == mask.dtype == y.dtype == np.int64  # widened for torch's embedding at gather time
+    assert ids.flags.writeable and mask.flags.writeable
+    assert fd.input_ids.nbytes + fd.attention_mask.nbytes == 5 * fd.input_ids.size  # int32 ids + int8 mask
 
 
 def test_too_many_clients_fails_before_tokenising(dataset):
