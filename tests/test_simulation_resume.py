@@ -88,3 +88,28 @@ def test_too_many_failed_clients_stop_the_run_resumably(tmp_path, monkeypatch):
     full = tmp_path / "full"
     run_simulation(_cfg(), full, progress=False)
     assert _metrics(out) == _metrics(full)
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch):
+    from fedsim.server import checkpoint as ck
+
+    real = ck.save_file
+
+    def dies_writing_round_4(tensors, path):  # the process "dies" half-way through checkpoint 4
+        if ".tmp-round-000004" in str(path):
+            raise KeyboardInterrupt("killed during the checkpoint write")
+        real(tensors, path)
+
+    monkeypatch.setattr(ck, "save_file", dies_writing_round_4)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_simulation(_cfg("runtime.checkpoint_every=2"), out, progress=False)
+    monkeypatch.undo()
+    assert not (out / "summary.json").exists()
+    assert (out / "checkpoints" / ".tmp-round-000004").is_dir()  # the half-written one
+    assert ck.latest_checkpoint_dir(out).name == "round-000002"  # the previous one, intact
+    assert main(["resume", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["resumed_from_round"] == 2
+    full = tmp_path / "full"
+    run_simulation(_cfg("runtime.checkpoint_every=2"), full, progress=False)
+    assert _metrics(out) == _metrics(full)
