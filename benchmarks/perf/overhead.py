@@ -79,7 +79,8 @@ def bare_run(cfg: Config) -> dict[str, Any]:
     set_trainable(model, keys)
     params = parameters_for(model, keys)
     forward = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True) if dp else model
-    tensors = [torch.as_tensor(a, dtype=torch.long) for a in (data.input_ids, data.attention_mask, data.labels)]
+    # int64 copies of the whole table (fedsim keeps int32/int8 read-only views and widens the rows it gathers)
+    tensors = [torch.from_numpy(a.astype("int64")) for a in (data.input_ids, data.attention_mask, data.labels)]
     rounds = []
     model.train()
     with warnings.catch_warnings():
