@@ -172,8 +172,13 @@ class LocalTrainer:
                         batch = (ids_t[idx].to(device), mask_t[idx].to(device), labels_t[idx].to(device))
                         logits = self._logits(batch[0], batch[1])
                         loss = F.cross_entropy(logits.float(), batch[2])
-                        loss.backward()
                         losses.append(float(loss.detach()))
+                        if not math.isfinite(losses[-1]):  # never let a diverged client reach the aggregate
+                            raise FloatingPointError(
+                                f"round {round}, client {client_id}: training loss is {losses[-1]} at local step "
+                                f"{i + 1}; lower federation.lr (or check this client's data)"
+                            )
+                        loss.backward()
                         self._last_batch = (by_key, batch)
                     second_last = i == len(batches) - 2
                     before = [p.detach().clone() for p in params] if second_last else []

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import ray
+import torch
 
 from fedsim.client.worker import ClientWorker
 from fedsim.config.schema import Config
@@ -29,6 +30,10 @@ ClientStoreActor = ray.remote(num_cpus=0)(ClientStore)
 #: killed) when it starts its NTH client of round ROUND, once: the first worker to get there creates the file
 #: MARKER and dies; later workers (and the restarted one) see the file and go on. Unset in normal runs.
 FAULT_ENV = "FEDSIM_FAULT_KILL_WORKER"
+#: Fault injection for tests: ``"ROUND:CLIENT"`` hands client CLIENT of round ROUND a global state of NaNs, so its
+#: training loss is NaN and the trainer raises (the client must come back ``failed`` and stay out of the aggregate).
+FAULT_NAN_ENV = "FEDSIM_FAULT_NAN_CLIENT"
+FAULT_ENVS = (FAULT_ENV, FAULT_NAN_ENV)
 
 
 def _maybe_die(round: int, nth: int) -> None:
@@ -44,6 +49,13 @@ def _maybe_die(round: int, nth: int) -> None:
         return
     os.close(fd)
     os._exit(1)
+
+
+def _maybe_poison(task: ClientTask, global_state: AdapterState) -> AdapterState:
+    spec = os.environ.get(FAULT_NAN_ENV, "")
+    if not spec or tuple(map(int, spec.split(":"))) != (task.round, task.client_id):
+        return global_state
+    return {k: torch.full_like(v, float("nan")) for k, v in global_state.items()}
 
 
 @ray.remote
@@ -68,7 +80,7 @@ class WorkerActor:
         self._started[task.round] = self._started.get(task.round, 0) + 1
         _maybe_die(task.round, self._started[task.round])
         kept, ledger = ray.get(self.store.get_client.remote(task.client_id, bool(task.plan.kept), round=task.round))
-        out = self.worker.train(task, global_state, kept, ledger)
+        out = self.worker.train(task, _maybe_poison(task, global_state), kept, ledger)
         if out.keep is not None or out.ledger is not None:
             ray.get(self.store.put_client.remote(task.client_id, out.keep, out.ledger, round=task.round))
         if out.upload is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from fedsim.runtime.actors import FAULT_ENV, ClientStoreActor, ParameterServerActor, WorkerActor
+from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, WorkerActor
 from fedsim.runtime.backend import RunSetup
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
@@ -72,7 +72,7 @@ class RayBackend:
         self.store = ClientStoreActor.remote(*setup.client_store_args())
         bp_ref, data_ref = ray.put(setup.blueprint), ray.put(setup.data)  # shipped once per node
         self._refs = (bp_ref, data_ref)  # kept alive: a restarted worker is rebuilt from them
-        env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else None
+        env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
         self.workers = [
             WorkerActor.options(
                 num_cpus=rt.cpus_per_worker,

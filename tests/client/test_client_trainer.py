@@ -127,6 +127,25 @@ def test_reused_trainer_equals_fresh_trainer():
     assert all(torch.equal(reused[k], init[k]) for k in _keys(model, "B"))
 
 
+@pytest.mark.parametrize("mode", ["none", "sample"])
+def test_a_non_finite_loss_raises_and_the_trainer_serves_the_next_client(mode):
+    ids, mask = _data(False)[1:]
+    model = _model()
+    init = get_state(model)
+    privacy = _dp() if mode == "sample" else PrivacyConfig()
+    trainer = LocalTrainer(model, _fed(), privacy, SEED)
+    set_state(model, {k: torch.full_like(v, float("nan")) for k, v in init.items()})
+    with pytest.raises(FloatingPointError, match=r"round 1, client 7: training loss is nan at local step 1"):
+        trainer.train(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=7)
+    assert not model.training
+    assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in model.parameters())
+    set_state(model, init)  # the same trainer, next client: as if the failed one had never run
+    trainer.train(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=8)
+    fresh = _model()
+    LocalTrainer(fresh, _fed(), privacy, SEED).train(_keys(fresh, "B"), ids, mask, LABELS, round=1, client_id=8)
+    assert all(torch.equal(get_state(model)[k], v) for k, v in get_state(fresh).items())
+
+
 def _per_example_grads(model, keys, ids, mask, labels):
     """Independent reference: plain autograd on one example at a time, over ``keys`` only."""
     params = parameters_for(model, keys)

@@ -63,3 +63,22 @@ def test_a_worker_killed_mid_round_changes_nothing(tmp_path, ray_cluster, monkey
     if privacy:
         clean = json.loads((tmp_path / "clean" / "summary.json").read_text())
         assert summary["epsilon"] == pytest.approx(clean["epsilon"], abs=1e-9) and summary["epsilon"] > 0
+
+
+@pytest.mark.ray
+def test_a_client_whose_loss_is_nan_fails_alone_and_the_run_completes(tmp_path, ray_cluster, monkeypatch):
+    from fedsim.runtime.actors import FAULT_NAN_ENV
+    from fedsim.server.cohort import sample_cohort
+
+    cfg, _ = load_config("tiny", SETTINGS)
+    victim = int(sample_cohort(cfg.seed, 2, cfg.federation.clients, cfg.federation.clients_per_round)[0])
+    monkeypatch.setenv(FAULT_NAN_ENV, f"2:{victim}")  # its worker hands it a global state of NaNs
+    summary, rounds, clients = _run(tmp_path / "nan", [])
+    failed = [c for c in clients if c["status"] == "failed"]
+    assert [(c["round"], c["client_id"]) for c in failed] == [(2, victim)]
+    assert "FloatingPointError" in failed[0]["error"] and "training loss is nan" in failed[0]["error"]
+    assert failed[0]["bytes_up"] == 0
+    assert [(r["clients"], r["failed_clients"]) for r in rounds] == [(4, 0), (3, 1)]
+    assert summary["failed_client_rounds"] == 1 and summary["final_eval_loss"] == rounds[-1]["eval_loss"]
+    last = rounds[-1]  # the NaN upload never reached the aggregate: the global model still evaluates
+    assert all(isinstance(last[k], float) and last[k] == last[k] for k in ("train_loss", "eval_loss", "eval_accuracy"))
