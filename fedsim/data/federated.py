@@ -7,8 +7,8 @@ evaluation chunks are plain index arrays into them, so a client's data is a chea
 Storage is compact and Arrow-backed: ``datasets`` writes the token ids as int32 and the attention mask as
 int8 (5 bytes per token instead of 16), and the two arrays are zero-copy, read-only numpy views of that Arrow
 table's buffers; only the rows a client or an evaluation chunk uses are widened to int64 (what torch's
-embedding wants), at gather time. Under Ray the arrays travel once per node through the object store and
-workers map them without copying, so the population costs 5 bytes per token once per node, not per worker.
+embedding wants), at gather time. Under Ray the data is put into the object store once (``ray.put``) and
+workers read the token arrays from its shared memory (Ray deserialises numpy arrays zero-copy).
 """
 
 from __future__ import annotations
