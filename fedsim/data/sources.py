@@ -364,10 +364,7 @@ def _balance(ds: TextDataset, seed: int) -> TextDataset:
     n_cls = ds.num_labels
     counts = np.bincount(ds.labels, minlength=n_cls)
     m = int(counts[counts > 0].min())
-    rng = numpy_rng(seed, "balance")
-    chosen = [rng.choice(np.flatnonzero(ds.labels == c), size=m, replace=False) for c in range(n_cls) if counts[c]]
-    keep = np.sort(np.concatenate(chosen))
-    return TextDataset([ds.texts[i] for i in keep], ds.labels[keep], ds.label_names)
+    return _take_per_class(ds, np.where(counts > 0, m, 0), numpy_rng(seed, "balance"))
 
 
 def _subsample(ds: TextDataset, k: int, seed: int) -> TextDataset:
@@ -384,8 +381,15 @@ def _subsample(ds: TextDataset, k: int, seed: int) -> TextDataset:
     present = counts > 0
     base = present.astype(np.int64)
     quota = base + apportion(k - int(base.sum()), counts - base, caps=counts - base)
+    return _take_per_class(ds, quota, rng)
+
+
+def _take_per_class(ds: TextDataset, quota: np.ndarray, rng: np.random.Generator) -> TextDataset:
+    """Keep ``quota[c]`` examples of class ``c`` (drawn without replacement, classes in id order); original order."""
     chosen = [
-        rng.choice(np.flatnonzero(ds.labels == c), size=int(quota[c]), replace=False) for c in range(n_cls) if quota[c]
+        rng.choice(np.flatnonzero(ds.labels == c), size=int(quota[c]), replace=False)
+        for c in range(len(quota))
+        if quota[c]
     ]
     keep = np.sort(np.concatenate(chosen))
     return TextDataset([ds.texts[i] for i in keep], ds.labels[keep], ds.label_names)
