@@ -19,7 +19,7 @@ import torch
 
 from fedsim.config.schema import Config, LoraConfig
 from fedsim.methods.aggregation import mean_of_keys, normalised_weights
-from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.base import PRODUCT_AGGREGATION, Method, ServerState, register_method
 from fedsim.methods.flexlora import mean_product
 from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
@@ -73,8 +73,7 @@ class FoldingMethod(Method):
     over adapter keys only, the dense residual broadcast with the shared tensors, LoRA scale s at hand.
     Abstract: subclasses give ``role`` (every adapter tensor SHARED) and ``aggregate``."""
 
-    linear = False
-    folds_into_base = True
+    capabilities = PRODUCT_AGGREGATION
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)

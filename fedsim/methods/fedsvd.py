@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.methods.aggregation import mean_of_keys, normalised_weights, weighted_mean
-from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.base import PRODUCT_AGGREGATION, Method, ServerState, register_method
 from fedsim.methods.flexlora import truncated_factors
 from fedsim.model.keys import factor_of, layers_of, lora_key
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
@@ -33,7 +33,7 @@ class FedSVD(Method):
     skip it).
     """
 
-    linear = False
+    capabilities = PRODUCT_AGGREGATION
 
     def role(self, round: int, key: str, server_state: ServerState) -> Role:
         return Role.FROZEN if factor_of(key) == "A" else Role.SHARED

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.config.schema import Config
-from fedsim.errors import ConfigError
 from fedsim.methods.aggregation import mean_of_keys, normalised_weights
-from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.base import PRODUCT_AGGREGATION, Method, ServerState, register_method
 from fedsim.model.keys import factor_of, layers_of, lora_key
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
 
@@ -64,27 +63,19 @@ def mean_product(
 @register_method("flexlora")
 class FlexLoRA(Method):
     """Every tensor SHARED. Server, per layer: Delta W = sum_k p_k B_k A_k (float64), truncated SVD to the rank
-    r of the global A, singular values split by ``method.svd_split`` (:func:`truncated_factors`), cast back to
+    r of the global A, singular values split by ``method.flexlora.svd_split`` (:func:`truncated_factors`), cast back to
     the factors' dtype; head tensors: weighted mean.
 
     The LoRA scale s (alpha / r or alpha / sqrt r) multiplies every client's product alike, and the rank-r
     truncation of s M is s times that of M, so the server works in factor space without s: the model applies s
     to the new B A exactly as it did to each B_k A_k. Not a weighted mean of the uploads (``linear = False``).
-    Raises ConfigError at construction for an unknown ``method.svd_split``.
     """
 
-    linear = False
+    capabilities = PRODUCT_AGGREGATION
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.split = self.cfg.svd_split
-        if self.split not in SVD_SPLITS:
-            raise ConfigError(
-                [
-                    f"method.svd_split: unknown value {self.split!r}; use 'sqrt' (B = U sqrt(S), A = sqrt(S) Vt) "
-                    "or 'B' (B = U S, A = Vt)."
-                ]
-            )
+        self.split = cfg.method.flexlora.svd_split  # its choices are checked with the config
 
     def role(self, round: int, key: str, server_state: ServerState) -> Role:
         return Role.SHARED

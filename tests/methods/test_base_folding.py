@@ -75,7 +75,7 @@ def _mean(clients, key):
 @pytest.mark.parametrize("name", NAMES)
 def test_registered_non_linear_and_folding(name):
     cls = get_method(name)
-    assert cls.name == name and cls.linear is False and cls.folds_into_base is True
+    assert cls.name == name and cls.capabilities.linear is False
 
 
 @pytest.mark.parametrize("variant", ["lora", "rslora"])
