@@ -6,36 +6,23 @@ and adds s * (sum_k p_k B_k A_k - B A) to the dense residual R held in the globa
 weight W0 + R, so the model's effective weight W0 + R + s B A equals W0 + R_old + s sum_k p_k B_k A_k: the exact
 weighted mean of the clients' weights. The residual is the TOTAL since round 1 (not an increment).
 
-This module also holds the helpers FLoRA (:mod:`fedsim.methods.flora`) shares: :func:`lora_scale`,
-:func:`fold_into_residual`, :func:`residual_broadcast`, :func:`adapter_keys_only`.
+This module also holds the helpers FLoRA (:mod:`fedsim.methods.flora`) shares: :func:`fold_into_residual`,
+:func:`residual_broadcast`, :func:`adapter_keys_only`. The LoRA scale is :func:`fedsim.model.scale.lora_scale`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from fedsim.config.schema import Config, LoraConfig
+from fedsim.config.schema import Config
 from fedsim.methods.aggregation import mean_of_keys, normalised_weights
 from fedsim.methods.base import Method, ServerState, register_method
 from fedsim.methods.flexlora import mean_product
 from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
+from fedsim.model.scale import lora_scale
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
-
-
-def lora_scale(cfg: LoraConfig) -> float:
-    """The LoRA scale s: ``alpha / r`` (variant ``lora``) or ``alpha / sqrt(r)`` (``rslora``).
-
-    Raises ValueError for another variant or a non-positive rank."""
-    if cfg.r <= 0:
-        raise ValueError(f"lora.r must be > 0, got {cfg.r}")
-    if cfg.variant == "lora":
-        return float(cfg.alpha) / cfg.r
-    if cfg.variant == "rslora":
-        return float(cfg.alpha) / math.sqrt(cfg.r)
-    raise ValueError(f"lora.variant must be 'lora' or 'rslora', got {cfg.variant!r}")
 
 
 def fold_into_residual(new: AdapterState, global_state: AdapterState, layer: str, increment: torch.Tensor) -> None:

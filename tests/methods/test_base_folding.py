@@ -16,7 +16,6 @@ import fedsim.methods.fedex_lora  # noqa: F401  (registers "fedex_lora")
 import fedsim.methods.flora  # noqa: F401  (registers "flora")
 from fedsim.config.schema import Config, LoraConfig, MethodConfig
 from fedsim.methods.base import get_method, make_method
-from fedsim.methods.fedex_lora import lora_scale
 from fedsim.model.keys import factor_of, is_residual, residual_key
 from fedsim.types import Role
 from tests.methods.helpers import D_IN, D_OUT, LAYERS, R, delta_w, state, updates_from
@@ -78,11 +77,12 @@ def test_registered_non_linear_and_folding(name):
     assert cls.name == name and cls.linear is False and cls.folds_into_base is True
 
 
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("variant", ["lora", "rslora"])
-def test_lora_scale_follows_the_variant(variant):
-    assert lora_scale(LoraConfig(r=R, alpha=4.0, variant=variant)) == pytest.approx(_scale(variant))
-    with pytest.raises(ValueError):
-        lora_scale(LoraConfig(r=0, alpha=4.0))
+def test_the_method_scale_follows_the_variant(name, variant):
+    assert _method(name, variant=variant).scale == pytest.approx(_scale(variant), rel=1e-15)
+    with pytest.raises(ValueError, match="lora.variant"):
+        _method(name, variant="vera")
 
 
 @pytest.mark.parametrize("variant", ["lora", "rslora"])
