@@ -9,9 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.methods.aggregation import mean_of_keys, normalised_weights, weighted_mean
+from fedsim.methods.aggregation import LayerCtx, aggregate_layers, truncated_factors
 from fedsim.methods.base import Method, ServerState, register_method
-from fedsim.methods.flexlora import truncated_factors
 from fedsim.model.keys import factor_of, layers_of, lora_key
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
 
@@ -51,16 +50,12 @@ class FedSVD(Method):
         server_state: ServerState,
     ) -> tuple[AdapterState, ServerState]:
         """New global state (see the class docstring); ValueError for an empty cohort."""
-        normalised_weights(updates)  # ValueError for an empty cohort, before any work
-        new = mean_of_keys(global_state, updates, [k for k in plan.uploaded if factor_of(k) == "head"])
-        for layer in layers_of(plan.uploaded):
-            a_key, b_key = lora_key(layer, "A"), lora_key(layer, "B")
-            b_bar = weighted_mean(updates, b_key, dtype=torch.float64)
-            if not torch.any(b_bar):  # no update: keep A (an SVD of 0 would give an arbitrary basis)
-                new[b_key] = b_bar.to(global_state[b_key].dtype)
-                continue
-            delta = b_bar @ global_state[a_key].to(torch.float64)
-            b, a = truncated_factors(delta, global_state[a_key].shape[0], "B")
-            new[b_key] = b.to(global_state[b_key].dtype)
-            new[a_key] = a.to(global_state[a_key].dtype)
-        return new, server_state
+        return aggregate_layers(global_state, updates, plan, self._layer, mean_factors=("B",)), server_state
+
+    def _layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
+        """The layer's new factors from B_bar (float64) and the global A."""
+        b_bar = ctx.mean(ctx.b_key, torch.float64)
+        a = ctx.global_state[ctx.a_key]
+        if not torch.any(b_bar):  # no update: keep A (an SVD of 0 would give an arbitrary basis)
+            return {ctx.b_key: b_bar.to(ctx.global_state[ctx.b_key].dtype)}
+        return ctx.factors(*truncated_factors(b_bar @ a.to(torch.float64), a.shape[0], "B"))

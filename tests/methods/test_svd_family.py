@@ -9,8 +9,8 @@ import fedsim.methods.fedsvd  # noqa: F401  (registers "fedsvd")
 import fedsim.methods.flexlora  # noqa: F401  (registers "flexlora")
 from fedsim.config.schema import Config, MethodConfig
 from fedsim.errors import ConfigError
+from fedsim.methods.aggregation import truncated_factors
 from fedsim.methods.base import make_method
-from fedsim.methods.flexlora import truncated_factors
 from fedsim.model.keys import factor_of
 from fedsim.types import Role
 from tests.methods.helpers import LAYERS, R, delta_w, state, updates_from
