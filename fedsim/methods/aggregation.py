@@ -120,13 +120,14 @@ def adapter_keys_only(keys: Sequence[str]) -> list[str]:
 class LayerCtx:
     """What :func:`aggregate_layers` hands its per-layer callback for one uploaded layer.
 
-    ``weights`` are the normalised p_k in the order of ``updates`` (client-id order); ``global_state`` is the
-    state BEFORE the round; ``means`` holds the float64 weighted means of the keys :func:`aggregate_layers`
-    averages (:func:`weighted_means`)."""
+    ``round`` is the plan's round; ``weights`` are the normalised p_k in the order of ``updates`` (client-id
+    order); ``global_state`` is the state BEFORE the round; ``means`` holds the float64 weighted means of the
+    keys :func:`aggregate_layers` averages (:func:`weighted_means`)."""
 
     layer: str
     a_key: str
     b_key: str
+    round: int
     weights: tuple[float, ...]
     updates: Sequence[ClientUpdate]
     global_state: Mapping[str, torch.Tensor]
@@ -164,14 +165,14 @@ def aggregate_layers(
     3. for each layer of ``layers_of(plan.uploaded)``, in that order, ``per_layer(ctx)`` once; the tensors it
        returns replace (or, for new keys such as residuals, are added to) those of the state.
 
-    ``per_layer`` must not mutate the context's state. Also raises what :func:`weighted_means` and ``per_layer``
-    raise (ValueError for a client id twice or an averaged key that not every update carries)."""
+    ``per_layer`` must not mutate the context's state. Also raises what ``per_layer`` raises, and KeyError for an
+    averaged key that an update lacks."""
     weights = tuple(normalised_weights(updates))
     averaged = [k for k in plan.uploaded if factor_of(k) == "head" or factor_of(k) in mean_factors]
     means = weighted_means(plan.round, updates, averaged)
     new = dict(global_state)
     new.update({key: mean.to(updates[0].tensors[key].dtype) for key, mean in means.items()})
     for layer in layers_of(plan.uploaded):
-        ctx = LayerCtx(layer, lora_key(layer, "A"), lora_key(layer, "B"), weights, updates, global_state, means)
-        new.update(per_layer(ctx))
+        a_key, b_key = lora_key(layer, "A"), lora_key(layer, "B")
+        new.update(per_layer(LayerCtx(layer, a_key, b_key, plan.round, weights, updates, global_state, means)))
     return new

@@ -9,14 +9,11 @@ weighted mean of the clients' weights. The residual is the TOTAL since round 1 (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from fedsim.methods.aggregation import LayerCtx, aggregate_layers, fold_into_residual
-from fedsim.methods.base import ServerState, register_method
-from fedsim.methods.folding import FoldingMethod
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+from fedsim.methods.aggregation import LayerCtx, fold_into_residual
+from fedsim.methods.base import register_method
+from fedsim.methods.layerwise import FoldingMethod
 
 
 @register_method("fedex_lora")
@@ -25,24 +22,13 @@ class FedExLoRA(FoldingMethod):
     residual += s * (sum_k p_k B_k A_k - B A) in float64 with B A the stored (cast) means; head: weighted mean.
 
     The global state gains ``<layer>.base_residual`` after the first aggregation, which the worker adds to W0 and
-    which :meth:`broadcast_keys` sends down (see :class:`~fedsim.methods.folding.FoldingMethod`). ``aggregate``
+    which :meth:`broadcast_keys` sends down (see :class:`~fedsim.methods.layerwise.FoldingMethod`). ``aggregate``
     raises ValueError for an empty cohort.
     """
 
-    def role(self, round: int, key: str, server_state: ServerState) -> Role:
-        return Role.SHARED
+    mean_factors = ("A", "B")
 
-    def aggregate(
-        self,
-        global_state: AdapterState,
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        server_state: ServerState,
-    ) -> tuple[AdapterState, ServerState]:
-        """New global state (see the class docstring)."""
-        return aggregate_layers(global_state, updates, plan, self._layer, mean_factors=("A", "B")), server_state
-
-    def _layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
-        """The layer's new residual; its A and B are the weighted means ``aggregate_layers`` stores."""
+    def aggregate_layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
+        """The layer's new residual (its A and B are the weighted means ``aggregate_layers`` stores)."""
         a, b = (ctx.mean(key).to(torch.float64) for key in (ctx.a_key, ctx.b_key))
         return fold_into_residual(ctx.global_state, ctx.layer, self.scale * (ctx.mean_product() - b @ a))

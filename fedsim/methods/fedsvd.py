@@ -5,18 +5,17 @@ METHODS.md "SVD-family baselines" (FedSVD, NeurIPS 2025).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from fedsim.methods.aggregation import LayerCtx, aggregate_layers, truncated_factors
-from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.aggregation import LayerCtx, truncated_factors
+from fedsim.methods.base import ServerState, register_method
+from fedsim.methods.layerwise import LayerwiseMethod
 from fedsim.model.keys import factor_of, layers_of, lora_key
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+from fedsim.types import Role, RoundPlan
 
 
 @register_method("fedsvd")
-class FedSVD(Method):
+class FedSVD(LayerwiseMethod):
     """A FROZEN on clients; B and head SHARED. Server, per layer: B_bar = sum_k p_k B_k (float64), then the
     truncated SVD B_bar A = U_r S_r Vt_r and A_new = Vt_r (orthonormal rows), B_new = U_r S_r, cast back to
     the factors' dtype; head tensors: weighted mean. A layer whose B_bar is exactly 0 keeps its A (B = 0). If
@@ -32,7 +31,7 @@ class FedSVD(Method):
     skip it).
     """
 
-    linear = False
+    mean_factors = ("B",)
 
     def role(self, round: int, key: str, server_state: ServerState) -> Role:
         return Role.FROZEN if factor_of(key) == "A" else Role.SHARED
@@ -42,17 +41,7 @@ class FedSVD(Method):
         shared = plan.uploaded
         return shared + [lora_key(layer, "A") for layer in layers_of(shared) if lora_key(layer, "A") in plan.roles]
 
-    def aggregate(
-        self,
-        global_state: AdapterState,
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        server_state: ServerState,
-    ) -> tuple[AdapterState, ServerState]:
-        """New global state (see the class docstring); ValueError for an empty cohort."""
-        return aggregate_layers(global_state, updates, plan, self._layer, mean_factors=("B",)), server_state
-
-    def _layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
+    def aggregate_layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
         """The layer's new factors from B_bar (float64) and the global A."""
         b_bar = ctx.mean(ctx.b_key, torch.float64)
         a = ctx.global_state[ctx.a_key]

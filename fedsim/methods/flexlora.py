@@ -6,19 +6,17 @@ heterogeneous-rank part of the paper reduces to: Delta W = sum_k p_k B_k A_k, be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
-from fedsim.methods.aggregation import SVD_SPLITS, LayerCtx, aggregate_layers, truncated_factors
-from fedsim.methods.base import Method, ServerState, register_method
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+from fedsim.methods.aggregation import SVD_SPLITS, LayerCtx, truncated_factors
+from fedsim.methods.base import register_method
+from fedsim.methods.layerwise import LayerwiseMethod
 
 
 @register_method("flexlora")
-class FlexLoRA(Method):
+class FlexLoRA(LayerwiseMethod):
     """Every tensor SHARED. Server, per layer: Delta W = sum_k p_k B_k A_k (float64), truncated SVD to the rank
     r of the global A, singular values split by ``method.svd_split``
     (:func:`~fedsim.methods.aggregation.truncated_factors`), cast back to the factors' dtype; head tensors:
@@ -29,8 +27,6 @@ class FlexLoRA(Method):
     to the new B A exactly as it did to each B_k A_k. Not a weighted mean of the uploads (``linear = False``).
     Raises ConfigError at construction for an unknown ``method.svd_split``.
     """
-
-    linear = False
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -43,19 +39,6 @@ class FlexLoRA(Method):
                 ]
             )
 
-    def role(self, round: int, key: str, server_state: ServerState) -> Role:
-        return Role.SHARED
-
-    def aggregate(
-        self,
-        global_state: AdapterState,
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        server_state: ServerState,
-    ) -> tuple[AdapterState, ServerState]:
-        """New global state (see the class docstring); ValueError for an empty cohort."""
-        return aggregate_layers(global_state, updates, plan, self._layer), server_state
-
-    def _layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
+    def aggregate_layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
         """The layer's new factors: the truncated SVD of sum_k p_k B_k A_k at the global rank."""
         return ctx.factors(*truncated_factors(ctx.mean_product(), ctx.global_state[ctx.a_key].shape[0], self.split))

@@ -14,12 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.methods.aggregation import LayerCtx, adapter_keys_only, aggregate_layers, fold_into_residual
-from fedsim.methods.base import ServerState, register_method
-from fedsim.methods.folding import FoldingMethod
+from fedsim.methods.aggregation import LayerCtx, adapter_keys_only, fold_into_residual
+from fedsim.methods.base import register_method
+from fedsim.methods.layerwise import FoldingMethod
 from fedsim.model.keys import layers_of
 from fedsim.seeding import torch_generator
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
 
 REINIT_PURPOSE = "flora_reinit"
 
@@ -39,30 +38,17 @@ class FLoRA(FoldingMethod):
     A = :func:`kaiming_a` from ``torch_generator(seed, "flora_reinit", round, layer index)`` (layer index: the
     position of the layer in ``layers_of(sorted adapter keys of the global state)``), B = 0; head: weighted mean.
 
-    Residual keys, broadcast and plans: see :class:`~fedsim.methods.folding.FoldingMethod`. ``aggregate`` raises
+    Residual keys, broadcast and plans: see :class:`~fedsim.methods.layerwise.FoldingMethod`. ``aggregate`` raises
     ValueError for an empty cohort.
     """
 
-    def role(self, round: int, key: str, server_state: ServerState) -> Role:
-        return Role.SHARED
-
-    def aggregate(
-        self,
-        global_state: AdapterState,
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        server_state: ServerState,
-    ) -> tuple[AdapterState, ServerState]:
-        """New global state (see the class docstring)."""
-        index = {layer: i for i, layer in enumerate(layers_of(sorted(adapter_keys_only(list(global_state)))))}
-
-        def restart(ctx: LayerCtx) -> dict[str, torch.Tensor]:
-            a = ctx.global_state[ctx.a_key]
-            gen = torch_generator(self.seed, REINIT_PURPOSE, plan.round, index[ctx.layer])
-            return {
-                **fold_into_residual(ctx.global_state, ctx.layer, self.scale * ctx.mean_product()),
-                ctx.a_key: kaiming_a(a.shape, a.dtype, gen),
-                ctx.b_key: torch.zeros_like(ctx.global_state[ctx.b_key]),
-            }
-
-        return aggregate_layers(global_state, updates, plan, restart), server_state
+    def aggregate_layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
+        """The layer's new residual, a fresh Kaiming A and B = 0."""
+        index = layers_of(sorted(adapter_keys_only(list(ctx.global_state)))).index(ctx.layer)
+        gen = torch_generator(self.seed, REINIT_PURPOSE, ctx.round, index)
+        a = ctx.global_state[ctx.a_key]
+        return {
+            **fold_into_residual(ctx.global_state, ctx.layer, self.scale * ctx.mean_product()),
+            ctx.a_key: kaiming_a(a.shape, a.dtype, gen),
+            ctx.b_key: torch.zeros_like(ctx.global_state[ctx.b_key]),
+        }

@@ -122,7 +122,7 @@ def test_aggregate_layers_averages_heads_and_calls_back_once_per_uploaded_layer_
     assert [c.layer for c in seen] == order
     for ctx in seen:
         assert (ctx.a_key, ctx.b_key) == (lora_key(ctx.layer, "A"), lora_key(ctx.layer, "B"))
-        assert ctx.weights == tuple(P) and ctx.updates is ups and ctx.global_state is g
+        assert ctx.round == 3 and ctx.weights == tuple(P) and ctx.updates is ups and ctx.global_state is g
         assert sorted(ctx.means) == HEADS
         with pytest.raises(KeyError):
             ctx.mean(ctx.a_key)  # A is not averaged unless asked for

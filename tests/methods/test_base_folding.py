@@ -16,7 +16,7 @@ import fedsim.methods.fedex_lora  # noqa: F401  (registers "fedex_lora")
 import fedsim.methods.flora  # noqa: F401  (registers "flora")
 from fedsim.config.schema import Config, LoraConfig, MethodConfig
 from fedsim.methods.base import get_method, make_method
-from fedsim.methods.folding import FoldingMethod
+from fedsim.methods.layerwise import FoldingMethod
 from fedsim.model.keys import factor_of, is_residual, residual_key
 from fedsim.types import Role
 from tests.methods.helpers import D_IN, D_OUT, LAYERS, R, delta_w, state, updates_from

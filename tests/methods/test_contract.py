@@ -20,7 +20,7 @@ import torch
 import fedsim.methods
 from fedsim.config.schema import Config, FederationConfig, MethodConfig
 from fedsim.methods.base import Method, available_methods, get_method, make_method
-from fedsim.methods.folding import FoldingMethod
+from fedsim.methods.layerwise import FoldingMethod
 from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
 from fedsim.types import AdapterState, ClientUpdate, Role, SignalContext
 from tests.methods.helpers import delta_w, state
