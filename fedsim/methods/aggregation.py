@@ -1,9 +1,11 @@
 """Aggregation maths as plain functions (no orchestration, no Ray, no model).
 
-The buffered weighted mean (:func:`weighted_means`) and the SVD family's shared maths: the weighted mean of the
-clients' products (:func:`mean_product`), the truncated SVD (:func:`truncated_factors`), the dense residual folded
-into the frozen base weight (:func:`fold_into_residual` and its key helpers) and the per-layer loop
-(:func:`aggregate_layers`, handing each layer a :class:`LayerCtx`)."""
+The weighted mean has ONE definition, :meth:`fedsim.methods.partial_sum.PartialSum.mean` (float64
+``sum_k w_k x_k / sum_k w_k``, folded in the given order): the streamed linear methods use it through
+``Method.aggregate_sums``, the buffered SVD family through :func:`weighted_means`. Besides, the SVD family's shared
+maths: the weighted mean of the clients' products (:func:`mean_product`), the truncated SVD
+(:func:`truncated_factors`), the dense residual folded into the frozen base weight (:func:`fold_into_residual` and
+its key helpers) and the per-layer loop (:func:`aggregate_layers`, handing each layer a :class:`LayerCtx`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
 from fedsim.types import AdapterState, ClientUpdate, RoundPlan
 
@@ -30,16 +33,17 @@ def normalised_weights(updates: Sequence[ClientUpdate]) -> list[float]:
 
 
 def weighted_means(round: int, updates: Sequence[ClientUpdate], keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{key: sum_k p_k x_k}`` in float64 for each of ``keys``, accumulated in the given (client-id) order.
-    ``round`` is unused. Raises ValueError for an empty cohort or a non-positive total weight."""
-    weights = normalised_weights(updates)
-    out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        acc = torch.zeros(updates[0].tensors[key].shape, dtype=torch.float64)
-        for p, u in zip(weights, updates, strict=True):
-            acc += p * u.tensors[key].to(torch.float64)
-        out[key] = acc
-    return out
+    """``{key: sum_k w_k x_k / sum_k w_k}`` in float64 for each of ``keys``: :meth:`PartialSum.mean` of the
+    ``updates`` (restricted to ``keys``) folded in the given (client-id) order into a :class:`PartialSum` of round
+    ``round``, so the buffered and the streamed aggregation share one definition of the weighted mean. Raises
+    ValueError for an empty cohort, a non-positive total weight, a client id twice, a key that not every update
+    carries, or uploads of one key that differ in shape."""
+    wanted = set(keys)
+    sums = PartialSum.of(
+        round,
+        (ClientUpdate(u.client_id, u.weight, {k: t for k, t in u.tensors.items() if k in wanted}) for u in updates),
+    )
+    return {key: sums.mean(key) for key in keys}
 
 
 def mean_product(
@@ -165,8 +169,8 @@ def aggregate_layers(
     3. for each layer of ``layers_of(plan.uploaded)``, in that order, ``per_layer(ctx)`` once; the tensors it
        returns replace (or, for new keys such as residuals, are added to) those of the state.
 
-    ``per_layer`` must not mutate the context's state. Also raises what ``per_layer`` raises, and KeyError for an
-    averaged key that an update lacks."""
+    ``per_layer`` must not mutate the context's state. Also raises what :func:`weighted_means` and ``per_layer``
+    raise (ValueError for a client id twice or an averaged key that not every update carries)."""
     weights = tuple(normalised_weights(updates))
     averaged = [k for k in plan.uploaded if factor_of(k) == "head" or factor_of(k) in mean_factors]
     means = weighted_means(plan.round, updates, averaged)

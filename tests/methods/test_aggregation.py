@@ -37,12 +37,16 @@ def test_weighted_means_match_hand_computation_and_respect_weights():
     assert normalised_weights(ups) == [0.25, 0.75]
 
 
-def test_weighted_means_are_close_to_a_direct_loop_and_the_streamed_mean():
+def test_weighted_means_are_the_streamed_mean_bit_for_bit_and_close_to_a_direct_loop():
     ups = updates_from([state(s) for s in (1, 2, 3)], sorted(state(0)), WEIGHTS)
     keys = sorted(state(0))
     got = weighted_means(4, ups, keys)
-    streamed = PartialSum.of(4, ups)
+    streamed = PartialSum(4)  # the streamed path, as two workers would fold and merge it
+    other = PartialSum.of(4, ups[1:])
+    streamed.add(ups[0])
+    streamed.merge(other)
     for k in keys:
+        assert torch.equal(got[k], PartialSum.of(4, ups).mean(k))  # one definition of the weighted mean
         torch.testing.assert_close(got[k], streamed.mean(k), rtol=1e-14, atol=1e-14)
         torch.testing.assert_close(got[k], _loop_mean(ups, k), rtol=1e-14, atol=1e-14)
 
@@ -56,6 +60,10 @@ def test_empty_or_zero_weight_cohort_is_an_error():
         weighted_means(1, [], ["x"])
     with pytest.raises(ValueError, match="> 0"):
         weighted_means(1, [ClientUpdate(0, 0.0, {"x": torch.ones(2)})], ["x"])
+    with pytest.raises(ValueError, match="uploaded by 1 of 2"):
+        weighted_means(1, [ClientUpdate(0, 1.0, {"x": torch.ones(2)}), ClientUpdate(1, 1.0, {})], ["x"])
+    with pytest.raises(ValueError, match="twice"):
+        weighted_means(1, [ClientUpdate(0, 1.0, {"x": torch.ones(2)})] * 2, ["x"])
 
 
 def test_mean_product_is_the_weighted_sum_of_the_clients_products():
