@@ -37,7 +37,7 @@ def _external_problems(cfg: Config) -> list[str]:
     """Checks owned by other packages: the method registry (the method's capabilities against the privacy mode and
     the LoRA variant; its own settings), the model name, the data source."""
     from fedsim.data.sources import source_path_problem
-    from fedsim.methods.base import available_methods, get_method
+    from fedsim.methods.base import all_capabilities, available_methods, get_method
     from fedsim.model.build import model_name_problem
 
     out: list[str] = []
@@ -49,7 +49,7 @@ def _external_problems(cfg: Config) -> list[str]:
         )
     else:  # what the method declares it supports, and its own settings
         method = get_method(cfg.method.name)
-        out.extend(method.capabilities.problems(cfg))
+        out.extend(method.capabilities.problems(cfg, all_capabilities()))
         out.extend(method.settings_problems(cfg))
     for key, check in (("model.name", model_name_problem), ("data.source", source_path_problem)):
         problem = check(_get(cfg, key))

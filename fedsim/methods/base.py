@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -60,24 +60,33 @@ class Capabilities:
     #: clients keep tensors between rounds (KEPT roles), so the meaningful accuracy is the personalised one
     keeps_client_state: bool = False
 
-    def problems(self, cfg: Config) -> list[str]:
-        """Why ``cfg`` asks for something this method does not support (one line per problem, naming the key)."""
+    def problems(self, cfg: Config, others: Mapping[str, Capabilities] | None = None) -> list[str]:
+        """Why ``cfg`` asks for something this method does not support (one line per problem, naming the key);
+        ``others`` (name -> capabilities of the other methods) lets each line name the methods that would do."""
         out: list[str] = []
         name = cfg.method.name
+        others = others or {}
+
+        def alternatives(ok: Callable[[Capabilities], bool]) -> str:
+            names = sorted(n for n, c in others.items() if ok(c))
+            return f", or one of the methods that support it: {', '.join(names)}" if names else ""
+
         if cfg.privacy.mode not in self.privacy_modes:
             why = ""
             if cfg.privacy.mode == "client" and not self.linear:
                 why = " (client-level DP noises a weighted mean of the uploads; this method's aggregation is not one)"
             elif cfg.privacy.mode == "client" and self.signals:
                 why = " (its clients upload gradient scores that client-level DP does not privatise)"
+            supports = alternatives(lambda c: cfg.privacy.mode in c.privacy_modes)
             out.append(
                 f"privacy.mode: {cfg.privacy.mode} does not work with method.name {name}{why}; use privacy.mode "
-                f"{' or '.join(sorted(self.privacy_modes))}, or a method that supports it (`fedsim methods`)"
+                f"{' or '.join(sorted(self.privacy_modes))}{supports}"
             )
         if cfg.lora.variant not in self.variants:
+            supports = alternatives(lambda c: cfg.lora.variant in c.variants)
             out.append(
                 f"lora.variant: {cfg.lora.variant} does not work with method.name {name} (it needs full LoRA A and B "
-                f"matrices); use lora.variant {' or '.join(sorted(self.variants))}"
+                f"matrices); use lora.variant {' or '.join(sorted(self.variants))}{supports}"
             )
         return out
 
@@ -233,6 +242,12 @@ def registration_problems(cls: type[Method]) -> list[str]:
 def _ensure_loaded() -> None:
     for mod in _METHOD_MODULES:
         importlib.import_module(f"fedsim.methods.{mod}")
+
+
+def all_capabilities() -> dict[str, Capabilities]:
+    """Every registered method's declared capabilities, by name."""
+    _ensure_loaded()
+    return {name: cls.capabilities for name, cls in sorted(_REGISTRY.items())}
 
 
 def available_methods() -> list[str]:

@@ -165,8 +165,8 @@ class PartialSum:
 
     def mean_of_keys(self, global_state: AdapterState, keys: Sequence[str]) -> AdapterState:
         """A copy of ``global_state`` whose ``keys`` are replaced by the weighted mean (cast to the uploads'
-        dtype and the global tensor's device); the streaming twin of
-        :func:`fedsim.methods.aggregation.mean_of_keys`."""
+        dtype and the global tensor's device). The buffered SVD family averages through :meth:`mean` too
+        (:func:`fedsim.methods.aggregation.weighted_means`)."""
         new = dict(global_state)
         for key in keys:
             new[key] = self.mean(key).to(device=global_state[key].device, dtype=self.dtypes[key])

@@ -19,6 +19,7 @@ import torch
 import fedsim.methods
 from fedsim.config.schema import Config, FederationConfig, MethodConfig
 from fedsim.methods.base import Method, available_methods, get_method, make_method
+from fedsim.methods.layerwise import FoldingMethod
 from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
 from fedsim.types import AdapterState, ClientUpdate, Role, SignalContext
 from tests.methods.helpers import delta_w, state
@@ -73,14 +74,13 @@ def _expected_delta(global_state, upload: Mapping[str, torch.Tensor], layer: str
 
 
 def _folds(m) -> bool:
-    return any(is_residual(k) for k in m.broadcast_keys(m.plan(1, ["l.lora_A", "l.lora_B"], {})))
+    return isinstance(m, FoldingMethod)
 
 
 def _new_delta(m, new, old, layer: str) -> torch.Tensor:
     """The change the aggregate makes to the layer's effective weight, in B A units (as ``delta_w``).
 
-    Methods that fold into the base weight (their broadcast carries the dense residual) move part of it into the
-    dense residual R:
+    Methods that fold into the base weight (:class:`FoldingMethod`) move part of it into the dense residual R:
     their effective B A is B A + (R_new - R_old) / s, with s the LoRA scale of the method's config."""
     got = delta_w(new, layer)
     if not _folds(m):

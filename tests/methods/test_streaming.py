@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 
-from fedsim.methods.aggregation import mean_of_keys
 from fedsim.methods.base import Method, available_methods, register_method
 from fedsim.methods.partial_sum import PartialSum
 from fedsim.types import ClientUpdate, Role, state_bytes
@@ -42,7 +41,10 @@ def test_streamed_aggregate_equals_buffered_and_ignores_arrival_order(name, t):
     g, server, plan = _at_round(m, t)
     ups = [u for u, _ in _cohort(m, g, plan, WEIGHTS6, seed=77)]
     _, want_server = m.aggregate(g, ups, plan, server)
-    want = mean_of_keys(g, ups, plan.uploaded)  # the buffered weighted mean, computed independently
+    total = sum(u.weight for u in ups)  # the weighted mean, computed independently
+    want = dict(g)
+    for k in plan.uploaded:
+        want[k] = sum(u.weight / total * u.tensors[k].double() for u in ups).to(g[k].dtype)
     rng = random.Random(t)
     for trial in range(3):
         order = list(range(len(ups)))

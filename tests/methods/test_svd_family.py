@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,8 +14,10 @@ import fedsim.methods.flexlora  # noqa: F401  (registers "flexlora")
 from fedsim.config.load import load_config
 from fedsim.config.schema import Config, FlexLoraConfig, MethodConfig
 from fedsim.errors import ConfigError
-from fedsim.methods.base import make_method
-from fedsim.methods.flexlora import truncated_factors
+from fedsim.methods import base
+from fedsim.methods.aggregation import truncated_factors
+from fedsim.methods.base import get_method, make_method
+from fedsim.methods.layerwise import LayerwiseMethod
 from fedsim.model.keys import factor_of
 from fedsim.types import Role
 from tests.methods.helpers import LAYERS, R, delta_w, state, updates_from
@@ -183,3 +189,13 @@ def test_svd_methods_reject_an_empty_cohort():
         plan = m.plan(1, sorted(g), {})
         with pytest.raises(ValueError, match="empty cohort"):
             m.aggregate(g, [], plan, {})
+
+
+def test_the_svd_family_shares_the_layerwise_base_and_no_method_module_imports_another():
+    for name in ("flexlora", "fedsvd", "fedex_lora", "flora"):
+        assert issubclass(get_method(name), LayerwiseMethod) and not get_method(name).capabilities.linear
+    for name in base._METHOD_MODULES:
+        tree = ast.parse(Path(importlib.import_module(f"fedsim.methods.{name}").__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {f"fedsim.methods.{other}" for other in base._METHOD_MODULES}, name
