@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from fedsim.config.load import dump_config
 from fedsim.config.schema import Config
@@ -26,17 +23,17 @@ from fedsim.data.sources import load_source
 from fedsim.errors import RunStopped
 from fedsim.methods.base import get_method
 from fedsim.metrics.console import RoundProgress
-from fedsim.metrics.similarity import similarity_rows
-from fedsim.metrics.tables import MetricTables, worker_busy_frac
+from fedsim.metrics.tables import MetricTables, round_row, summarise_eval, worker_busy_frac
 from fedsim.model.adapters import attach_adapter, get_state
 from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
 from fedsim.model.export import export_adapter
 from fedsim.privacy.tracker import PrivacyTracker
+from fedsim.run_state import RunState
 from fedsim.seeding import numpy_rng
 from fedsim.server.checkpoint import latest_checkpoint_dir, read_checkpoint, write_checkpoint
 from fedsim.server.client_store import SPILL_DIR
 from fedsim.server.cohort import sample_cohort
-from fedsim.types import ClientResult, ClientTask, EvalResult, EvalTask
+from fedsim.types import ClientTask, EvalTask
 
 if TYPE_CHECKING:
     from fedsim.runtime.backend import Backend
@@ -55,29 +52,6 @@ def eval_tasks(data: FederatedData, chunk: int, local_clients: int, seed: int) -
     for cid in with_holdout:
         tasks.append(EvalTask(f"client:{cid}", tuple(int(i) for i in data.client_holdout[cid]), client_id=cid))
     return tasks
-
-
-def summarise_eval(results: Sequence[EvalResult]) -> dict[str, float | None]:
-    """eval_loss / eval_accuracy over the global chunks; personal accuracy pooled and per-client mean."""
-    glob = [r for r in results if r.name == "global"]
-    pers = [r for r in results if r.name != "global" and r.count]
-    n = sum(r.count for r in glob)
-    out: dict[str, float | None] = {
-        "eval_loss": sum(r.loss_sum for r in glob) / n if n else None,
-        "eval_accuracy": sum(r.correct for r in glob) / n if n else None,
-        "personal_accuracy": None,
-        "personal_accuracy_unweighted": None,
-    }
-    if pers:
-        out["personal_accuracy"] = sum(r.correct for r in pers) / sum(r.count for r in pers)
-        out["personal_accuracy_unweighted"] = float(np.mean([r.correct / r.count for r in pers]))
-    return out
-
-
-def weighted_train_loss(results: Sequence[ClientResult]) -> float | None:
-    ok = [r for r in results if r.status == "ok" and not math.isnan(r.train_loss)]
-    total = sum(r.examples for r in ok)
-    return sum(r.train_loss * r.examples for r in ok) / total if total else None
 
 
 def run_simulation(
@@ -107,7 +81,7 @@ def run_simulation(
     data = build_federated_data(cfg, dataset, tokenizer)
     del dataset  # the raw texts (population-sized) are not needed once tokenised
     sizes = [len(ix) for ix in data.client_train]
-    privacy = PrivacyTracker(cfg, sizes, method_cls.linear, method_cls.uses_signals)  # calibrates once
+    privacy = PrivacyTracker(cfg, sizes)  # the privacy mechanism, calibrated once
 
     # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
     base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed)
@@ -125,33 +99,30 @@ def run_simulation(
     # 3. Server + workers.
     from fedsim.runtime.backend import RunSetup, make_backend
 
-    backend = make_backend(RunSetup(cfg, blueprint, data, initial_state, privacy.server_sigma, run_dir=out_dir))
+    backend = make_backend(RunSetup(cfg, blueprint, data, initial_state, privacy.mechanism, run_dir=out_dir))
     tables = MetricTables(out_dir)
     fed, rt = cfg.federation, cfg.runtime
     tasks_eval = eval_tasks(data, rt.eval_batch_size, fed.local_eval_clients, cfg.seed)
-    totals = {"bytes_up": 0, "bytes_down": 0}
-    best_acc: float | None = None
-    last_eval: dict[str, float | None] = {}
-    start = 1
+    state = RunState()
 
     def checkpoint(t: int) -> None:
         """Everything a resume needs after round ``t`` (RNG draws are functions of (seed, round, client))."""
-        driver = {"privacy": privacy.state(), "totals": totals, "best_acc": best_acc, "last_eval": last_eval}
-        write_checkpoint(out_dir, dataclasses.replace(backend.checkpoint_state(), round=t, driver=driver))
+        write_checkpoint(out_dir, dataclasses.replace(backend.checkpoint_state(), round=t, driver=state.to_json()))
 
     try:
         found = latest_checkpoint_dir(out_dir) if resume else None
         if found is not None:  # 3b. Continue a stopped run from its newest checkpoint.
             ckpt = read_checkpoint(found)
             backend.restore(ckpt)
-            privacy.load_state(ckpt.driver["privacy"])
-            totals, best_acc, last_eval = ckpt.driver["totals"], ckpt.driver["best_acc"], ckpt.driver["last_eval"]
             tables = MetricTables.resume(out_dir, ckpt.round)
-            start = ckpt.round + 1
+            trained = (r["client_id"] for r in tables.clients if r["status"] == "ok")
+            state = dataclasses.replace(RunState.from_json(ckpt.driver, trained), round=ckpt.round)
+            privacy.load_state(state.privacy)
         else:
             checkpoint(0)
+        resumed_from = state.round if resume else None
         with RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress) as bar:
-            for t in range(start, fed.rounds + 1):
+            for t in range(state.round + 1, fed.rounds + 1):
                 t0 = time.perf_counter()
                 # 4. One round: plan, cohort, local training, aggregation.
                 plan = backend.plan(t)
@@ -169,43 +140,23 @@ def run_simulation(
                         f"cause, then `fedsim resume {out_dir}` continues from {newest.name if newest else 'the start'}"
                     )
                 info = backend.aggregate(t)
-                if cfg.analysis.similarity:  # uploaded factors (server side) + kept factors (ClientStore)
-                    kept = [backend.kept_state(r.client_id) for r in results if r.status == "ok"] if plan.kept else []
-                    tables.add_similarity(info.similarity + similarity_rows(t, [k for k in kept if k], plan.kept))
+                trained = state.trained | {r.client_id for r in results if r.status == "ok"}
 
-                # 5. Evaluation (every eval_every rounds and always the last).
-                ev: dict[str, float | None] = {}
+                # 5. Evaluation (every eval_every rounds and always the last); local: clients that have trained.
+                ev: dict[str, float | int | None] = {}
                 if t % fed.eval_every == 0 or t == fed.rounds:
-                    ev = summarise_eval(backend.evaluate(tasks_eval, t))
-                    last_eval = ev
-                    if ev["eval_accuracy"] is not None:
-                        best_acc = max(best_acc or 0.0, ev["eval_accuracy"])
+                    todo = [e for e in tasks_eval if e.client_id is None or e.client_id in trained]
+                    ev = summarise_eval(backend.evaluate(todo, t))
 
                 # 6. Record.
-                up = sum(r.bytes_up for r in results)
-                down = sum(r.bytes_down for r in results)
-                totals["bytes_up"] += up
-                totals["bytes_down"] += down
-                row = {
-                    "round": t,
-                    "method": cfg.method.name,
-                    "train_loss": weighted_train_loss(results),
-                    **{k: ev.get(k) for k in ("eval_loss", "eval_accuracy")},
-                    "personal_accuracy": ev.get("personal_accuracy"),
-                    "personal_accuracy_unweighted": ev.get("personal_accuracy_unweighted"),
-                    "clients": sum(r.status == "ok" for r in results),
-                    "failed_clients": sum(r.status == "failed" for r in results),
-                    "budget_exhausted": sum(r.status == "budget_exhausted" for r in results),
-                    "bytes_up": up,
-                    "bytes_down": down,
-                    **privacy.observe(t, results),
-                    "wall_s": time.perf_counter() - t0,
-                    "worker_busy_frac": worker_busy_frac(results, rt.workers if rt.backend == "ray" else 1, t_train),
-                }
-                client_rows = [{**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results]
-                tables.add_round(row, client_rows)
-                if cfg.method.name == "as_lora":
-                    tables.add_choices(t, plan)
+                epsilon = privacy.observe(t, results)
+                state = state.after_round(t, results, ev, privacy.state())
+                busy = worker_busy_frac(results, backend.worker_count, t_train)
+                row = round_row(t, cfg.method.name, results, ev, epsilon, time.perf_counter() - t0, busy)
+                tables.add_round(row, [{**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results])
+                tables.add_roles(plan)
+                if cfg.analysis.similarity:
+                    tables.add_similarity(info.similarity)
                 tables.flush()
                 bar.update(row)
                 if t == fed.rounds or (rt.checkpoint_every and t % rt.checkpoint_every == 0):
@@ -228,18 +179,20 @@ def run_simulation(
         "rounds": fed.rounds,
         "clients": fed.clients,
         "clients_per_round": fed.clients_per_round,
-        "final_eval_accuracy": last_eval.get("eval_accuracy"),
-        "final_eval_loss": last_eval.get("eval_loss"),
-        "best_eval_accuracy": best_acc,
-        "final_personal_accuracy": last_eval.get("personal_accuracy"),
+        "final_eval_accuracy": state.eval.get("eval_accuracy"),
+        "final_eval_loss": state.eval.get("eval_loss"),
+        "best_eval_accuracy": state.best_accuracy,
+        "final_personal_accuracy": state.eval.get("personal_accuracy"),
+        "final_personal_clients": state.eval.get("personal_clients"),
+        "method_capabilities": method_cls.capabilities.as_dict(),
         **privacy.summary(),
         "privacy_caveats": caveats,
         "epsilon_covers_uploads": not caveats,
         "failed_client_rounds": sum(r["failed_clients"] for r in tables.rounds),
-        "bytes_up": totals["bytes_up"],
-        "bytes_down": totals["bytes_down"],
+        "bytes_up": state.bytes_up,
+        "bytes_down": state.bytes_down,
         "wall_s": time.perf_counter() - t_start,
-        "resumed_from_round": start - 1 if resume else None,
+        "resumed_from_round": resumed_from,
         "out_dir": str(out_dir),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -16,17 +16,17 @@ BASE = [
     "--set",
     "privacy.noise_multiplier=1.0",
     "--set",
-    "method.curvature=true",
+    "method.as_lora.curvature=true",
     "--set",
-    "method.curvature_window=2",
+    "method.as_lora.curvature_window=2",
 ]
 
 
 def test_reference_curvature_warns_and_is_recorded(tmp_path, capsys):
     out = tmp_path / "ref"
-    assert main([*BASE, "--set", "method.reference_curvature=true", "--out", str(out)]) == 0
+    assert main([*BASE, "--set", "method.as_lora.reference_curvature=true", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "WARNING (privacy): method.reference_curvature" in err and "epsilon does NOT cover" in err
+    assert "WARNING (privacy): method.as_lora.reference_curvature" in err and "epsilon does NOT cover" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epsilon_covers_uploads"] is False
     assert len(summary["privacy_caveats"]) == 1 and "RAW minibatch losses" in summary["privacy_caveats"][0]

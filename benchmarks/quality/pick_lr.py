@@ -26,7 +26,7 @@ def pick(dirs: list[Path]) -> dict[tuple[str, str], tuple[float, float, list[tup
     for r in load_records(dirs):
         if r["status"] != "complete":
             continue
-        personal = get_method(r["method"]).personal
+        personal = get_method(r["method"]).capabilities.keeps_client_state
         score = r["final_local_accuracy"] if personal else r["final_accuracy"]
         tried[(r["method"], r["privacy_mode"])].append((float(r["settings"]["federation.lr"]), float(score)))
     out = {}

@@ -20,9 +20,8 @@ from fedsim.methods.base import make_method
 from fedsim.model.adapters import attach_adapter, get_state, set_state
 from fedsim.model.build import BaseBlueprint, model_from_blueprint
 from fedsim.model.keys import is_residual, layer_of
-from fedsim.privacy.accounting import PrivacyLedger, would_exceed
-from fedsim.privacy.client_level import clip_update
 from fedsim.privacy.dpsgd import expected_batch_size
+from fedsim.privacy.mechanism import NoPrivacy, PrivacyMechanism
 from fedsim.types import (
     AdapterState,
     ClientResult,
@@ -43,16 +42,25 @@ class ClientOutput:
     result: ClientResult
     upload: ClientUpdate | None
     keep: AdapterState | None
-    ledger: dict | None = None  # the client's updated PrivacyLedger (JSON) under sample-level DP
+    ledger: dict | None = None  # the client's updated PrivacyLedger (JSON) when the privacy mechanism keeps one
 
 
 class ClientWorker:
-    """Builds the model once; ``train`` / ``evaluate`` swap adapter tensors in place per client."""
+    """Builds the model once; ``train`` / ``evaluate`` swap adapter tensors in place per client. ``privacy``: the
+    run's mechanism (default none), asked for everything privacy-related around a client's training."""
 
-    def __init__(self, worker_id: int, cfg: Config, blueprint: BaseBlueprint, data: FederatedData) -> None:
+    def __init__(
+        self,
+        worker_id: int,
+        cfg: Config,
+        blueprint: BaseBlueprint,
+        data: FederatedData,
+        privacy: PrivacyMechanism | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.cfg = cfg
         self.data = data
+        self.privacy = privacy if privacy is not None else NoPrivacy()
         threads = max(1, int(cfg.runtime.cpus_per_worker))
         torch.set_num_threads(threads)
         base = model_from_blueprint(blueprint)
@@ -86,21 +94,16 @@ class ClientWorker:
     def _weight(self, examples: int) -> float:
         return float(examples) if self.cfg.federation.weighting == "examples" else 1.0
 
-    def _ledger(self, ledger_json: dict | None) -> PrivacyLedger:
-        if ledger_json:
-            return PrivacyLedger.from_json(ledger_json)
-        return PrivacyLedger(accountant=self.cfg.privacy.accountant)
-
     def train(
         self, task: ClientTask, global_state: AdapterState, kept: AdapterState | None, ledger_json: dict | None = None
     ) -> ClientOutput:
         """Train client ``task.client_id`` from (global, its kept state); never raises for client errors.
 
-        Sample-level DP: a client whose next participation would push its epsilon past ``privacy.epsilon``
-        does not train (status ``budget_exhausted``); otherwise its ledger is charged for the steps it took.
-        Client-level DP: the upload is the clipped delta (trained minus start) of the shared tensors.
+        The privacy mechanism decides: a client it finds exhausted (its next participation would pass
+        ``privacy.epsilon``) does not train (status ``budget_exhausted``); DP-SGD's noise multiplier; what is
+        uploaded (client-level DP: the clipped delta of the shared tensors); the ledger charged for the steps taken.
         """
-        plan, cid, pr = task.plan, task.client_id, self.cfg.privacy
+        plan, cid, privacy = task.plan, task.client_id, self.privacy
         t0 = time.perf_counter()
         idx = self.data.client_train[cid]
         down = state_bytes({k: global_state[k] for k in self.method.broadcast_keys(plan) if k in global_state})
@@ -112,21 +115,17 @@ class ClientWorker:
             "noise_multiplier": task.noise_multiplier,
             "sample_rate": task.sample_rate,
         }
-        ledger = None
-        sigma, q = float(task.noise_multiplier or 0.0), float(task.sample_rate or 0.0)
-        if pr.mode == "sample":
-            ledger = self._ledger(ledger_json)
-            steps = self.cfg.federation.local_steps
-            if pr.epsilon is not None and would_exceed(ledger, sigma, q, steps, pr.epsilon, pr.delta):
-                result = ClientResult(
-                    **base,
-                    steps=0,
-                    train_loss=float("nan"),
-                    seconds=time.perf_counter() - t0,
-                    status="budget_exhausted",
-                    epsilon=ledger.epsilon(pr.delta),
-                )
-                return ClientOutput(result, None, None, None)
+        ledger = privacy.open_ledger(ledger_json)
+        if privacy.exhausted(task, ledger):
+            result = ClientResult(
+                **base,
+                steps=0,
+                train_loss=float("nan"),
+                seconds=time.perf_counter() - t0,
+                status="budget_exhausted",
+                epsilon=privacy.epsilon_of(ledger),
+            )
+            return ClientOutput(result, None, None, None)
         try:
             start = self.method.client_start(global_state, kept, plan)
             self._load(start)
@@ -138,7 +137,7 @@ class ClientWorker:
                 labels,
                 round=task.round,
                 client_id=cid,
-                noise_multiplier=task.noise_multiplier if pr.mode == "sample" else None,
+                noise_multiplier=privacy.dpsgd_noise(task),
             )
             after = get_state(self.model, plan.trained)
         except Exception as exc:  # a failing client is reported and left out of the aggregate
@@ -152,15 +151,10 @@ class ClientWorker:
                 error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}",
             )
             return ClientOutput(result, None, None, None)
-        upload_t = {k: after[k] for k in plan.uploaded}
-        weight = self._weight(outcome.examples)
-        if pr.mode == "client" and upload_t:
-            upload_t, _ = clip_update({k: upload_t[k] - start[k] for k in upload_t}, pr.client_clip)
-            weight = 1.0
-        epsilon = None
-        if ledger is not None:
-            ledger = ledger.spend(sigma, q, outcome.steps)  # only the steps really taken
-            epsilon = ledger.epsilon(pr.delta)
+        upload_t, weight = privacy.upload(
+            {k: start[k] for k in plan.uploaded}, {k: after[k] for k in plan.uploaded}, self._weight(outcome.examples)
+        )
+        ledger = privacy.charge(ledger, task, outcome.steps)  # only the steps really taken
         keep = {k: after[k] for k in plan.kept} or None
         signals = self.method.client_signal(plan, self.trainer.last_grads, self._signal_context(task, len(idx)))
         upload = ClientUpdate(cid, weight, upload_t, signals) if upload_t else None
@@ -172,22 +166,19 @@ class ClientWorker:
             status="ok",
             bytes_up=state_bytes(upload_t) + 4 * len(signals),  # signals travel as float32
             bytes_down=down,
-            epsilon=epsilon,
+            epsilon=privacy.epsilon_of(ledger),
         )
         return ClientOutput(result, upload, keep, ledger.to_json() if ledger is not None else None)
 
     def _signal_context(self, task: ClientTask, n: int) -> SignalContext:
-        fe, pr = self.cfg.federation, self.cfg.privacy
+        fe = self.cfg.federation
         batch = float(expected_batch_size(fe.batch_size, n))
-        noise_std = 0.0
-        if pr.mode == "sample":
-            noise_std = float(task.noise_multiplier or 0.0) * pr.clip / batch
         return SignalContext(
             round=task.round,
             client_id=task.client_id,
             lr=fe.lr,
             batch_size=batch,
-            noise_std=noise_std,
+            noise_std=self.privacy.signal_noise_std(task, batch),
             prev_grads=self.trainer.prev_grads,
             prev_step=self.trainer.prev_step,
             plain_sgd=fe.optimizer == "sgd",

@@ -6,6 +6,7 @@ import math
 
 from fedsim.config.fields import _Bad, _convert, _get, _leaves, _show, _suggest
 from fedsim.config.schema import Config
+from fedsim.privacy.checks import delta_problem
 
 
 def _proportion_problems(rows: list[list[float]] | None, required: bool) -> list[str]:
@@ -33,9 +34,10 @@ def _proportion_problems(rows: list[list[float]] | None, required: bool) -> list
 
 
 def _external_problems(cfg: Config) -> list[str]:
-    """Checks owned by other packages: the method registry, the model name, the data source."""
+    """Checks owned by other packages: the method registry (the method's capabilities against the privacy mode and
+    the LoRA variant; its own settings), the model name, the data source."""
     from fedsim.data.sources import source_path_problem
-    from fedsim.methods.base import available_methods
+    from fedsim.methods.base import all_capabilities, available_methods, get_method
     from fedsim.model.build import model_name_problem
 
     out: list[str] = []
@@ -45,30 +47,14 @@ def _external_problems(cfg: Config) -> list[str]:
             f"method.name: unknown method '{cfg.method.name}'{_suggest(cfg.method.name, known)}; "
             f"known methods: {', '.join(known)}"
         )
+    else:  # what the method declares it supports, and its own settings
+        method = get_method(cfg.method.name)
+        out.extend(method.capabilities.problems(cfg, all_capabilities()))
+        out.extend(method.settings_problems(cfg))
     for key, check in (("model.name", model_name_problem), ("data.source", source_path_problem)):
         problem = check(_get(cfg, key))
         if problem:
             out.append(problem if problem.startswith(key) else f"{key}: {problem}")
-    return out
-
-
-# Methods that work on VeRA's vectors through factor_of / layer_of alone; flexlora, fedsvd, fedex_lora and flora
-# need the B @ A product.
-VERA_METHODS = ("fedavg_lora", "ffa_lora", "fedsa_lora", "rolora", "as_lora")
-
-
-def _vera_problems(cfg: Config) -> list[str]:
-    """lora.variant vera: only methods in VERA_METHODS. (Sample-level DP works: the lambdas' per-example gradients
-    come from ``fedsim.privacy.vera_grad_sampler``, exact with dropout too.)"""
-    if cfg.lora.variant != "vera":
-        return []
-    out: list[str] = []
-    if cfg.method.name not in VERA_METHODS:
-        out.append(
-            f"lora.variant: vera does not work with method.name {cfg.method.name} (it needs full LoRA A and B "
-            f"matrices; VeRA trains only the vectors lambda_d and lambda_b); use lora.variant lora or rslora, or one "
-            f"of the methods {', '.join(VERA_METHODS)}"
-        )
     return out
 
 
@@ -79,8 +65,9 @@ def _privacy_problems(cfg: Config) -> list[str]:
         out.append(f"privacy.clip must be > 0 (got {_show(pr.clip)}); the per-example clipping norm, e.g. 2.0")
     if pr.client_clip <= 0:
         out.append(f"privacy.client_clip must be > 0 (got {_show(pr.client_clip)}); e.g. 1.0")
-    if not 0 < pr.delta < 1:
-        out.append(f"privacy.delta must be in (0, 1) (got {_show(pr.delta)}); e.g. 1e-5")
+    delta = delta_problem(pr.delta)
+    if delta:
+        out.append(delta)
     if pr.epsilon is not None and pr.epsilon <= 0:
         out.append(f"privacy.epsilon must be > 0 (got {_show(pr.epsilon)}); e.g. 8, or null for no target")
     if pr.noise_multiplier is not None and pr.noise_multiplier < 0:
@@ -153,7 +140,6 @@ def validate(cfg: Config) -> list[str]:
     need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")
     need("federation.local_eval_clients", fe.local_eval_clients >= 0, ">= 0", "e.g. 100; 0 turns local evaluation off")
     problems.extend(_privacy_problems(cfg))
-    problems.extend(_vera_problems(cfg))
     need("runtime.workers", rt.workers >= 1, ">= 1", "e.g. 2")
     need("runtime.cpus_per_worker", rt.cpus_per_worker > 0, "> 0", "e.g. 1")
     need("runtime.gpus_per_worker", rt.gpus_per_worker >= 0, ">= 0", "0 for CPU only, 0.25 for a quarter GPU")

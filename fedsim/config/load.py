@@ -31,7 +31,7 @@ from fedsim.config.fields import (
     _unknown_key,
     known_keys,
 )
-from fedsim.config.schema import Config
+from fedsim.config.schema import LEGACY_METHOD_KEYS, Config
 from fedsim.errors import ConfigError
 
 __all__ = [
@@ -118,9 +118,26 @@ def _mentions(problem: str, keys: set[str]) -> bool:
     return any(re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", problem) for k in keys)
 
 
+def _moved_keys(data: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``data`` with settings written under their old keys (:data:`LEGACY_METHOD_KEYS`, e.g. ``method.ema_beta``)
+    moved to their new place (``method.as_lora.ema_beta``); a value given at the new place wins."""
+    method = data.get("method")
+    if not isinstance(method, Mapping) or not any(f"method.{k}" in LEGACY_METHOD_KEYS for k in method):
+        return dict(data)
+    method = dict(method)
+    for old, new in LEGACY_METHOD_KEYS.items():
+        name, section = old.split(".", 1)[1], new.split(".")[1]
+        if name in method:
+            value = method.pop(name)
+            moved = dict(method.get(section) or {})
+            moved.setdefault(name, value)
+            method[section] = moved
+    return {**data, "method": method}
+
+
 def _from_dict(data: Any, problems: list[str]) -> Config:
     failed: set[str] = set()
-    data = _expand_dotted(data) if isinstance(data, Mapping) else data
+    data = _moved_keys(_expand_dotted(data)) if isinstance(data, Mapping) else data
     cfg = _build(Config, data, "", problems, failed)
     # semantic checks on fields that failed conversion would judge the substituted default
     problems.extend(p for p in validate(cfg) if not _mentions(p, failed))

@@ -48,8 +48,8 @@ class LoraConfig:
     variant: str = _f(
         "lora",
         "Adapter variant: lora; rslora (scale alpha / sqrt(r)); vera (frozen shared random projections, trainable "
-        "vectors lambda_d (A side) and lambda_b (B side); alpha is unused; only with fedavg_lora, ffa_lora, "
-        "fedsa_lora, rolora; no privacy.mode sample).",
+        "vectors lambda_d (A side) and lambda_b (B side); alpha is unused; only with methods that do not form B @ A "
+        "products (`fedsim methods` lists each method's variants); works with sample-level DP.",
         ("lora", "rslora", "vera"),
     )
     train_head: bool = _f(
@@ -127,33 +127,49 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    name: str = _f("ffa_lora", "Aggregation method (see `fedsim presets` and METHODS.md).")
-    warmup_fraction: float = _f(0.1, "as_lora: fraction of rounds with layer-tied A/B alternation (B odd, A even).")
-    ema_beta: float = _f(0.9, "as_lora: EMA factor of the per-layer factor scores, in [0, 1).")
-    temperature0: float = _f(1.0, "as_lora: initial choice temperature T0.")
-    temperature_min: float = _f(0.1, "as_lora: floor of the choice temperature.")
-    temperature_decay: float = _f(0.95, "as_lora: T = max(Tmin, T0 * decay^(t - t_warm)).")
-    projection: bool = _f(
-        True, "as_lora: score gradients after a fixed random Gaussian projection per (layer, factor)."
-    )
-    projection_dim: int = _f(64, "as_lora: projected dimension of the score projection.")
+class AsLoraConfig:
+    warmup_fraction: float = _f(0.1, "Fraction of rounds with layer-tied A/B alternation (B odd, A even), in [0, 1].")
+    ema_beta: float = _f(0.9, "EMA factor of the per-layer factor scores, in [0, 1).")
+    temperature0: float = _f(1.0, "Initial choice temperature T0 (> 0).")
+    temperature_min: float = _f(0.1, "Floor of the choice temperature (> 0).")
+    temperature_decay: float = _f(0.95, "T = max(temperature_min, temperature0 * decay^(t - t_warm)); in (0, 1].")
+    projection: bool = _f(True, "Score gradients after a fixed random Gaussian projection per (layer, factor).")
+    projection_dim: int = _f(64, "Projected dimension of the score projection (>= 1).")
     curvature: bool = _f(
         False,
-        "as_lora: curvature-corrected scores in the last curvature_window rounds (curvature from the last "
-        "two privatised gradients: covered by epsilon).",
+        "Curvature-corrected scores in the last curvature_window rounds (curvature from the last two privatised "
+        "gradients: covered by epsilon).",
     )
-    curvature_window: int = _f(10, "as_lora: rounds (at the end) in which the curvature correction is used.")
+    curvature_window: int = _f(10, "Rounds (at the end) in which the curvature correction is used (>= 0).")
     reference_curvature: bool = _f(
         False,
-        "as_lora: reproduce the published code's curvature from RAW minibatch losses. Not covered by the "
-        "reported epsilon (a warning is printed and summary.json records it).",
+        "Reproduce the published code's curvature from RAW minibatch losses (needs curvature: true). Not covered "
+        "by the reported epsilon (a warning is printed and summary.json records it).",
     )
+
+
+@dataclass(frozen=True)
+class FlexLoraConfig:
     svd_split: str = _f(
         "sqrt",
-        "flexlora: how singular values are split: sqrt (B=U*sqrt(S), A=sqrt(S)*Vt) or B (B=U*S, A=Vt).",
+        "How singular values are split between the factors: sqrt (B = U sqrt(S), A = sqrt(S) Vt) or B (B = U S, "
+        "A = Vt).",
         ("sqrt", "B"),
     )
+
+
+#: method settings that used to sit directly under ``method`` (configs written before they moved are still read)
+LEGACY_METHOD_KEYS = {
+    **{f"method.{k}": f"method.as_lora.{k}" for k in AsLoraConfig.__dataclass_fields__},
+    **{f"method.{k}": f"method.flexlora.{k}" for k in FlexLoraConfig.__dataclass_fields__},
+}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = _f("ffa_lora", "Aggregation method (`fedsim methods` lists them with what each supports).")
+    as_lora: AsLoraConfig = field(default_factory=AsLoraConfig, metadata={"help": "AS-LoRA's settings."})
+    flexlora: FlexLoraConfig = field(default_factory=FlexLoraConfig, metadata={"help": "FlexLoRA's settings."})
 
 
 @dataclass(frozen=True)

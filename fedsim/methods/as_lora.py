@@ -16,8 +16,9 @@ Schedule (``plan``, a pure function of (round, keys, server_state)):
 Client signals (``client_signal``), from the last step's privatised gradient ``g`` of the active factor:
 ``g~ = P g`` (``P``: fixed Gaussian ``[projection_dim, numel]``, entries N(0, 1/projection_dim), seeded by
 (seed, layer index, factor), cached per method instance, i.e. per process) or ``g~ = g`` without projection;
-``e = max(||g~||^2 - numel * noise_std^2, 0)``. In the last ``curvature_window`` rounds with ``method.curvature``
-the score is ``e * (1 - lr * kappa / 2)``, otherwise ``e`` (and ``kappa`` is reported as 0).
+``e = max(||g~||^2 - numel * noise_std^2, 0)``. In the last ``curvature_window`` rounds with
+``method.as_lora.curvature`` the score is ``e * (1 - lr * kappa / 2)``, otherwise ``e`` (and ``kappa`` is reported as
+0).
 
 Curvature, privacy-clean (default): a finite difference of the client's last two PRIVATISED gradients along the
 step between them (a secant, ``s = theta_{T-1} - theta_{T-2}``, which for SGD is ``-lr * g_{T-1}``, i.e. along
@@ -26,8 +27,8 @@ the privatised gradient): ``kappa = (<P(g_T - g_{T-1}), P s> - c) / ||P s||^2`` 
 ``c`` removes its expected contribution) and ``c = 0`` otherwise; ``kappa = 0`` with fewer than two local steps or
 ``s = 0``. Everything here is post-processing of DP-SGD output, so the accountant covers it.
 
-Curvature, reference (``method.reference_curvature: true``, opt-in): the published code's second difference of the
-RAW minibatch loss along the unit gradient ``u = g / ||g||``: ``kappa = (L(+h u) - 2 L(0) + L(-h u)) / h^2`` with
+Curvature, reference (``method.as_lora.reference_curvature: true``, opt-in): the published code's second difference
+of the RAW minibatch loss along the unit gradient ``u = g / ||g||``: ``kappa = (L(+h u) - 2 L(0) + L(-h u)) / h^2`` with
 ``h = 1e-3`` on the client's last non-empty batch. Raw losses are not privatised, so the reported epsilon does
 not cover these uploads: the run warns and summary.json records it (``privacy_caveats``).
 Both scalars are uploaded per layer as ``"<layer>:score"`` and ``"<layer>:kappa"``.
@@ -44,8 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from fedsim.config.schema import Config
-from fedsim.errors import ConfigError
-from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.base import Capabilities, Method, ServerState, register_method
 from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of, layer_of, layers_of
 from fedsim.seeding import numpy_rng, torch_generator
@@ -85,18 +85,14 @@ def choices_of(plan: RoundPlan) -> dict[str, str]:
 
 @register_method("as_lora")
 class ASLoRA(Method):
-    """Adaptive per-layer choice of the trained and shared LoRA factor (see the module docstring).
+    """Adaptive per-layer choice of the trained and shared LoRA factor (see the module docstring). Settings:
+    ``method.as_lora.*``, checked by :meth:`settings_problems` when the config is checked."""
 
-    Raises ConfigError (naming the ``method.*`` keys) for out-of-range settings, and for
-    ``method.reference_curvature: true`` without ``method.curvature: true``.
-    """
-
-    linear = True
-    uses_signals = True
+    capabilities = Capabilities(privacy_modes=frozenset({"none", "sample"}), signals=True, per_layer_choices=True)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        _validate(cfg)
+        self.cfg = cfg.method.as_lora
         self.warmup_rounds = max(1, math.ceil(self.cfg.warmup_fraction * self.rounds))
         self._projections: dict[tuple[int, str, int], torch.Tensor] = {}
 
@@ -138,22 +134,6 @@ class ASLoRA(Method):
                 roles[key] = Role.SHARED if chosen[layer_of(key)] == factor else Role.FROZEN
         return RoundPlan(round=round, roles=roles)
 
-    def role(self, round: int, key: str, server_state: ServerState) -> Role:
-        """Same as ``plan``; after warm-up the layer index comes from ``server_state["layers"]``.
-
-        Raises ValueError after warm-up when the layer is not in ``server_state["layers"]``.
-        """
-        factor = factor_of(key)
-        if factor == "head":
-            return Role.SHARED
-        layer = layer_of(key)
-        layers = sorted(server_state.get("layers", []))
-        if round > self.warmup_rounds and layer not in layers:
-            raise ValueError(f"as_lora: layer {layer!r} is not in server_state['layers'] (use init_server_state)")
-        index = layers.index(layer) if layer in layers else 0
-        chosen = self.choose(round, index, server_state.get("ema", {}).get(layer))
-        return Role.SHARED if chosen == factor else Role.FROZEN
-
     # ------------------------------------------------------------------ client side
     def projection(self, layer_index: int, factor: str, numel: int) -> torch.Tensor:
         """The fixed ``[projection_dim, numel]`` float32 matrix with N(0, 1/projection_dim) entries (cached)."""
@@ -181,13 +161,41 @@ class ASLoRA(Method):
 
     @classmethod
     def privacy_caveats(cls, cfg: Config) -> list[str]:
-        if cfg.method.name == cls.name and cfg.method.reference_curvature:
+        settings = cfg.method.as_lora
+        if cfg.method.name == cls.name and settings.reference_curvature:
             return [
-                "method.reference_curvature: AS-LoRA's curvature term uses RAW minibatch losses (the published "
-                "code's choice); the reported epsilon does NOT cover the scores clients upload in the last "
-                f"{cfg.method.curvature_window} rounds. Set it to false for privacy-clean scores."
+                "method.as_lora.reference_curvature: AS-LoRA's curvature term uses RAW minibatch losses (the "
+                "published code's choice); the reported epsilon does NOT cover the scores clients upload in the last "
+                f"{settings.curvature_window} rounds. Set it to false for privacy-clean scores."
             ]
         return []
+
+    @classmethod
+    def settings_problems(cls, cfg: Config) -> list[str]:
+        """Every out-of-range ``method.as_lora.*`` setting, and ``reference_curvature`` without ``curvature``."""
+        m = cfg.method.as_lora
+        key = "method.as_lora"
+        problems: list[str] = []
+        if m.reference_curvature and not m.curvature:
+            problems.append(
+                f"{key}.reference_curvature: true needs {key}.curvature: true (it replaces the curvature estimate); "
+                f"set {key}.curvature: true or drop {key}.reference_curvature."
+            )
+        if not 0.0 <= m.warmup_fraction <= 1.0:
+            problems.append(f"{key}.warmup_fraction: must be in [0, 1], got {m.warmup_fraction}; e.g. 0.1.")
+        if not 0.0 <= m.ema_beta < 1.0:
+            problems.append(f"{key}.ema_beta: must be in [0, 1), got {m.ema_beta}; e.g. 0.9.")
+        if not m.temperature0 > 0:
+            problems.append(f"{key}.temperature0: must be > 0, got {m.temperature0}; e.g. 1.0.")
+        if not m.temperature_min > 0:
+            problems.append(f"{key}.temperature_min: must be > 0, got {m.temperature_min}; e.g. 0.1.")
+        if not 0.0 < m.temperature_decay <= 1.0:
+            problems.append(f"{key}.temperature_decay: must be in (0, 1], got {m.temperature_decay}; e.g. 0.95.")
+        if m.projection and m.projection_dim < 1:
+            problems.append(f"{key}.projection_dim: must be >= 1, got {m.projection_dim}; e.g. 64.")
+        if m.curvature_window < 0:
+            problems.append(f"{key}.curvature_window: must be >= 0, got {m.curvature_window}; e.g. 10.")
+        return problems
 
     def client_signal(self, plan: RoundPlan, grads: AdapterState, context: SignalContext) -> dict[str, float]:
         """``{"<layer>:score": score, "<layer>:kappa": kappa}`` per layer whose active-factor gradient is in
@@ -281,30 +289,3 @@ def raw_loss_curvature(
     offset = grad * (RAW_CURVATURE_STEP / norm)
     plus, minus = raw_loss({key: offset}), raw_loss({key: -offset})
     return (plus - 2.0 * base_loss + minus) / RAW_CURVATURE_STEP**2
-
-
-def _validate(cfg: Config) -> None:
-    """All out-of-range ``method.*`` AS-LoRA settings at once, as one ConfigError."""
-    m = cfg.method
-    problems: list[str] = []
-    if m.reference_curvature and not m.curvature:
-        problems.append(
-            "method.reference_curvature: true needs method.curvature: true (it replaces the curvature estimate); "
-            "set method.curvature: true or drop method.reference_curvature."
-        )
-    if not 0.0 <= m.warmup_fraction <= 1.0:
-        problems.append(f"method.warmup_fraction: must be in [0, 1], got {m.warmup_fraction}; e.g. 0.1.")
-    if not 0.0 <= m.ema_beta < 1.0:
-        problems.append(f"method.ema_beta: must be in [0, 1), got {m.ema_beta}; e.g. 0.9.")
-    if not m.temperature0 > 0:
-        problems.append(f"method.temperature0: must be > 0, got {m.temperature0}; e.g. 1.0.")
-    if not m.temperature_min > 0:
-        problems.append(f"method.temperature_min: must be > 0, got {m.temperature_min}; e.g. 0.1.")
-    if not 0.0 < m.temperature_decay <= 1.0:
-        problems.append(f"method.temperature_decay: must be in (0, 1], got {m.temperature_decay}; e.g. 0.95.")
-    if m.projection and m.projection_dim < 1:
-        problems.append(f"method.projection_dim: must be >= 1, got {m.projection_dim}; e.g. 64.")
-    if m.curvature_window < 0:
-        problems.append(f"method.curvature_window: must be >= 0, got {m.curvature_window}; e.g. 10.")
-    if problems:
-        raise ConfigError(problems)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.methods.partial_sum import PartialSum
-from fedsim.model.keys import factor_of
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
 
 ServerState = dict[str, Any]
@@ -35,36 +34,111 @@ _METHOD_MODULES = (
 )
 
 
-class Method(ABC):
-    """Base class. Subclasses set ``name`` (via :func:`register_method`) and implement ``role``."""
+PRIVACY_MODES = frozenset({"none", "sample", "client"})
+LORA_VARIANTS = frozenset({"lora", "rslora", "vera"})
 
-    name: ClassVar[str] = ""
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method supports, declared by the method and asked by the config checks (``fedsim validate``) before
+    any work starts, and by the records and reports (which never test method names)."""
+
+    #: ``privacy.mode`` values the method works with. ``client`` (DP-FedAvg) also needs ``linear`` and no
+    #: ``signals``: :func:`register_method` rejects a method that claims it otherwise.
+    privacy_modes: frozenset[str] = PRIVACY_MODES
+    #: ``lora.variant`` values the method works with (methods that form B @ A products need full LoRA matrices).
+    variants: frozenset[str] = LORA_VARIANTS
     #: aggregation is a weighted mean of the SHARED uploads (plus weighted means of scalar signals), so the runtime
     #: streams it: workers pre-sum their clients' uploads into a :class:`PartialSum`, the server merges those and
-    #: calls :meth:`aggregate_sums`. ``linear = False`` methods get the buffered uploads in ``aggregate``.
-    linear: ClassVar[bool] = True
-    #: clients keep state between rounds, so personalised evaluation is meaningful
-    personal: ClassVar[bool] = False
-    #: clients upload scalar signals besides tensors (must come from privatised gradients: sample-level DP only)
-    uses_signals: ClassVar[bool] = False
-    #: the global state carries "<layer>.base_residual" tensors that every worker folds into its frozen base
-    folds_into_base: ClassVar[bool] = False
+    #: calls :meth:`Method.aggregate_sums`. ``False``: the method gets the buffered uploads in ``aggregate``.
+    linear: bool = True
+    #: clients upload scalar signals besides tensors (:meth:`Method.client_signal`; only from privatised
+    #: gradients, so only with sample-level DP or none)
+    signals: bool = False
+    #: the plan chooses per layer and round which factor is trained (AS-LoRA); the roles table shows the choices
+    per_layer_choices: bool = False
+    #: clients keep tensors between rounds (KEPT roles), so the meaningful accuracy is the personalised one
+    keeps_client_state: bool = False
+
+    def problems(self, cfg: Config, others: Mapping[str, Capabilities] | None = None) -> list[str]:
+        """Why ``cfg`` asks for something this method does not support (one line per problem, naming the key);
+        ``others`` (name -> capabilities of the other methods) lets each line name the methods that would do."""
+        out: list[str] = []
+        name = cfg.method.name
+        others = others or {}
+
+        def alternatives(ok: Callable[[Capabilities], bool]) -> str:
+            names = sorted(n for n, c in others.items() if ok(c))
+            return f", or one of the methods that support it: {', '.join(names)}" if names else ""
+
+        if cfg.privacy.mode not in self.privacy_modes:
+            why = ""
+            if cfg.privacy.mode == "client" and not self.linear:
+                why = " (client-level DP noises a weighted mean of the uploads; this method's aggregation is not one)"
+            elif cfg.privacy.mode == "client" and self.signals:
+                why = " (its clients upload gradient scores that client-level DP does not privatise)"
+            supports = alternatives(lambda c: cfg.privacy.mode in c.privacy_modes)
+            out.append(
+                f"privacy.mode: {cfg.privacy.mode} does not work with method.name {name}{why}; use privacy.mode "
+                f"{' or '.join(sorted(self.privacy_modes))}{supports}"
+            )
+        if cfg.lora.variant not in self.variants:
+            supports = alternatives(lambda c: cfg.lora.variant in c.variants)
+            out.append(
+                f"lora.variant: {cfg.lora.variant} does not work with method.name {name} (it needs full LoRA A and B "
+                f"matrices); use lora.variant {' or '.join(sorted(self.variants))}{supports}"
+            )
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form (sorted lists for the sets), e.g. for ``fedsim methods`` and summary.json."""
+        return {
+            "privacy_modes": sorted(self.privacy_modes),
+            "variants": sorted(self.variants),
+            "linear": self.linear,
+            "signals": self.signals,
+            "per_layer_choices": self.per_layer_choices,
+            "keeps_client_state": self.keeps_client_state,
+        }
+
+
+#: methods whose server forms B @ A products (the SVD family): not a weighted mean of the uploads, so no streaming
+#: and no client-level DP; full LoRA matrices needed (no VeRA)
+PRODUCT_AGGREGATION = Capabilities(
+    linear=False, privacy_modes=frozenset({"none", "sample"}), variants=frozenset({"lora", "rslora"})
+)
+
+
+class Method:
+    """Base class. Subclasses are registered with :func:`register_method`, declare :attr:`capabilities` and
+    implement ``role`` (one tensor's role in a round) or, for plans that look at several tensors at once, ``plan``.
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, cfg: Config) -> None:
-        self.config = cfg
         self.cfg = cfg.method  # this method's settings (method.*)
+        self.lora = cfg.lora
         self.seed = cfg.seed
         self.rounds = cfg.federation.rounds
+
+    @classmethod
+    def settings_problems(cls, cfg: Config) -> list[str]:
+        """Out-of-range values of this method's own settings (``method.<name>.*``), one line per problem naming
+        the key and the fix; asked by the config checks, so ``fedsim validate`` reports them. Default: none."""
+        return []
 
     def init_server_state(self, global_state: AdapterState) -> ServerState:
         """Server-side state beyond the global adapter (scores, schedules). Default: none."""
         return {}
 
-    @abstractmethod
     def role(self, round: int, key: str, server_state: ServerState) -> Role:
-        """The role of one adapter tensor in ``round`` (1-based)."""
+        """The role of one adapter tensor in ``round`` (1-based), for methods whose roles are per tensor."""
+        raise NotImplementedError(f"method {self.name!r} defines neither role nor plan")
 
     def plan(self, round: int, keys: Sequence[str], server_state: ServerState) -> RoundPlan:
+        """Every tensor's role in ``round``. Default: :meth:`role` of each key."""
         return RoundPlan(round=round, roles={k: self.role(round, k, server_state) for k in keys})
 
     def client_start(
@@ -113,7 +187,7 @@ class Method(ABC):
 
         Linear methods do not override this: it folds ``updates`` into a :class:`PartialSum` and calls
         :meth:`aggregate_sums`, so the buffered and the streamed path share one definition of the maths.
-        ``linear = False`` methods override it. Raises ValueError for an empty cohort.
+        Non-linear methods (``capabilities.linear`` false) override it. Raises ValueError for an empty cohort.
         """
         return self.aggregate_sums(global_state, PartialSum.of(plan.round, updates), plan, server_state)
 
@@ -124,7 +198,7 @@ class Method(ABC):
         plan: RoundPlan,
         server_state: ServerState,
     ) -> tuple[AdapterState, ServerState]:
-        """For ``linear`` methods: the new global state from the round's folded uploads (float64
+        """For linear methods: the new global state from the round's folded uploads (float64
         ``sum_k w_k x_k``, ``sum_k w_k``, weighted signal sums). Default: weighted mean of every SHARED tensor;
         FROZEN and KEPT tensors unchanged. Raises ValueError for an empty cohort.
         """
@@ -137,11 +211,8 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} registered twice")
-        if cls.linear and cls.aggregate is not Method.aggregate:
-            raise TypeError(
-                f"method {name!r} is linear and overrides aggregate: override aggregate_sums instead (aggregate "
-                "derives from it; the runtime streams linear methods), or declare linear = False"
-            )
+        for problem in registration_problems(cls):
+            raise TypeError(f"method {name!r}: {problem}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -149,9 +220,34 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
+def registration_problems(cls: type[Method]) -> list[str]:
+    """What is inconsistent in a method class's declarations (checked when it registers)."""
+    caps = cls.capabilities
+    out: list[str] = []
+    if caps.linear and cls.aggregate is not Method.aggregate:
+        out.append(
+            "is linear and overrides aggregate: override aggregate_sums instead (aggregate derives from it; the "
+            "runtime streams linear methods), or declare Capabilities(linear=False)"
+        )
+    if "client" in caps.privacy_modes and (not caps.linear or caps.signals):
+        out.append("declares privacy mode 'client' but client-level DP needs a linear method without signals")
+    if cls.role is Method.role and cls.plan is Method.plan:
+        out.append("defines neither role nor plan")
+    unknown = (caps.privacy_modes - PRIVACY_MODES) | (caps.variants - LORA_VARIANTS)
+    if unknown:
+        out.append(f"declares unknown privacy modes or variants {sorted(unknown)}")
+    return out
+
+
 def _ensure_loaded() -> None:
     for mod in _METHOD_MODULES:
         importlib.import_module(f"fedsim.methods.{mod}")
+
+
+def all_capabilities() -> dict[str, Capabilities]:
+    """Every registered method's declared capabilities, by name."""
+    _ensure_loaded()
+    return {name: cls.capabilities for name, cls in sorted(_REGISTRY.items())}
 
 
 def available_methods() -> list[str]:
@@ -174,6 +270,3 @@ def make_method(cfg: Config) -> Method:
     """An instance of the method named by ``cfg.method.name`` (ConfigError if unknown)."""
     return get_method(cfg.method.name)(cfg)
 
-
-def is_head(key: str) -> bool:
-    return factor_of(key) == "head"

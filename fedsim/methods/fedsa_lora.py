@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.base import Capabilities, Method, ServerState, register_method
 from fedsim.model.keys import factor_of
 from fedsim.types import Role
 
@@ -11,7 +11,7 @@ from fedsim.types import Role
 class FedSALoRA(Method):
     """A = sum p_k A_k; each client starts a round from (global A, its own B, its own head)."""
 
-    personal = True
+    capabilities = Capabilities(keeps_client_state=True)
 
     def role(self, round: int, key: str, server_state: ServerState) -> Role:
         return Role.SHARED if factor_of(key) == "A" else Role.KEPT

@@ -5,19 +5,17 @@ METHODS.md "SVD-family baselines" (FedSVD, NeurIPS 2025).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from fedsim.methods.aggregation import mean_of_keys, normalised_weights, weighted_mean
-from fedsim.methods.base import Method, ServerState, register_method
-from fedsim.methods.flexlora import truncated_factors
+from fedsim.methods.aggregation import LayerCtx, truncated_factors
+from fedsim.methods.base import ServerState, register_method
+from fedsim.methods.layerwise import LayerwiseMethod
 from fedsim.model.keys import factor_of, layers_of, lora_key
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+from fedsim.types import Role, RoundPlan
 
 
 @register_method("fedsvd")
-class FedSVD(Method):
+class FedSVD(LayerwiseMethod):
     """A FROZEN on clients; B and head SHARED. Server, per layer: B_bar = sum_k p_k B_k (float64), then the
     truncated SVD B_bar A = U_r S_r Vt_r and A_new = Vt_r (orthonormal rows), B_new = U_r S_r, cast back to
     the factors' dtype; head tensors: weighted mean. A layer whose B_bar is exactly 0 keeps its A (B = 0). If
@@ -28,12 +26,12 @@ class FedSVD(Method):
     terms and left out (see :class:`~fedsim.methods.flexlora.FlexLoRA`).
 
     Although clients never train A, the server changes it every round, so A is re-broadcast with B:
-    :meth:`broadcast_keys` adds it (counted in ``bytes_down``). ``linear = False``: the SVD step must see the
+    :meth:`broadcast_keys` adds it (counted in ``bytes_down``). Not linear: the SVD step must see the
     mean, so uploads may not be pre-summed past it (and client-level DP, which bypasses ``aggregate``, would
     skip it).
     """
 
-    linear = False
+    mean_factors = ("B",)
 
     def role(self, round: int, key: str, server_state: ServerState) -> Role:
         return Role.FROZEN if factor_of(key) == "A" else Role.SHARED
@@ -43,24 +41,10 @@ class FedSVD(Method):
         shared = plan.uploaded
         return shared + [lora_key(layer, "A") for layer in layers_of(shared) if lora_key(layer, "A") in plan.roles]
 
-    def aggregate(
-        self,
-        global_state: AdapterState,
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        server_state: ServerState,
-    ) -> tuple[AdapterState, ServerState]:
-        """New global state (see the class docstring); ValueError for an empty cohort."""
-        normalised_weights(updates)  # ValueError for an empty cohort, before any work
-        new = mean_of_keys(global_state, updates, [k for k in plan.uploaded if factor_of(k) == "head"])
-        for layer in layers_of(plan.uploaded):
-            a_key, b_key = lora_key(layer, "A"), lora_key(layer, "B")
-            b_bar = weighted_mean(updates, b_key, dtype=torch.float64)
-            if not torch.any(b_bar):  # no update: keep A (an SVD of 0 would give an arbitrary basis)
-                new[b_key] = b_bar.to(global_state[b_key].dtype)
-                continue
-            delta = b_bar @ global_state[a_key].to(torch.float64)
-            b, a = truncated_factors(delta, global_state[a_key].shape[0], "B")
-            new[b_key] = b.to(global_state[b_key].dtype)
-            new[a_key] = a.to(global_state[a_key].dtype)
-        return new, server_state
+    def aggregate_layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
+        """The layer's new factors from B_bar (float64) and the global A."""
+        b_bar = ctx.mean(ctx.b_key, torch.float64)
+        a = ctx.global_state[ctx.a_key]
+        if not torch.any(b_bar):  # no update: keep A (an SVD of 0 would give an arbitrary basis)
+            return {ctx.b_key: b_bar.to(ctx.global_state[ctx.b_key].dtype)}
+        return ctx.factors(*truncated_factors(b_bar @ a.to(torch.float64), a.shape[0], "B"))

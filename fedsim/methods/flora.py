@@ -14,13 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsim.methods.aggregation import mean_of_keys, normalised_weights
-from fedsim.methods.base import ServerState, register_method
-from fedsim.methods.fedex_lora import FoldingMethod, adapter_keys_only, fold_into_residual
-from fedsim.methods.flexlora import mean_product
-from fedsim.model.keys import factor_of, layers_of, lora_key
+from fedsim.methods.aggregation import LayerCtx, adapter_keys_only, fold_into_residual
+from fedsim.methods.base import register_method
+from fedsim.methods.layerwise import FoldingMethod
+from fedsim.model.keys import layers_of
 from fedsim.seeding import torch_generator
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
 
 REINIT_PURPOSE = "flora_reinit"
 
@@ -40,30 +38,17 @@ class FLoRA(FoldingMethod):
     A = :func:`kaiming_a` from ``torch_generator(seed, "flora_reinit", round, layer index)`` (layer index: the
     position of the layer in ``layers_of(sorted adapter keys of the global state)``), B = 0; head: weighted mean.
 
-    ``folds_into_base``: see :class:`fedsim.methods.fedex_lora.FedExLoRA` (residual keys, broadcast, plans).
-    Not a weighted mean of the uploads (``linear = False``). ``aggregate`` raises ValueError for an empty cohort.
+    Residual keys, broadcast and plans: see :class:`~fedsim.methods.layerwise.FoldingMethod`. ``aggregate`` raises
+    ValueError for an empty cohort.
     """
 
-    def role(self, round: int, key: str, server_state: ServerState) -> Role:
-        return Role.SHARED
-
-    def aggregate(
-        self,
-        global_state: AdapterState,
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        server_state: ServerState,
-    ) -> tuple[AdapterState, ServerState]:
-        """New global state (see the class docstring)."""
-        weights = normalised_weights(updates)
-        new = mean_of_keys(global_state, updates, [k for k in plan.uploaded if factor_of(k) == "head"])
-        index = {layer: i for i, layer in enumerate(layers_of(sorted(adapter_keys_only(list(global_state)))))}
-        for layer in layers_of(list(plan.uploaded)):
-            a_key, b_key = lora_key(layer, "A"), lora_key(layer, "B")
-            fold_into_residual(
-                new, global_state, layer, self.scale * mean_product(updates, global_state, layer, weights)
-            )
-            gen = torch_generator(self.seed, REINIT_PURPOSE, plan.round, index[layer])
-            new[a_key] = kaiming_a(global_state[a_key].shape, global_state[a_key].dtype, gen)
-            new[b_key] = torch.zeros_like(global_state[b_key])
-        return new, server_state
+    def aggregate_layer(self, ctx: LayerCtx) -> dict[str, torch.Tensor]:
+        """The layer's new residual, a fresh Kaiming A and B = 0."""
+        index = layers_of(sorted(adapter_keys_only(list(ctx.global_state)))).index(ctx.layer)
+        gen = torch_generator(self.seed, REINIT_PURPOSE, ctx.round, index)
+        a = ctx.global_state[ctx.a_key]
+        return {
+            **fold_into_residual(ctx.global_state, ctx.layer, self.scale * ctx.mean_product()),
+            ctx.a_key: kaiming_a(a.shape, a.dtype, gen),
+            ctx.b_key: torch.zeros_like(ctx.global_state[ctx.b_key]),
+        }

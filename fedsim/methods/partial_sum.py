@@ -11,15 +11,16 @@ back to the adapter dtype) does not depend on which worker trained which client,
 Non-linear methods (the SVD family) cannot be pre-summed: a ``buffer=True`` partial keeps the uploads themselves
 (one per client), and the server hands them, in client-id order, to ``Method.aggregate``.
 
-Optional extras, folded the same way:
+A privacy mechanism may hand a method an already formed total instead (:meth:`PartialSum.of_totals`: client-level
+DP's noised sum, see :mod:`fedsim.privacy.mechanism`); the uploads it folds are whatever the mechanism let the
+clients send (clipped deltas of weight 1 under client-level DP).
 
-* client-level DP (``clip``): each upload is clipped jointly to L2 norm ``clip`` and added with weight 1 (the
-  clients already clip; this makes the sum's sensitivity ``clip`` whatever they did or whatever weight they sent),
-  as :func:`fedsim.privacy.client_level.dp_fedavg_aggregate` does; the server step is
-  :func:`fedsim.privacy.client_level.dp_fedavg_step`;
-* ``analysis.similarity`` (``similarity``): per key, the sum of the uploads' unit vectors and the count of
-  non-zero uploads, from which the mean pairwise cosine across clients follows exactly:
-  ``sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - #nonzero`` over ``n (n - 1)`` ordered pairs.
+``analysis.similarity`` (``similarity``), folded the same way: per key, the sum of the unit vectors of the
+clients' trained tensors — the uploaded ones and, passed beside the upload as ``kept``, the ones they keep
+(FedSA-LoRA's B) — and the count of non-zero ones, from which the mean pairwise cosine across clients follows
+exactly: ``sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - #nonzero`` over ``n (n - 1)`` ordered pairs. This is the
+ONE place similarity is computed; it is an analysis of the simulation (the kept tensors never reach the method's
+aggregation and are not counted as uploaded bytes).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Any
 import torch
 
 from fedsim.model.keys import factor_of, layer_of
-from fedsim.privacy.client_level import clip_update
 from fedsim.types import AdapterState, ClientUpdate, state_bytes
 
 
@@ -41,9 +41,8 @@ class PartialSum:
     Raises ValueError when a client id is folded in twice, when partial sums of different rounds or settings are
     merged, and (in :meth:`mean`) for an empty cohort or a non-positive total weight."""
 
-    def __init__(self, round: int, *, clip: float | None = None, similarity: bool = False, buffer: bool = False):
+    def __init__(self, round: int, *, similarity: bool = False, buffer: bool = False):
         self.round = int(round)
-        self.clip = clip
         self.similarity = bool(similarity)
         self.buffer = bool(buffer)
         self.weight = 0.0  # sum of the folded uploads' weights
@@ -52,11 +51,26 @@ class PartialSum:
         self.counts: dict[str, int] = {}  # key -> number of uploads that carried it
         self.signals: dict[str, list[float]] = {}  # name -> [sum_k w_k s_k, sum_k w_k] over finite values
         self.unit_sums: dict[str, torch.Tensor] = {}  # similarity: key -> float64 sum of unit vectors
-        self.nonzero: dict[str, int] = {}  # similarity: key -> uploads with a non-zero tensor
+        self.nonzero: dict[str, int] = {}  # similarity: key -> clients with a non-zero tensor
+        self.sim_counts: dict[str, int] = {}  # similarity: key -> clients whose tensor was folded in
+        self.totals = False  # True: the sums are a formed total (of_totals), not folded uploads
         self.client_ids: list[int] = []
         self.bytes_up = 0  # what the clients sent: tensors as uploaded + 4 bytes per signal
         self.updates: dict[int, ClientUpdate] = {}  # buffer mode only
         self._id_set: set[int] = set()
+
+    @classmethod
+    def of_totals(
+        cls, round: int, sums: Mapping[str, torch.Tensor], weight: float, dtypes: Mapping[str, torch.dtype]
+    ) -> PartialSum:
+        """A partial sum holding an already formed float64 total per key and its weight (``mean(key) =
+        sums[key] / weight``), e.g. a privacy mechanism's noised sum; it names no clients and carries no signals."""
+        out = cls(round)
+        out.sums = {k: v.to(torch.float64) for k, v in sums.items()}
+        out.dtypes = dict(dtypes)
+        out.weight = float(weight)
+        out.totals = True
+        return out
 
     @classmethod
     def of(cls, round: int, updates: Iterable[ClientUpdate], **kw: Any) -> PartialSum:
@@ -70,21 +84,18 @@ class PartialSum:
         return len(self.client_ids)
 
     # ------------------------------------------------------------------ folding
-    def add(self, update: ClientUpdate) -> None:
-        """Fold one client's upload in. Raises ValueError if that client is already in."""
+    def add(self, update: ClientUpdate, kept: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Fold one client's upload in (and, for ``analysis.similarity`` only, the tensors it keeps). Raises
+        ValueError if that client is already in."""
         if update.client_id in self._id_set:
             raise ValueError(f"client {update.client_id} uploaded twice in round {self.round}")
         tensors: Mapping[str, torch.Tensor] = update.tensors
         self.bytes_up += state_bytes(tensors) + 4 * len(update.signals)
-        if self.clip is not None and tensors:
-            tensors, _ = clip_update(tensors, self.clip)
         self.client_ids.append(int(update.client_id))
         self._id_set.add(int(update.client_id))
         if self.buffer:
-            self.updates[update.client_id] = ClientUpdate(
-                update.client_id, update.weight, dict(tensors), update.signals
-            )
-        w = 1.0 if self.clip is not None else float(update.weight)  # DP-FedAvg: uniform, sensitivity = clip
+            self.updates[update.client_id] = update
+        w = float(update.weight)
         self.weight += w
         for key, t in tensors.items():
             x = t.detach().to(device="cpu", dtype=torch.float64)
@@ -92,13 +103,15 @@ class PartialSum:
             self.counts[key] = self.counts.get(key, 0) + 1
             if not self.buffer:
                 _add_into(self.sums, key, w * x)
-            if self.similarity and factor_of(key) != "head":
+        if self.similarity:
+            for key, t in {**tensors, **(kept or {})}.items():
+                if factor_of(key) == "head":
+                    continue
+                x = t.detach().to(device="cpu", dtype=torch.float64)
                 norm = float(x.norm())
-                if norm > 0:
-                    _add_into(self.unit_sums, key, x / norm)
-                    self.nonzero[key] = self.nonzero.get(key, 0) + 1
-                else:
-                    _add_into(self.unit_sums, key, torch.zeros_like(x))
+                _add_into(self.unit_sums, key, x / norm if norm > 0 else torch.zeros_like(x))
+                self.nonzero[key] = self.nonzero.get(key, 0) + (norm > 0)
+                self.sim_counts[key] = self.sim_counts.get(key, 0) + 1
         for name, value in update.signals.items():
             if math.isfinite(float(value)):
                 acc = self.signals.setdefault(name, [0.0, 0.0])
@@ -108,12 +121,7 @@ class PartialSum:
     def merge(self, other: PartialSum) -> None:
         """Fold another partial sum of the same round and settings in (e.g. one worker's). Raises ValueError on a
         round or settings mismatch, or when a client id is in both."""
-        if (other.round, other.clip, other.similarity, other.buffer) != (
-            self.round,
-            self.clip,
-            self.similarity,
-            self.buffer,
-        ):
+        if (other.round, other.similarity, other.buffer) != (self.round, self.similarity, self.buffer):
             raise ValueError(f"cannot merge a partial sum of round {other.round} into one of round {self.round}")
         twice = sorted(self._id_set & set(other.client_ids))
         if twice:
@@ -127,7 +135,8 @@ class PartialSum:
             _add_into(self.sums, key, t)
         for key, t in other.unit_sums.items():
             _add_into(self.unit_sums, key, t)
-        for mine, theirs in ((self.counts, other.counts), (self.nonzero, other.nonzero)):
+        pairs = ((self.counts, other.counts), (self.nonzero, other.nonzero), (self.sim_counts, other.sim_counts))
+        for mine, theirs in pairs:
             for key, n in theirs.items():
                 mine[key] = mine.get(key, 0) + n
         for key, dt in other.dtypes.items():
@@ -143,18 +152,21 @@ class PartialSum:
         non-positive total weight, a key not every upload carried, or a buffering partial."""
         if self.buffer:
             raise ValueError("a buffering PartialSum keeps the uploads, not their sums (non-linear method)")
-        if not self.client_ids:
+        if not self.client_ids and not self.totals:
             raise ValueError("cannot aggregate an empty cohort")
         if not self.weight > 0:
             raise ValueError(f"aggregation weights must sum to > 0, got {self.weight}")
-        if self.counts.get(key, 0) != len(self.client_ids):
+        if self.totals:
+            if key not in self.sums:
+                raise ValueError(f"{key!r} is not in this total")
+        elif self.counts.get(key, 0) != len(self.client_ids):
             raise ValueError(f"{key!r} was uploaded by {self.counts.get(key, 0)} of {len(self.client_ids)} clients")
         return self.sums[key] / self.weight
 
     def mean_of_keys(self, global_state: AdapterState, keys: Sequence[str]) -> AdapterState:
         """A copy of ``global_state`` whose ``keys`` are replaced by the weighted mean (cast to the uploads'
-        dtype and the global tensor's device); the streaming twin of
-        :func:`fedsim.methods.aggregation.mean_of_keys`."""
+        dtype and the global tensor's device). The buffered SVD family averages through :meth:`mean` too
+        (:func:`fedsim.methods.aggregation.weighted_means`)."""
         new = dict(global_state)
         for key in keys:
             new[key] = self.mean(key).to(device=global_state[key].device, dtype=self.dtypes[key])
@@ -168,21 +180,21 @@ class PartialSum:
         return acc[0] / acc[1]
 
     def buffered(self) -> list[ClientUpdate]:
-        """The kept uploads in client-id order (``buffer=True`` only; as clipped when ``clip`` is set)."""
+        """The kept uploads in client-id order (``buffer=True`` only)."""
         if not self.buffer:
             raise ValueError("this PartialSum sums its uploads; it does not keep them")
         return [self.updates[c] for c in sorted(self.updates)]
 
     def similarity_rows(self, keys: Sequence[str]) -> list[dict[str, Any]]:
-        """``analysis.similarity`` rows (as :func:`fedsim.metrics.similarity.similarity_rows`): per A/B key of
-        ``keys`` that every upload carried, the mean pairwise cosine across clients. Needs ``similarity=True``
-        and two or more clients (else no rows)."""
-        n = len(self.client_ids)
+        """``analysis.similarity`` rows: per A/B key of ``keys`` that two or more clients trained (uploaded or
+        kept), the mean pairwise cosine similarity of their tensors (a zero tensor has similarity 0 with
+        everything): ``round, layer, factor, similarity, clients``. Empty without ``similarity=True``."""
         rows: list[dict[str, Any]] = []
-        if not self.similarity or n < 2:
+        if not self.similarity:
             return rows
         for key in keys:
-            if factor_of(key) == "head" or self.counts.get(key, 0) != n or key not in self.unit_sums:
+            n = self.sim_counts.get(key, 0)
+            if factor_of(key) == "head" or n < 2:
                 continue
             s = self.unit_sums[key]
             sim = (float(s.square().sum()) - self.nonzero.get(key, 0)) / (n * (n - 1))

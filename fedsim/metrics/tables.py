@@ -6,16 +6,18 @@ run leaves complete tables of the rounds it finished.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedsim.model.keys import factor_of, layer_of
-from fedsim.types import ClientResult, RoundPlan
+from fedsim.types import ClientResult, EvalResult, RoundPlan
 
 ROUND_SCHEMA = pa.schema(
     [
@@ -26,6 +28,7 @@ ROUND_SCHEMA = pa.schema(
         ("eval_accuracy", pa.float64()),
         ("personal_accuracy", pa.float64()),
         ("personal_accuracy_unweighted", pa.float64()),
+        ("personal_clients", pa.int32()),  # clients in the local evaluation: those that have trained at least once
         ("clients", pa.int32()),
         ("failed_clients", pa.int32()),
         ("budget_exhausted", pa.int32()),
@@ -59,7 +62,11 @@ CLIENT_SCHEMA = pa.schema(
 )
 
 
-CHOICE_SCHEMA = pa.schema([("round", pa.int32()), ("layer", pa.string()), ("factor", pa.string())])
+ROLE_SCHEMA = pa.schema(
+    [("round", pa.int32()), ("layer", pa.string()), ("factor", pa.string()), ("role", pa.string())]
+)
+#: the table of every plan's roles (any method); runs before it existed wrote AS-LoRA's shared factors here
+ROLES_FILE, LEGACY_CHOICES_FILE = "roles.parquet", "as_lora_choices.parquet"
 SIMILARITY_SCHEMA = pa.schema(
     [
         ("round", pa.int32()),
@@ -86,6 +93,57 @@ def worker_busy_frac(results: Sequence[ClientResult], workers: int, train_wall_s
     return busy / (n * train_wall_s)
 
 
+def summarise_eval(results: Sequence[EvalResult]) -> dict[str, float | int | None]:
+    """``eval_loss`` / ``eval_accuracy`` over the global chunks; local accuracy pooled (``personal_accuracy``) and
+    as the per-client mean (``personal_accuracy_unweighted``) over the clients' own held-out examples, and how
+    many clients it covers (``personal_clients``)."""
+    glob = [r for r in results if r.name == "global"]
+    pers = [r for r in results if r.name != "global" and r.count]
+    n = sum(r.count for r in glob)
+    return {
+        "eval_loss": sum(r.loss_sum for r in glob) / n if n else None,
+        "eval_accuracy": sum(r.correct for r in glob) / n if n else None,
+        "personal_accuracy": sum(r.correct for r in pers) / sum(r.count for r in pers) if pers else None,
+        "personal_accuracy_unweighted": float(np.mean([r.correct / r.count for r in pers])) if pers else None,
+        "personal_clients": len(pers),
+    }
+
+
+def weighted_train_loss(results: Sequence[ClientResult]) -> float | None:
+    """Mean training loss of the clients that trained, weighted by their examples (None if none did)."""
+    ok = [r for r in results if r.status == "ok" and not math.isnan(r.train_loss)]
+    total = sum(r.examples for r in ok)
+    return sum(r.train_loss * r.examples for r in ok) / total if total else None
+
+
+def round_row(
+    round: int,
+    method: str,
+    results: Sequence[ClientResult],
+    ev: dict[str, float | int | None],
+    epsilon: dict[str, float | None],
+    wall_s: float,
+    busy_frac: float | None,
+) -> dict[str, Any]:
+    """One row of rounds.parquet from the round's client results, its evaluation (empty if not evaluated), the
+    privacy tracker's epsilon columns and its timings. Pure: no I/O, no method-specific fields."""
+    return {
+        "round": round,
+        "method": method,
+        "train_loss": weighted_train_loss(results),
+        **{k: ev.get(k) for k in ("eval_loss", "eval_accuracy", "personal_accuracy", "personal_accuracy_unweighted")},
+        "personal_clients": ev.get("personal_clients"),
+        "clients": sum(r.status == "ok" for r in results),
+        "failed_clients": sum(r.status == "failed" for r in results),
+        "budget_exhausted": sum(r.status == "budget_exhausted" for r in results),
+        "bytes_up": sum(r.bytes_up for r in results),
+        "bytes_down": sum(r.bytes_down for r in results),
+        **epsilon,
+        "wall_s": wall_s,
+        "worker_busy_frac": busy_frac,
+    }
+
+
 def _write(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
     table = pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
     tmp = path.with_suffix(".parquet.tmp")
@@ -100,7 +158,7 @@ class MetricTables:
         self.out_dir = Path(out_dir)
         self.rounds: list[dict[str, Any]] = []
         self.clients: list[dict[str, Any]] = []
-        self.choices: list[dict[str, Any]] = []  # per round and layer: the factor trained and shared
+        self.roles: list[dict[str, Any]] = []  # per round, layer and factor: its role in the plan
         self.similarity: list[dict[str, Any]] | None = None  # analysis.similarity rows (None = analysis off)
 
     @classmethod
@@ -116,7 +174,7 @@ class MetricTables:
 
         tables.rounds = rows("rounds.parquet")
         tables.clients = rows("clients.parquet")
-        tables.choices = rows("as_lora_choices.parquet")
+        tables.roles = rows(ROLES_FILE)
         if (tables.out_dir / "similarity.parquet").is_file():
             tables.similarity = rows("similarity.parquet")
         return tables
@@ -125,12 +183,13 @@ class MetricTables:
         self.rounds.append(row)
         self.clients.extend(client_rows)
 
-    def add_choices(self, round: int, plan: RoundPlan) -> None:
-        """Record which factor of each layer was SHARED in ``round`` (AS-LoRA's per-layer choice)."""
-        for key in plan.uploaded:
+    def add_roles(self, plan: RoundPlan) -> None:
+        """Record the role (shared, kept, frozen) of every layer's A and B factor in ``plan`` (any method; for
+        AS-LoRA the shared factor is its per-layer choice)."""
+        for key, role in plan.roles.items():
             factor = factor_of(key)
-            if factor != "head":
-                self.choices.append({"round": round, "layer": layer_of(key), "factor": factor})
+            if factor in ("A", "B"):
+                self.roles.append({"round": plan.round, "layer": layer_of(key), "factor": factor, "role": role.value})
 
     def add_similarity(self, rows: list[dict[str, Any]]) -> None:
         self.similarity = [*(self.similarity or []), *rows]
@@ -138,7 +197,6 @@ class MetricTables:
     def flush(self) -> None:
         _write(self.rounds, ROUND_SCHEMA, self.out_dir / "rounds.parquet")
         _write(self.clients, CLIENT_SCHEMA, self.out_dir / "clients.parquet")
-        if self.choices:
-            _write(self.choices, CHOICE_SCHEMA, self.out_dir / "as_lora_choices.parquet")
+        _write(self.roles, ROLE_SCHEMA, self.out_dir / ROLES_FILE)
         if self.similarity is not None:
             _write(self.similarity, SIMILARITY_SCHEMA, self.out_dir / "similarity.parquet")

@@ -26,6 +26,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedsim.errors import ConfigError
+from fedsim.privacy.checks import delta_problem
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -244,5 +245,6 @@ def _check_accountant(accountant: str) -> None:
 
 
 def _check_delta(delta: float) -> None:
-    if not 0 < delta < 1:
-        raise ConfigError([f"privacy.delta: must be in (0, 1), got {delta}; use e.g. 1e-5 (below 1 / N)."])
+    problem = delta_problem(delta)
+    if problem:
+        raise ConfigError([problem])

@@ -1,8 +1,10 @@
-"""Driver-side privacy bookkeeping: per-client DP settings in, epsilon columns and summary out.
+"""Driver-side privacy bookkeeping: the run's mechanism and per-client DP settings in, epsilon columns and summary out.
 
-The ledgers themselves live in the ClientStore (one per client) and are charged by the worker that
-trains the client; the tracker only plans the settings before round 1 and reads the epsilons the
-clients report.
+The mechanism (:mod:`fedsim.privacy.mechanism`) is built here once, before round 1 (its calibration is the only
+expensive part), and shipped to the workers and the server. The per-client ledgers live in the ClientStore and are
+charged by the worker that trains the client; the tracker reads the epsilons the clients report, or, under
+client-level DP, asks the mechanism's accountant. Which method/mode combinations work is checked with the config
+(each method's declared capabilities), not here.
 """
 
 from __future__ import annotations
@@ -12,49 +14,24 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsim.config.schema import Config
-from fedsim.errors import ConfigError
 from fedsim.privacy.budget import ClientPrivacy, plan_client_privacy, planned_steps
-from fedsim.privacy.client_level import client_level_epsilon, client_level_noise_multiplier
+from fedsim.privacy.mechanism import ClientLevelDP, make_mechanism
 from fedsim.types import ClientResult
 
 
 class PrivacyTracker:
     """Plans DP settings (raises ConfigError before any training) and tracks the epsilon spent."""
 
-    def __init__(
-        self, cfg: Config, client_sizes: Sequence[int], linear_method: bool, uses_signals: bool = False
-    ) -> None:
+    def __init__(self, cfg: Config, client_sizes: Sequence[int]) -> None:
+        """Raises ConfigError (naming the key) for a delta above 1/N of the smallest client or an unreachable
+        target epsilon."""
         self.cfg = cfg
-        pr, fe = cfg.privacy, cfg.federation
-        self.mode = pr.mode
-        self.clients: list[ClientPrivacy] = []
-        self.server_sigma: float | None = None
+        self.mode = cfg.privacy.mode
+        self.clients: list[ClientPrivacy] = plan_client_privacy(cfg, client_sizes) if self.mode == "sample" else []
+        self.mechanism = make_mechanism(cfg)
         self._eps: dict[int, float] = {}  # client id -> cumulative epsilon (sample mode)
         self._round_eps: float | None = None  # client mode: epsilon after the rounds so far
         self.exhausted = 0
-        if pr.mode == "sample":
-            self.clients = plan_client_privacy(cfg, client_sizes)
-        elif pr.mode == "client":
-            if not linear_method:
-                raise ConfigError(
-                    [
-                        f"privacy.mode: client-level DP needs a linear method; {cfg.method.name} is not; "
-                        "use fedavg_lora, ffa_lora or fedsa_lora, or privacy.mode: sample"
-                    ]
-                )
-            if uses_signals:
-                raise ConfigError(
-                    [
-                        f"privacy.mode: {cfg.method.name} uploads per-client scores computed from gradients, which "
-                        "client-level DP does not privatise; use privacy.mode: sample with this method"
-                    ]
-                )
-            if pr.epsilon is None:
-                self.server_sigma = float(pr.noise_multiplier or 0.0)
-            else:
-                self.server_sigma = client_level_noise_multiplier(
-                    pr.epsilon, pr.delta, fe.clients_per_round, fe.clients, fe.rounds, pr.accountant
-                )
 
     def task_fields(self, client_id: int) -> dict[str, float]:
         """Extra ClientTask fields for one client (its sigma and sampling rate in sample mode)."""
@@ -72,11 +49,8 @@ class PrivacyTracker:
                     self._eps[r.client_id] = r.epsilon
             vals = list(self._eps.values())
             return {"epsilon_max": max(vals, default=0.0), "epsilon_median": statistics.median(vals) if vals else 0.0}
-        if self.mode == "client":
-            fe, pr = self.cfg.federation, self.cfg.privacy
-            self._round_eps = client_level_epsilon(
-                float(self.server_sigma or 0.0), fe.clients_per_round, fe.clients, round, pr.delta, pr.accountant
-            )
+        if isinstance(self.mechanism, ClientLevelDP):
+            self._round_eps = self.mechanism.epsilon(round)
             return {"epsilon_max": self._round_eps, "epsilon_median": self._round_eps}
         return {"epsilon_max": None, "epsilon_median": None}
 
@@ -120,5 +94,5 @@ class PrivacyTracker:
                 budget_exhausted_client_rounds=self.exhausted,
             )
         else:
-            out.update(noise_multiplier=self.server_sigma, client_clip=pr.client_clip)
+            out.update(noise_multiplier=getattr(self.mechanism, "noise_multiplier", None), client_clip=pr.client_clip)
         return out

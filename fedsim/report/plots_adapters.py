@@ -1,5 +1,6 @@
 """Adapter analyses, where the runs recorded them: A-vs-B cross-client similarity per layer
-(similarity.parquet) and AS-LoRA's per-layer choice of the shared factor (as_lora_choices.parquet)."""
+(similarity.parquet) and the per-layer choice of the shared factor of methods that choose per layer (roles.parquet;
+as_lora_choices.parquet in runs written before it)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
+from fedsim.errors import ConfigError
+from fedsim.methods.base import get_method
+from fedsim.metrics.tables import LEGACY_CHOICES_FILE, ROLES_FILE
 from fedsim.report.groups import Group
 from fedsim.report.plots import Namer, Plot, TableReader, legend_below, new_figure, panel_title, save
+from fedsim.types import Role
 
 FACTOR_COLORS = {"A": "#1f77b4", "B": "#ff7f0e"}
 
@@ -87,12 +93,31 @@ def similarity_plots(groups: Sequence[Group], out: Path, names: Namer, read: Tab
     return plots
 
 
+def shared_factors(path: str, read: TableReader) -> dict[str, list[Any]] | None:
+    """``{"round", "layer", "factor"}`` columns of the factor each layer SHARED in each round of a run, from its
+    roles table (or the as_lora_choices table of runs written before it); None if it has neither."""
+    roles = read(path, ROLES_FILE.removesuffix(".parquet"))
+    if roles is None or "role" not in roles:
+        return read(path, LEGACY_CHOICES_FILE.removesuffix(".parquet"))
+    keep = [i for i, role in enumerate(roles["role"]) if role == Role.SHARED.value]
+    return {c: [roles[c][i] for i in keep] for c in ("round", "layer", "factor")}
+
+
+def _chooses_per_layer(method: str) -> bool:
+    try:
+        return get_method(method).capabilities.per_layer_choices
+    except ConfigError:  # a method this version does not know
+        return False
+
+
 def choice_plots(groups: Sequence[Group], out: Path, names: Namer, read: TableReader) -> list[Plot]:
-    """Per setting with as_lora_choices.parquet (AS-LoRA runs): heatmap layers x rounds of the factor
-    shared (A or B), for the setting's lowest seed that has the table."""
+    """Per setting of a method that chooses its shared factor per layer (``capabilities.per_layer_choices``):
+    heatmap layers x rounds of the factor shared (A or B), for the setting's lowest seed that has the table."""
     plots = []
     for g in groups:
-        found = next(((r, t) for r in g.runs if (t := read(r["path"], "as_lora_choices")) and t["round"]), None)
+        if not _chooses_per_layer(g.method):
+            continue
+        found = next(((r, t) for r in g.runs if (t := shared_factors(r["path"], read)) and t["round"]), None)
         if found is None:
             continue
         run, table = found

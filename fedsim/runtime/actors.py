@@ -19,6 +19,7 @@ from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
 from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.build import BaseBlueprint
+from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.server.client_store import ClientStore
 from fedsim.server.parameter_server import ParameterServer, new_partial
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
@@ -63,9 +64,16 @@ class WorkerActor:
     """One ClientWorker (one base model); reads and writes the store itself, pre-sums its uploads per round."""
 
     def __init__(
-        self, worker_id: int, cfg: Config, blueprint: BaseBlueprint, data: FederatedData, server: Any, store: Any
+        self,
+        worker_id: int,
+        cfg: Config,
+        blueprint: BaseBlueprint,
+        data: FederatedData,
+        server: Any,
+        store: Any,
+        privacy: PrivacyMechanism,
     ) -> None:
-        self.worker = ClientWorker(worker_id, cfg, blueprint, data)
+        self.worker = ClientWorker(worker_id, cfg, blueprint, data, privacy)
         self.cfg = cfg
         self.server = server
         self.store = store
@@ -86,7 +94,7 @@ class WorkerActor:
         if out.upload is not None:
             if task.round not in self._partials:
                 self._partials[task.round] = new_partial(self.cfg, self.worker.method, task.round)
-            self._partials[task.round].add(out.upload)
+            self._partials[task.round].add(out.upload, out.keep)
             self._results.setdefault(task.round, []).append(out.result)
         return out.result
 

@@ -10,6 +10,7 @@ from typing import Protocol
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
 from fedsim.model.build import BaseBlueprint
+from fedsim.privacy.mechanism import NoPrivacy, PrivacyMechanism
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.client_store import client_store_args
 from fedsim.server.parameter_server import AggregateInfo
@@ -24,7 +25,7 @@ class RunSetup:
     blueprint: BaseBlueprint
     data: FederatedData
     initial_state: AdapterState
-    server_noise_multiplier: float | None = None  # client-level DP: sigma of the server's Gaussian noise
+    privacy: PrivacyMechanism = NoPrivacy()  # the run's privacy mechanism (workers and server get it)
     run_dir: Path | None = None  # the run's output folder (the ClientStore spills under it); None = a temp folder
 
     def client_store_args(self) -> tuple[float, Path | None]:
@@ -64,6 +65,11 @@ class Backend(Protocol):
         ...
 
     def describe(self) -> str: ...
+
+    @property
+    def worker_count(self) -> int:
+        """How many workers can take clients now (for ``worker_busy_frac``)."""
+        ...
 
     def shutdown(self) -> None: ...
 

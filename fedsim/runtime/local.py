@@ -18,9 +18,9 @@ from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, Eva
 class LocalBackend:
     def __init__(self, setup: RunSetup) -> None:
         cfg = setup.cfg
-        self.server = ParameterServer(cfg, setup.initial_state, setup.server_noise_multiplier)
+        self.server = ParameterServer(cfg, setup.initial_state, setup.privacy)
         self.store = ClientStore(*setup.client_store_args())
-        self.worker = ClientWorker(0, cfg, setup.blueprint, setup.data)
+        self.worker = ClientWorker(0, cfg, setup.blueprint, setup.data, setup.privacy)
 
     def plan(self, round: int) -> RoundPlan:
         return self.server.plan(round)
@@ -33,7 +33,7 @@ class LocalBackend:
             out = self.worker.train(task, g, kept, ledger)
             self.store.put_client(task.client_id, out.keep, out.ledger, round=task.round)
             if out.upload is not None:
-                self.server.receive(out.upload, round=task.round)
+                self.server.receive(out.upload, round=task.round, kept=out.keep)
             results.append(out.result)
         return results
 
@@ -71,6 +71,10 @@ class LocalBackend:
 
     def describe(self) -> str:
         return "local backend (1 in-process worker)"
+
+    @property
+    def worker_count(self) -> int:
+        return 1
 
     def shutdown(self) -> None:
         pass

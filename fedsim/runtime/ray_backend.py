@@ -68,7 +68,7 @@ class RayBackend:
         rt = setup.cfg.runtime
         self._started = _init_ray(rt.address, rt.workers * rt.cpus_per_worker)
         self.sizes = [len(ix) for ix in setup.data.client_train]
-        self.server = ParameterServerActor.remote(setup.cfg, setup.initial_state, setup.server_noise_multiplier)
+        self.server = ParameterServerActor.remote(setup.cfg, setup.initial_state, setup.privacy)
         self.store = ClientStoreActor.remote(*setup.client_store_args())
         bp_ref, data_ref = ray.put(setup.blueprint), ray.put(setup.data)  # shipped once per node
         self._refs = (bp_ref, data_ref)  # kept alive: a restarted worker is rebuilt from them
@@ -80,7 +80,7 @@ class RayBackend:
                 max_restarts=WORKER_MAX_RESTARTS,
                 max_task_retries=0,  # the driver decides what to re-run (after comparing with the server)
                 **({"runtime_env": {"env_vars": env}} if env else {}),
-            ).remote(i, setup.cfg, bp_ref, data_ref, self.server, self.store)
+            ).remote(i, setup.cfg, bp_ref, data_ref, self.server, self.store, setup.privacy)
             for i in range(rt.workers)
         ]
         self._desc = f"ray backend ({rt.workers} workers x {rt.cpus_per_worker} CPU, {rt.gpus_per_worker} GPU)"
@@ -243,6 +243,10 @@ class RayBackend:
 
     def describe(self) -> str:
         return self._desc
+
+    @property
+    def worker_count(self) -> int:
+        return len(self.workers)
 
     def shutdown(self) -> None:
         for actor in [*self.workers, self.server, self.store]:

@@ -8,6 +8,8 @@ arrive, either one client at a time (:meth:`ParameterServer.receive`) or as a wo
 the shared tensors, whatever the cohort size; the result does not depend on arrival order beyond float64 rounding);
 non-linear methods (FlexLoRA, FedSVD, FedEx-LoRA, FLoRA: an SVD or a product must see every client's factors) keep
 the round's uploads and get them in client-id order. ``analysis.similarity`` is streamed too (sums of unit vectors).
+The run's privacy mechanism (:mod:`fedsim.privacy.mechanism`) turns the folded uploads into the new global state,
+around the method's own aggregation.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from typing import Any
 from fedsim.config.schema import Config
 from fedsim.methods.base import Method, make_method
 from fedsim.methods.partial_sum import PartialSum
-from fedsim.privacy.client_level import dp_fedavg_step
-from fedsim.seeding import torch_generator
+from fedsim.privacy.mechanism import NoPrivacy, PrivacyMechanism
 from fedsim.types import AdapterState, ClientUpdate, RoundPlan
 
 
@@ -28,34 +29,32 @@ class AggregateInfo:
     round: int
     clients: int  # uploads folded into the new global state
     bytes_up: int
-    similarity: list[dict[str, Any]] = field(default_factory=list)  # analysis.similarity rows for uploaded factors
+    similarity: list[dict[str, Any]] = field(default_factory=list)  # analysis.similarity rows (trained factors)
     messages: int = 0  # arrivals folded in: one per client (receive) or one per worker (receive_partial)
 
 
 def new_partial(cfg: Config, method: Method, round: int) -> PartialSum:
     """An empty :class:`PartialSum` for ``round`` with this run's settings: float64 sums for linear methods
-    (buffered uploads otherwise), re-clipping to ``privacy.client_clip`` under client-level DP, unit-vector sums
-    when ``analysis.similarity`` is on. Workers and the server must build theirs with this so they can merge."""
-    clip = cfg.privacy.client_clip if cfg.privacy.mode == "client" else None
-    return PartialSum(round, clip=clip, similarity=cfg.analysis.similarity, buffer=not method.linear)
+    (buffered uploads otherwise), unit-vector sums when ``analysis.similarity`` is on. Workers and the server must
+    build theirs with this so they can merge."""
+    return PartialSum(round, similarity=cfg.analysis.similarity, buffer=not method.capabilities.linear)
 
 
 class ParameterServer:
     """Folds a round's uploads in as they arrive; ``aggregate(round)`` turns them into the new global state.
 
-    Client-level DP (``privacy.mode: client``): uploads are clipped deltas; the server adds their sum and ONE
-    Gaussian noise draw (std ``server_noise_multiplier * privacy.client_clip``, seeded by (seed, round)) divided
-    by the expected cohort size to the shared tensors (DP-FedAvg). Only linear methods are allowed there.
+    ``privacy`` (the run's mechanism; default none) forms the new global state from the folded uploads: the
+    method's aggregation, wrapped (client-level DP adds its one noise draw to the sum first).
 
     A client id may arrive once per round (a second arrival raises ValueError, also when it comes inside another
     worker's partial sum); :meth:`received_ids` tells the runtime whose uploads arrived (crash recovery re-runs
     the others). Uploads for a round that was already aggregated are rejected (ValueError).
     """
 
-    def __init__(self, cfg: Config, initial_state: AdapterState, server_noise_multiplier: float | None = None) -> None:
+    def __init__(self, cfg: Config, initial_state: AdapterState, privacy: PrivacyMechanism | None = None) -> None:
         self.cfg = cfg
         self.method = make_method(cfg)
-        self.server_noise_multiplier = server_noise_multiplier
+        self.privacy = privacy if privacy is not None else NoPrivacy()
         self._global = {k: v.detach().clone() for k, v in initial_state.items()}
         self._keys = sorted(self._global)
         self.server_state = self.method.init_server_state(self._global)
@@ -91,9 +90,10 @@ class ParameterServer:
             self._open[round] = new_partial(self.cfg, self.method, round)
         return self._open[round]
 
-    def receive(self, update: ClientUpdate, round: int) -> None:
-        """Fold one client's upload of ``round`` in (a second upload of that client in that round is an error)."""
-        self._round(round).add(update)
+    def receive(self, update: ClientUpdate, round: int, kept: AdapterState | None = None) -> None:
+        """Fold one client's upload of ``round`` in (a second upload of that client in that round is an error);
+        ``kept``: the tensors it keeps, folded into ``analysis.similarity`` only."""
+        self._round(round).add(update, kept)
         self._messages[round] = self._messages.get(round, 0) + 1
 
     def receive_partial(self, partial: PartialSum) -> None:
@@ -107,37 +107,21 @@ class ParameterServer:
         return sorted(self._open[round].client_ids) if round in self._open else []
 
     def aggregate(self, round: int) -> AggregateInfo:
-        """Turn what arrived for ``round`` into the new global state; no uploads = no change (except client-level
-        DP, whose noise is added every round)."""
+        """Turn what arrived for ``round`` into the new global state through the privacy mechanism; no uploads =
+        no change (except client-level DP, whose noise is added every round)."""
         sums = self._open.pop(round, None) or new_partial(self.cfg, self.method, round)
         self._open = {r: p for r, p in self._open.items() if r > round}
         messages = self._messages.pop(round, 0)
         self._messages = {r: n for r, n in self._messages.items() if r > round}
         self._last_aggregated = round
         plan = self.plan(round)
-        if self.cfg.privacy.mode == "client" and plan.uploaded:
-            self._global = dp_fedavg_step(
-                self._global,
-                sums.sums,
-                plan.uploaded,
-                expected_clients=self.cfg.federation.clients_per_round,
-                noise_multiplier=float(self.server_noise_multiplier or 0.0),
-                clip=self.cfg.privacy.client_clip,
-                generator=torch_generator(self.cfg.seed, "server_noise", round),
-            )
-        elif len(sums) and plan.uploaded:
-            if self.method.linear:
-                self._global, self.server_state = self.method.aggregate_sums(
-                    self._global, sums, plan, self.server_state
-                )
-            else:
-                self._global, self.server_state = self.method.aggregate(
-                    self._global, sums.buffered(), plan, self.server_state
-                )
+        self._global, self.server_state = self.privacy.aggregate(
+            self.method, self._global, sums, plan, self.server_state
+        )
         return AggregateInfo(
             round=round,
             clients=len(sums),
             bytes_up=sums.bytes_up,
-            similarity=sums.similarity_rows(plan.uploaded),
+            similarity=sums.similarity_rows(plan.trained),
             messages=messages,
         )

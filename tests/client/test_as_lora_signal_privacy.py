@@ -41,10 +41,10 @@ def _signals(monkeypatch, reference: bool) -> tuple[dict, dict]:
         "federation.local_steps=3",
         "privacy.mode=sample",
         "privacy.noise_multiplier=1.0",
-        "method.curvature=true",
-        f"method.curvature_window={ROUNDS}",
-        f"method.reference_curvature={str(reference).lower()}",
-        "method.projection_dim=16",
+        "method.as_lora.curvature=true",
+        f"method.as_lora.curvature_window={ROUNDS}",
+        f"method.as_lora.reference_curvature={str(reference).lower()}",
+        "method.as_lora.projection_dim=16",
     ]
     cfg, _ = load_config("tiny", overrides)
     ds = load_source(cfg.data, cfg.seed)

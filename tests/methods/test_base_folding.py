@@ -16,7 +16,7 @@ import fedsim.methods.fedex_lora  # noqa: F401  (registers "fedex_lora")
 import fedsim.methods.flora  # noqa: F401  (registers "flora")
 from fedsim.config.schema import Config, LoraConfig, MethodConfig
 from fedsim.methods.base import get_method, make_method
-from fedsim.methods.fedex_lora import lora_scale
+from fedsim.methods.layerwise import FoldingMethod
 from fedsim.model.keys import factor_of, is_residual, residual_key
 from fedsim.types import Role
 from tests.methods.helpers import D_IN, D_OUT, LAYERS, R, delta_w, state, updates_from
@@ -75,14 +75,15 @@ def _mean(clients, key):
 @pytest.mark.parametrize("name", NAMES)
 def test_registered_non_linear_and_folding(name):
     cls = get_method(name)
-    assert cls.name == name and cls.linear is False and cls.folds_into_base is True
+    assert cls.name == name and cls.capabilities.linear is False and issubclass(cls, FoldingMethod)
 
 
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("variant", ["lora", "rslora"])
-def test_lora_scale_follows_the_variant(variant):
-    assert lora_scale(LoraConfig(r=R, alpha=4.0, variant=variant)) == pytest.approx(_scale(variant))
-    with pytest.raises(ValueError):
-        lora_scale(LoraConfig(r=0, alpha=4.0))
+def test_the_method_scale_follows_the_variant(name, variant):
+    assert _method(name, variant=variant).scale == pytest.approx(_scale(variant), rel=1e-15)
+    with pytest.raises(ValueError, match="lora.variant"):
+        _method(name, variant="vera")
 
 
 @pytest.mark.parametrize("variant", ["lora", "rslora"])

@@ -9,7 +9,6 @@ methods whose plan depends on server state (AS-LoRA after its warm-up) see a rea
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 from collections.abc import Mapping
 
@@ -20,6 +19,7 @@ import torch
 import fedsim.methods
 from fedsim.config.schema import Config, FederationConfig, MethodConfig
 from fedsim.methods.base import Method, available_methods, get_method, make_method
+from fedsim.methods.layerwise import FoldingMethod
 from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
 from fedsim.types import AdapterState, ClientUpdate, Role, SignalContext
 from tests.methods.helpers import delta_w, state
@@ -74,18 +74,18 @@ def _expected_delta(global_state, upload: Mapping[str, torch.Tensor], layer: str
 
 
 def _folds(m) -> bool:
-    return bool(getattr(m, "folds_into_base", False))
+    return isinstance(m, FoldingMethod)
 
 
 def _new_delta(m, new, old, layer: str) -> torch.Tensor:
     """The change the aggregate makes to the layer's effective weight, in B A units (as ``delta_w``).
 
-    Methods that fold into the base weight (``folds_into_base``) move part of it into the dense residual R:
+    Methods that fold into the base weight (:class:`FoldingMethod`) move part of it into the dense residual R:
     their effective B A is B A + (R_new - R_old) / s, with s the LoRA scale of the method's config."""
     got = delta_w(new, layer)
     if not _folds(m):
         return got
-    lora = m.config.lora
+    lora = m.lora
     s = lora.alpha / (lora.r if lora.variant == "lora" else lora.r**0.5)
     key = residual_key(layer)
     r_old = old[key].double() if key in old else torch.zeros_like(got)
@@ -116,7 +116,7 @@ def _assert_same_global(m, got, want, layers, old, atol=1e-6):
             _new_delta(m, got, old, layer), _new_delta(m, want, old, layer), rtol=1e-5, atol=atol
         )
     for k in got:
-        if m.linear or factor_of(k) == "head":  # SVD methods may re-factorise: their factors are not compared
+        if m.capabilities.linear or factor_of(k) == "head":  # SVD methods may re-factorise: factors not compared
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=atol)
 
 
@@ -125,7 +125,7 @@ def test_every_method_class_in_the_package_is_registered_under_its_name():
         obj
         for info in pkgutil.iter_modules(fedsim.methods.__path__)
         for obj in vars(importlib.import_module(f"fedsim.methods.{info.name}")).values()
-        if isinstance(obj, type) and issubclass(obj, Method) and not inspect.isabstract(obj)
+        if isinstance(obj, type) and issubclass(obj, Method) and not obj.__subclasses__()  # leaves, not bases
     ]
     assert {"fedavg_lora", "ffa_lora", "fedsa_lora"} <= set(METHODS)
     assert classes and all(cls.name in METHODS and get_method(cls.name) is cls for cls in classes)
@@ -163,7 +163,7 @@ def test_identical_uploads_give_back_the_uploads_delta_w_and_head(name, t):
         got = _new_delta(m, new, g, layer)
         torch.testing.assert_close(got, _expected_delta(g, update.tensors, layer), rtol=1e-5, atol=1e-5)
     for k in plan.uploaded:
-        if m.linear or factor_of(k) == "head":
+        if m.capabilities.linear or factor_of(k) == "head":
             torch.testing.assert_close(new[k], update.tensors[k], rtol=0, atol=1e-6)
 
 
@@ -209,7 +209,7 @@ def test_a_client_with_99_percent_of_the_weight_dominates_the_aggregate(name, t)
             near, far = (_expected_delta(g, u.tensors, layer) for u in (heavy, light))
             assert (_new_delta(m, new, g, layer) - near).norm() <= 0.05 * (far - near).norm() + 1e-6
         for k in plan.uploaded:
-            if m.linear or factor_of(k) == "head":
+            if m.capabilities.linear or factor_of(k) == "head":
                 gap = (new[k].double() - heavy.tensors[k].double()).norm()
                 assert gap <= 0.011 * (light.tensors[k].double() - heavy.tensors[k].double()).norm() + 1e-6
 
@@ -244,7 +244,7 @@ def test_what_the_plan_freezes_or_keeps_is_preserved(name, t):
     new, _ = m.aggregate(g, ups, plan, server)
     p = torch.tensor(WEIGHTS, dtype=torch.float64) / sum(WEIGHTS)
     for k in set(g) - set(plan.uploaded):
-        if m.linear or factor_of(k) == "head":
+        if m.capabilities.linear or factor_of(k) == "head":
             assert torch.equal(new[k], g[k]), k
     for layer in layers_of(sorted(g)):
         roles = {f: plan.roles[lora_key(layer, f)] for f in ("A", "B")}

@@ -72,7 +72,7 @@ def test_fedavg_lora_aggregate_is_not_the_mean_of_delta_w():
 
 def test_fedsa_lora_uploads_only_a_and_clients_resume_from_their_own_b():
     m = _method("fedsa_lora")
-    assert m.personal
+    assert m.capabilities.keeps_client_state
     g = state(0)
     plan = m.plan(1, sorted(g), {})
     assert all(k.endswith("lora_A") for k in plan.uploaded)

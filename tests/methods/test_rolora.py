@@ -32,7 +32,7 @@ def _clients(start, plan, n=3):
 
 def test_schedule_b_on_odd_rounds_a_on_even_rounds_head_always_shared():
     m = _rolora()
-    assert m.linear and not m.personal
+    assert m.capabilities.linear and not m.capabilities.keeps_client_state
     keys = sorted(state(0))
     for t in range(1, 9):
         plan = m.plan(t, keys, m.init_server_state(state(0)))

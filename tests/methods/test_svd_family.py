@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+from pathlib import Path
+
 import pytest
 import torch
 
 import fedsim.methods.fedsvd  # noqa: F401  (registers "fedsvd")
 import fedsim.methods.flexlora  # noqa: F401  (registers "flexlora")
-from fedsim.config.schema import Config, MethodConfig
+from fedsim.config.load import load_config
+from fedsim.config.schema import Config, FlexLoraConfig, MethodConfig
 from fedsim.errors import ConfigError
-from fedsim.methods.base import make_method
-from fedsim.methods.flexlora import truncated_factors
+from fedsim.methods import base
+from fedsim.methods.aggregation import truncated_factors
+from fedsim.methods.base import get_method, make_method
+from fedsim.methods.layerwise import LayerwiseMethod
 from fedsim.model.keys import factor_of
 from fedsim.types import Role
 from tests.methods.helpers import LAYERS, R, delta_w, state, updates_from
@@ -20,7 +27,7 @@ P = torch.tensor(WEIGHTS, dtype=torch.float64) / sum(WEIGHTS)
 
 
 def _method(name, split="sqrt"):
-    return make_method(Config(method=MethodConfig(name=name, svd_split=split)))
+    return make_method(Config(method=MethodConfig(name=name, flexlora=FlexLoraConfig(svd_split=split))))
 
 
 def _clients(start, keys, n=3, seed=300):
@@ -108,7 +115,7 @@ def test_flexlora_is_exact_when_the_clients_delta_w_has_rank_at_most_r():
 
 def test_fedsvd_plan_freezes_a_and_rebroadcasts_it():
     m = _method("fedsvd")
-    assert not m.linear
+    assert not m.capabilities.linear
     keys = sorted(state(0))
     plan = m.plan(1, keys, {})
     for k, role in plan.roles.items():
@@ -171,8 +178,8 @@ def test_truncated_factors_pads_when_rank_exceeds_the_matrix_rank_and_rejects_ba
     assert torch.count_nonzero(b[:, 3:]) == 0 and torch.count_nonzero(a[3:]) == 0
     with pytest.raises(ValueError, match="svd split"):
         truncated_factors(delta, 2, "A")
-    with pytest.raises(ConfigError, match="method.svd_split"):
-        _method("flexlora", "A")
+    with pytest.raises(ConfigError, match="method.flexlora.svd_split"):
+        load_config("tiny", ["method.name=flexlora", "method.flexlora.svd_split=A"])
 
 
 def test_svd_methods_reject_an_empty_cohort():
@@ -182,3 +189,13 @@ def test_svd_methods_reject_an_empty_cohort():
         plan = m.plan(1, sorted(g), {})
         with pytest.raises(ValueError, match="empty cohort"):
             m.aggregate(g, [], plan, {})
+
+
+def test_the_svd_family_shares_the_layerwise_base_and_no_method_module_imports_another():
+    for name in ("flexlora", "fedsvd", "fedex_lora", "flora"):
+        assert issubclass(get_method(name), LayerwiseMethod) and not get_method(name).capabilities.linear
+    for name in base._METHOD_MODULES:
+        tree = ast.parse(Path(importlib.import_module(f"fedsim.methods.{name}").__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {f"fedsim.methods.{other}" for other in base._METHOD_MODULES}, name

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedsim.config.load import load_config
-from fedsim.metrics.similarity import mean_pairwise_cosine, similarity_rows
 from fedsim.simulation import run_simulation
+from tests.metrics.reference_similarity import mean_pairwise_cosine, similarity_rows
 
 
 def test_mean_pairwise_cosine_hand_computed():

@@ -7,13 +7,14 @@ import torch
 
 from fedsim.config.schema import AnalysisConfig, Config, FederationConfig, MethodConfig, PrivacyConfig
 from fedsim.methods.base import make_method
-from fedsim.metrics.similarity import similarity_rows
-from fedsim.privacy.client_level import clip_update, dp_fedavg_aggregate
+from fedsim.privacy.client_level import clip_update
+from fedsim.privacy.mechanism import ClientLevelDP
 from fedsim.seeding import torch_generator
 from fedsim.server.cohort import largest_first, sample_cohort
 from fedsim.server.parameter_server import ParameterServer, new_partial
 from fedsim.types import ClientUpdate
 from tests.methods.helpers import state
+from tests.metrics.reference_similarity import similarity_rows
 
 
 def test_cohort_is_seeded_sorted_distinct_and_varies_by_round():
@@ -93,7 +94,7 @@ def test_a_client_arriving_twice_or_late_is_rejected():
 
 
 def test_client_level_dp_from_streamed_sums_equals_dp_fedavg_on_the_deltas():
-    """The server (worker pre-sums merged, any order, any weights sent) == DP-FedAvg on the raw deltas."""
+    """The server (worker pre-sums merged, any order) through the mechanism == DP-FedAvg on the raw deltas."""
     cfg = Config(
         method=MethodConfig("ffa_lora"),
         federation=FederationConfig(clients_per_round=4),
@@ -103,16 +104,23 @@ def test_client_level_dp_from_streamed_sums_equals_dp_fedavg_on_the_deltas():
     method = make_method(cfg)
     keys = method.plan(1, sorted(g), method.init_server_state(g)).uploaded
     deltas = [{k: state(20 + c)[k] * (0.05 if c == 0 else 1.0) for k in keys} for c in range(3)]  # one unclipped
-    ps = ParameterServer(cfg, g, server_noise_multiplier=1.3)
+    mech = ClientLevelDP(clip=0.7, noise_multiplier=1.3, expected_clients=4, clients=10, seed=cfg.seed)
+    ps = ParameterServer(cfg, g, mech)
     worker_a, worker_b = new_partial(cfg, method, 1), new_partial(cfg, method, 1)
     for c, part in ((2, worker_a), (0, worker_b), (1, worker_a)):
-        part.add(ClientUpdate(c, 3.0 + c, clip_update(deltas[c], 0.7)[0]))  # weights are ignored under client DP
+        tensors, weight = mech.upload({k: g[k] for k in keys}, {k: g[k] + deltas[c][k] for k in keys}, 3.0 + c)
+        part.add(ClientUpdate(c, weight, tensors))
     ps.receive_partial(worker_a)
     ps.receive_partial(worker_b)
     ps.aggregate(1)
-    want = dp_fedavg_aggregate(g, deltas, keys, 4, 1.3, 0.7, torch_generator(cfg.seed, "server_noise", 1))
-    for k in g:
-        torch.testing.assert_close(ps.global_state()[k], want[k], rtol=1e-6, atol=1e-6)
-    empty = ParameterServer(cfg, g, server_noise_multiplier=1.3)
+    gen = torch_generator(cfg.seed, "server_noise", 1)
+    for k in sorted(keys):  # independent reference: clip each delta, sum, one noise draw, divide by m = 4
+        clipped = [clip_update({j: (g[j] + d[j]) - g[j] for j in keys}, 0.7)[0][k].double() for d in deltas]
+        noise = torch.randn(g[k].shape, generator=gen, dtype=torch.float64) * (1.3 * 0.7)
+        want = (g[k].double() + (sum(clipped) + noise) / 4).float()
+        torch.testing.assert_close(ps.global_state()[k], want, rtol=1e-6, atol=1e-6)
+    for k in set(g) - set(keys):
+        assert torch.equal(ps.global_state()[k], g[k])
+    empty = ParameterServer(cfg, g, mech)
     empty.aggregate(1)  # nobody uploaded: the noise is still added
     assert all(not torch.equal(empty.global_state()[k], g[k]) for k in keys)

@@ -1,7 +1,7 @@
-"""Cross-client similarity of trained adapter factors (FedSA-LoRA's A-vs-B asymmetry finding).
+"""Test reference: cross-client similarity of trained adapter factors by the direct pairwise definition.
 
-For each layer and factor trained in a round: the mean pairwise cosine similarity, across the
-round's clients, of their trained tensors (flattened). Higher for A than for B is the paper's claim.
+For each layer and factor: the mean pairwise cosine similarity, across clients, of their trained tensors
+(flattened); fedsim computes it streamed (``PartialSum.similarity_rows``), and the tests compare against this.
 """
 
 from __future__ import annotations
