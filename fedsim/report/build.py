@@ -128,7 +128,8 @@ def make_report(inputs: Sequence[Path], out: Path, machine: str | None = None) -
 
     Results table: final and best accuracy (mean ± std over seeds) per (task, partition, other
     varying settings, privacy, method), seeds, mean epsilon spent, mean wall time per run, mean MB.
-    Figures: accuracy and epsilon vs round, bytes per method, and where recorded the A-vs-B
+    Figures: accuracy vs round (personalised for methods whose clients keep state, global otherwise) and
+    epsilon vs round, bytes per method, and where recorded the A-vs-B
     similarity and AS-LoRA choices. ``machine`` names the machine in the report (default: this one).
     Returns the path of report.md.
 

@@ -1,5 +1,9 @@
 """Report figures over runs: accuracy vs round, epsilon spent vs round, bytes communicated per method.
 
+The accuracy figure shows each method's meaningful accuracy (:func:`accuracy_column`): the personalised one for
+methods whose clients keep state between rounds (their global model is not what they train), the global one
+otherwise; the legend says which.
+
 matplotlib's object API only (``Figure`` on an Agg canvas; no pyplot, no global backend switch); PNGs
 at :data:`DPI` with no timestamp or version metadata, so the same inputs give the same files. Each function returns the
 :class:`Plot` entries it wrote (file names are relative to the report folder).
@@ -18,10 +22,13 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedsim.errors import ConfigError
 from fedsim.report.groups import Group, show_value
 
 DPI = 120
 TableReader = Callable[[str, str], "dict[str, list[Any]] | None"]  # (run path, table name) -> columns
+GLOBAL_ACCURACY, PERSONAL_ACCURACY = "eval_accuracy", "personal_accuracy"  # rounds.parquet columns
+PERSONAL_SUFFIX = " (personalised)"  # legend mark of a curve that shows the personalised accuracy
 Namer = Callable[..., str]  # slug parts -> a unique file name (".png" added)
 
 
@@ -88,6 +95,25 @@ def series(table: dict[str, list[Any]] | None, column: str, scale: float = 1.0) 
     return out
 
 
+def keeps_client_state(method: str) -> bool:
+    """The method's declared ``capabilities.keeps_client_state``; False for a name the registry does not know
+    (e.g. an old run of a removed method)."""
+    from fedsim.methods.base import get_method  # the registry imports torch: only when a report asks
+
+    try:
+        return bool(get_method(method).capabilities.keeps_client_state)
+    except ConfigError:
+        return False
+
+
+def accuracy_column(method: str) -> str:
+    """The rounds.parquet column with ``method``'s meaningful accuracy: ``personal_accuracy`` (each client's
+    personalised model on its own held-out examples, pooled) for methods whose clients keep state between rounds,
+    whose global model lacks the kept tensors; ``eval_accuracy`` (the global model on the global test split)
+    otherwise."""
+    return PERSONAL_ACCURACY if keeps_client_state(method) else GLOBAL_ACCURACY
+
+
 def mean_band(runs: Sequence[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:
     """Per round over the runs that have it: rounds, mean, sample std (0 where one run)."""
     rounds = sorted({t for s in runs for t in s})
@@ -105,7 +131,7 @@ def _round_panels(
     names: Namer,
     read: TableReader,
     *,
-    column: str,
+    column: str | Callable[[Group], str],
     scale: float,
     ylabel: str,
     what: str,
@@ -114,11 +140,13 @@ def _round_panels(
     colors: dict[str, Any],
 ) -> list[Plot]:
     """One figure per (task, partition, extras); one panel per privacy setting; one line per method
-    (mean over seeds) with a ±std band."""
+    (mean over seeds) with a ±std band. ``column``: the rounds.parquet column, or a function of the group giving
+    it; a line from ``personal_accuracy`` is labelled ``<method> (personalised)`` in the legend."""
+    column_of = column if callable(column) else (lambda _group: column)
     plots = []
     for key, panel_groups in by_panel(groups):
         panels = [
-            (p, [(g, [series(read(r["path"], "rounds"), column, scale) for r in g.runs]) for g in gs])
+            (p, [(g, [series(read(r["path"], "rounds"), column_of(g), scale) for r in g.runs]) for g in gs])
             for p, gs in by_privacy(panel_groups)
         ]
         panels = [(p, [(g, s) for g, s in lines if any(s)]) for p, lines in panels]
@@ -136,7 +164,8 @@ def _round_panels(
                     lo = [a - b for a, b in zip(m, sd, strict=True)]
                     hi = [a + b for a, b in zip(m, sd, strict=True)]
                     ax.fill_between(x, lo, hi, color=colors[g.method], alpha=0.2, lw=0)
-                handles.setdefault(g.method, h)
+                label = g.method + (PERSONAL_SUFFIX if column_of(g) == PERSONAL_ACCURACY else "")
+                handles.setdefault(label, h)
                 if target_line and g.epsilon_target is not None:
                     ax.axhline(g.epsilon_target, color="0.4", ls="--", lw=1)
                     ax.set_ylim(bottom=0)
@@ -153,12 +182,30 @@ def _round_panels(
     return plots
 
 
+ACCURACY_CAPTION = (
+    "Accuracy vs round: each method's meaningful accuracy, mean over seeds, band = ±1 std. For methods whose "
+    "clients keep state between rounds (marked *(personalised)* in the legend; their global model lacks the "
+    "tensors the clients keep) it is each client's personalised model on its own held-out examples, pooled "
+    "(`personal_accuracy`); for the others it is the global model on the global test split (`eval_accuracy`). "
+    "The two are measured on different examples."
+)
+
+
 def accuracy_plots(groups: Sequence[Group], out: Path, names: Namer, read: TableReader) -> list[Plot]:
-    """Global eval accuracy (%) vs round per method; one panel per privacy setting."""
-    return _round_panels(
-        groups, out, names, read, column="eval_accuracy", scale=100.0, ylabel="eval accuracy (%)",
+    """Accuracy (%) vs round per method, the method's meaningful accuracy (:func:`accuracy_column`: personalised
+    for methods whose clients keep state, global otherwise); one panel per privacy setting."""
+
+    def column(g: Group) -> str:  # a keeps-state method's runs without personalised evaluation: the global curve
+        col = accuracy_column(g.method)
+        if col == PERSONAL_ACCURACY and not any(series(read(r["path"], "rounds"), col) for r in g.runs):
+            return GLOBAL_ACCURACY
+        return col
+
+    plots = _round_panels(
+        groups, out, names, read, column=column, scale=100.0, ylabel="accuracy (%)",
         what="Accuracy vs round", section="accuracy", target_line=False, colors=method_colors(groups),
     )  # fmt: skip
+    return [Plot(p.section, p.title, p.file, ACCURACY_CAPTION) for p in plots]
 
 
 def epsilon_plots(groups: Sequence[Group], out: Path, names: Namer, read: TableReader) -> list[Plot]:

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import matplotlib.colors
 import matplotlib.image as mpimg
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,8 +37,10 @@ def write_run(
     bytes_down: int = 3000,
     extra: dict[str, Any] | None = None,
     analyses: bool = False,
+    personal: list[float] | None = None,
 ) -> Path:
-    """A finished run directory written with the real config and metric-table writers."""
+    """A finished run directory written with the real config and metric-table writers (``personal``: the
+    personal_accuracy per round; default none recorded)."""
     privacy = {"mode": "sample", "epsilon": eps} if eps is not None else {"mode": "none"}
     cfg = config_from_dict(
         {"seed": seed, "method": {"name": method}, "privacy": privacy, "data": {"partition": {"kind": partition}}}
@@ -48,6 +51,7 @@ def write_run(
     eps_path = [eps * t / len(accs) for t in range(1, len(accs) + 1)] if eps is not None else None
     for t, acc in enumerate(accs, start=1):
         row = {"round": t, "method": method, "eval_accuracy": acc, "bytes_up": 10, "bytes_down": 30}
+        row["personal_accuracy"] = personal[t - 1] if personal else None
         row["epsilon_max"] = eps_path[t - 1] if eps_path else None
         tables.add_round(row, [])
         if analyses:
@@ -282,3 +286,53 @@ def test_per_method_settings_do_not_split_figures():
     groups, extra = group_records(swept)
     assert extra == ["federation.lr", "lora.r"]
     assert {g.panel_key for g in groups} == {("t", "iid", (("lora.r", "4"),)), ("t", "iid", (("lora.r", "8"),))}
+
+
+def accuracy_figure_curves(runs: list[Path], out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[float]]:
+    """Build the report; return the accuracy figure's curves as {legend label: y values (%)} (one panel)."""
+    from fedsim.report import plots
+
+    figures = []
+    save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: (figures.append((path.name, fig)), save(fig, path))[1])
+    md = make_report(runs, out).read_text()
+    (fig,) = [f for name, f in figures if name.startswith("accuracy")]
+    (ax,) = fig.axes
+    legend = fig.legends[0]
+    by_color = {matplotlib.colors.to_hex(line.get_color()): list(line.get_ydata()) for line in ax.get_lines()}
+    curves = {
+        text.get_text(): by_color[matplotlib.colors.to_hex(handle.get_color())]
+        for text, handle in zip(legend.get_texts(), legend.legend_handles, strict=True)
+    }
+    assert "(personalised)" in md and "`personal_accuracy`" in md  # the caption says what the curves are
+    return curves
+
+
+def test_accuracy_curve_is_personalised_for_methods_that_keep_client_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsim.methods.base import get_method
+
+    assert get_method("fedsa_lora").capabilities.keeps_client_state
+    assert not get_method("ffa_lora").capabilities.keeps_client_state
+    runs = [
+        write_run(tmp_path / "sa", method="fedsa_lora", seed=0, accs=[0.2, 0.2, 0.2], personal=[0.5, 0.6, 0.7]),
+        write_run(tmp_path / "ffa", method="ffa_lora", seed=0, accs=[0.3, 0.4, 0.5], personal=[0.9, 0.8, 0.9]),
+    ]
+    curves = accuracy_figure_curves(runs, tmp_path / "rep", monkeypatch)
+    assert curves.keys() == {"fedsa_lora (personalised)", "ffa_lora"}
+    assert curves["fedsa_lora (personalised)"] == pytest.approx([50.0, 60.0, 70.0])  # personal_accuracy
+    assert curves["ffa_lora"] == pytest.approx([30.0, 40.0, 50.0])  # eval_accuracy, not its personal_accuracy
+
+
+def test_accuracy_curve_falls_back_to_global_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method the registry does not know (an old run of a removed method), and a keeps-state method whose runs
+    recorded no personalised accuracy: the global eval_accuracy, without the (personalised) mark."""
+    old = write_run(tmp_path / "old", method="ffa_lora", seed=0, accs=[0.3, 0.4, 0.5], personal=[0.9, 0.8, 0.9])
+    cfg = old / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("name: ffa_lora", "name: removed_lora"))
+    no_personal = write_run(tmp_path / "sa", method="fedsa_lora", seed=0, accs=[0.2, 0.25, 0.3])
+    curves = accuracy_figure_curves([old, no_personal], tmp_path / "rep", monkeypatch)
+    assert curves.keys() == {"fedsa_lora", "removed_lora"}
+    assert curves["fedsa_lora"] == pytest.approx([20.0, 25.0, 30.0])
+    assert curves["removed_lora"] == pytest.approx([30.0, 40.0, 50.0])
