@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", metavar="DIR", help="report folder [default: the single input, or runs/report]")
     rep.add_argument("--machine", metavar="TEXT", help="how to name the machine in the report [default: this one]")
     sub.add_parser("presets", help="list the shipped presets", description="List the shipped presets.")
+    sub.add_parser(
+        "methods",
+        help="list the methods and what each supports",
+        description="List the registered methods with their declared capabilities (what `validate` checks).",
+    )
     val = sub.add_parser(
         "validate", help="check a config and print it resolved", description="Check a config; print it resolved."
     )
@@ -192,6 +197,23 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from fedsim.methods.base import all_capabilities
+
+    caps = all_capabilities()
+    width = max(len(name) for name in caps)
+    print(f"{'method'.ljust(width)}  privacy modes        variants           aggregation  other")
+    for name, c in caps.items():
+        other = [w for w, on in (("signals", c.signals), ("per-layer choices", c.per_layer_choices),
+                                 ("keeps client state", c.keeps_client_state)) if on]  # fmt: skip
+        print(
+            f"{name.ljust(width)}  {','.join(sorted(c.privacy_modes)).ljust(19)}  "
+            f"{','.join(sorted(c.variants)).ljust(17)}  {('linear' if c.linear else 'buffered').ljust(11)}  "
+            f"{', '.join(other)}".rstrip()
+        )
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     cfg, label = load_config(args.config, args.overrides)
     print(f"ok: {label}")
@@ -217,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sweep": _cmd_sweep,
         "report": _cmd_report,
         "presets": _cmd_presets,
+        "methods": _cmd_methods,
         "validate": _cmd_validate,
     }
     if args.command is None:

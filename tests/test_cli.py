@@ -215,3 +215,18 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "fedsim", "presets"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0 and "quickstart" in proc.stdout
+
+
+def test_methods_command_lists_each_method_with_its_declared_capabilities(capsys):
+    from fedsim.methods.base import all_capabilities
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    caps = all_capabilities()
+    assert [line.split()[0] for line in lines] == list(caps)
+    for line in lines:
+        name, modes, variants, aggregation = line.split()[:4]
+        c = caps[name]
+        assert set(modes.split(",")) == c.privacy_modes and set(variants.split(",")) == c.variants
+        assert aggregation == ("linear" if c.linear else "buffered")
+        assert ("per-layer choices" in line) == c.per_layer_choices

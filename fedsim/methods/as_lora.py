@@ -13,6 +13,14 @@ Schedule (``plan``, a pure function of (round, keys, server_state)):
   (t - t_warm))``; the uniform draw comes from ``numpy_rng(seed, "as_lora_choice", round, layer_index)``.
 - head keys (if any) are SHARED every round.
 
+A factor with no score yet (its EMA is None) counts as score 0. This deviates deliberately from the code published
+with the paper (``choose_mode_softmax`` in github.com/myoungjun415/as_lora, which sets p(A) = 0 when only A is
+unscored and p(A) = 1 when only B is): after a warm-up that trained only B (one warm-up round, fedsim's minimum for
+runs of up to 10 rounds) that rule would never train A again. With score 0 the unscored factor is still chosen with
+probability ``sigmoid(-1 / T)`` (about 0.27 at T = 1), so it gets a score; with neither factor scored the choice is
+a fair coin. The reference code also uses ``int(0.1 * rounds)`` warm-up rounds (0 for fewer than 10 rounds);
+fedsim uses at least one. Tested in tests/methods/test_as_lora.py.
+
 Client signals (``client_signal``), from the last step's privatised gradient ``g`` of the active factor:
 ``g~ = P g`` (``P``: fixed Gaussian ``[projection_dim, numel]``, entries N(0, 1/projection_dim), seeded by
 (seed, layer index, factor), cached per method instance, i.e. per process) or ``g~ = g`` without projection;

@@ -411,3 +411,25 @@ def test_reference_curvature_is_the_raw_loss_second_difference_and_is_flagged():
     sig = m.client_signal(plan, {"l.lora_B": grad.float()}, ctx)
     u = grad / grad.norm()
     assert sig["l:kappa"] == pytest.approx(float((hess * u * u).sum()), rel=1e-3)  # u^T H u
+
+
+def test_a_factor_without_a_score_counts_as_score_0_a_documented_deviation_from_the_reference_code():
+    """After a one-round warm-up (round 1: B) only B has a score. fedsim counts A's missing score as 0, so in
+    round 2 each layer still picks A with probability sigmoid(-1 / T) (about 0.27 at T = 1): A gets scored in
+    later rounds. The reference code (myoungjun415/as_lora, choose_mode_softmax) sets p(A) = 0 when A has no score,
+    which after a B-only warm-up would never train A; fedsim deliberately does not follow it (module docstring)."""
+    m = _method(rounds=8)  # warm-up: max(1, ceil(0.1 * 8)) = 1 round
+    assert m.warmup_rounds == 1
+    after_warmup = _ema_state(None, 2.5)  # what round 1 (B shared everywhere) leaves
+    assert m.prob_a(2, after_warmup["ema"][LAYERS[0]]) == pytest.approx(1 / (1 + math.exp(1 / m.temperature(2))))
+    keys = sorted(state(0, head=False))
+    picks = [
+        factor
+        for seed in range(300)
+        for factor in choices_of(_method(seed=seed, rounds=8).plan(2, keys, after_warmup)).values()
+    ]
+    freq = picks.count("A") / len(picks)
+    p = 1 / (1 + math.exp(1 / m.temperature(2)))
+    assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / len(picks))  # A is explored, at the predicted rate
+    # and with no score on either factor the choice is a fair coin
+    assert m.prob_a(2, {"A": None, "B": None}) == pytest.approx(0.5)
