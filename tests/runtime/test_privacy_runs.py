@@ -95,7 +95,9 @@ def test_client_level_dp_reports_epsilon_per_round(tmp_path):
     ],
 )
 def test_privacy_misconfiguration_found_before_training(tmp_path, overrides, key):
-    cfg, _ = load_config("tiny", ["runtime.backend=local", *overrides])
+    """Found by the config check where the config alone shows it (a method that does not support the mode), else
+    when the data is known (delta vs the smallest client, an unreachable target): never after training started."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg, _ = load_config("tiny", ["runtime.backend=local", *overrides])
         run_simulation(cfg, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
