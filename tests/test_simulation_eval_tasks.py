@@ -39,3 +39,21 @@ def test_capped_sample_is_seeded_sorted_and_only_clients_with_a_holdout() -> Non
     assert len(a) == 20 == len(set(a)) and a == sorted(a) and all(c % 4 for c in a)
     assert a == _local(eval_tasks(data, 64, local_clients=20, seed=7))
     assert a != _local(eval_tasks(data, 64, local_clients=20, seed=8))
+
+
+def test_local_evaluation_covers_only_clients_that_have_trained(tmp_path) -> None:
+    """With 2 of 6 clients per round, after round 1 only its cohort has trained: the local (personalised)
+    accuracy is over those clients, and rounds.parquet says how many."""
+    import pyarrow.parquet as pq
+
+    from fedsim.config.load import load_config
+    from fedsim.simulation import run_simulation
+
+    over = ["runtime.backend=local", "method.name=fedsa_lora", "federation.clients_per_round=2", "federation.rounds=2"]
+    cfg, _ = load_config("tiny", over)
+    run_simulation(cfg, tmp_path / "run", progress=False)
+    rounds = pq.read_table(tmp_path / "run" / "rounds.parquet").to_pylist()
+    clients = pq.read_table(tmp_path / "run" / "clients.parquet").to_pylist()
+    for t in (1, 2):
+        trained = {c["client_id"] for c in clients if c["round"] <= t and c["status"] == "ok"}
+        assert rounds[t - 1]["personal_clients"] == len(trained) < cfg.federation.clients

@@ -38,3 +38,27 @@ def test_runs_write_similarity_of_trained_factors(tmp_path, method, factors):
     assert {r["round"] for r in rows} == set(range(1, cfg.federation.rounds + 1))
     assert all(r["clients"] == cfg.federation.clients_per_round for r in rows)
     assert all(math.isfinite(r["similarity"]) and -1 - 1e-9 <= r["similarity"] <= 1 + 1e-9 for r in rows)
+
+
+def test_kept_factor_similarity_equals_the_pairwise_reference_over_the_clients_kept_tensors(tmp_path):
+    """FedSA-LoRA keeps B on the clients: its similarity rows (computed streamed, beside the uploads) equal the
+    direct pairwise cosine over the B each client kept in the last round."""
+    cfg, _ = load_config(
+        "tiny", ["runtime.backend=local", "method.name=fedsa_lora", "analysis.similarity=true", "federation.rounds=2"]
+    )
+    kept = {}
+
+    def grab(backend):
+        kept.update({c: backend.kept_state(c) for c in backend.kept_client_ids()})
+
+    run_simulation(cfg, tmp_path / "run", progress=False, inspect=grab)
+    clients = pq.read_table(tmp_path / "run" / "clients.parquet").to_pylist()
+    last = sorted(c["client_id"] for c in clients if c["round"] == 2 and c["status"] == "ok")
+    rows = [r for r in pq.read_table(tmp_path / "run" / "similarity.parquet").to_pylist() if r["round"] == 2]
+    b_keys = sorted(k for k in kept[last[0]] if k.endswith("lora_B"))
+    want = {(r["layer"], r["factor"]): r for r in similarity_rows(2, [kept[c] for c in last], b_keys)}
+    got = {(r["layer"], r["factor"]): r for r in rows if r["factor"] == "B"}
+    assert set(got) == set(want) and want
+    for key, row in got.items():
+        assert row["clients"] == len(last)
+        assert row["similarity"] == pytest.approx(want[key]["similarity"], abs=1e-9)
