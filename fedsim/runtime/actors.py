@@ -2,13 +2,23 @@
 
 A :class:`WorkerActor` folds the uploads of the clients it trains in a round into ONE partial sum and sends it to
 the parameter server when the driver calls :meth:`WorkerActor.flush` (one message per worker per round). The
-actor is restartable: Ray re-runs ``__init__`` with the same arguments after its process dies, so the restarted
-actor rebuilds the same model; whatever it had not flushed is lost, and the driver re-runs those clients.
+actor is restartable: Ray re-runs ``__init__`` with the same arguments after its process dies; whatever it had not
+flushed is lost, and the driver re-runs those clients.
+
+What a worker is built from (the model blueprint and the tokenised data, both put into the object store ONCE by
+the driver, and the server and store actor handles) travels as a :class:`Shared` with every call that needs it,
+never as a constructor argument: Ray cannot restart an actor whose constructor arguments live in the object store
+once they are gone, so it logs an error for any actor with ``max_restarts > 0`` whose constructor arguments hold
+an ObjectRef or a (non-detached) actor handle (ray-project/ray#53727). ObjectRefs nested inside an argument are
+passed as references, not resolved, so a call carries four ids; the worker reads the blueprint and data from
+shared memory on its first call (and again on the first call after a restart). The driver holds the refs for the
+whole run.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -16,9 +26,7 @@ import torch
 
 from fedsim.client.worker import ClientWorker
 from fedsim.config.schema import Config
-from fedsim.data.federated import FederatedData
 from fedsim.methods.partial_sum import PartialSum
-from fedsim.model.build import BaseBlueprint
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.server.client_store import ClientStore
 from fedsim.server.parameter_server import ParameterServer, new_partial
@@ -59,41 +67,57 @@ def _maybe_poison(task: ClientTask, global_state: AdapterState) -> AdapterState:
     return {k: torch.full_like(v, float("nan")) for k, v in global_state.items()}
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What every worker is built from, passed with each call (see the module docstring): ObjectRefs of the
+    blueprint and of the data (from ``ray.put``, held by the driver) and the server and store actor handles."""
+
+    blueprint: ray.ObjectRef
+    data: ray.ObjectRef
+    server: Any
+    store: Any
+
+
 @ray.remote
 class WorkerActor:
-    """One ClientWorker (one base model); reads and writes the store itself, pre-sums its uploads per round."""
+    """One ClientWorker (one base model); reads and writes the store itself, pre-sums its uploads per round.
 
-    def __init__(
-        self,
-        worker_id: int,
-        cfg: Config,
-        blueprint: BaseBlueprint,
-        data: FederatedData,
-        server: Any,
-        store: Any,
-        privacy: PrivacyMechanism,
-    ) -> None:
-        self.worker = ClientWorker(worker_id, cfg, blueprint, data, privacy)
+    The constructor takes plain values only; the model is built from a :class:`Shared` on the first call that
+    brings one (the driver calls :meth:`ready` right after creating the actor, and again after a restart)."""
+
+    def __init__(self, worker_id: int, cfg: Config, privacy: PrivacyMechanism) -> None:
+        self.worker_id = worker_id
+        self.privacy = privacy  # a small frozen value, not an object-store ref
         self.cfg = cfg
-        self.server = server
-        self.store = store
+        self._worker: ClientWorker | None = None  # built by _attach
+        self.server: Any = None
+        self.store: Any = None
         self._partials: dict[int, PartialSum] = {}  # round -> this worker's not yet flushed uploads
         self._results: dict[int, list[ClientResult]] = {}  # round -> results of the clients in that partial sum
         self._started: dict[int, int] = {}  # round -> clients started (fault injection)
 
-    def train(self, task: ClientTask, global_state: AdapterState) -> ClientResult:
+    def _attach(self, shared: Shared) -> ClientWorker:
+        """The ClientWorker, built on first use in this process from the blueprint and data in shared memory."""
+        if self._worker is None:
+            blueprint, data = ray.get([shared.blueprint, shared.data])
+            self.server, self.store = shared.server, shared.store
+            self._worker = ClientWorker(self.worker_id, self.cfg, blueprint, data, self.privacy)
+        return self._worker
+
+    def train(self, shared: Shared, task: ClientTask, global_state: AdapterState) -> ClientResult:
         """Train one client from its state as of the start of ``task.round`` (so a re-run after a crash starts
         from the same state and ledger); its kept state and ledger go to the store, its upload into this
         worker's partial sum for the round (sent by :meth:`flush`)."""
         self._started[task.round] = self._started.get(task.round, 0) + 1
         _maybe_die(task.round, self._started[task.round])
+        worker = self._attach(shared)
         kept, ledger = ray.get(self.store.get_client.remote(task.client_id, bool(task.plan.kept), round=task.round))
-        out = self.worker.train(task, _maybe_poison(task, global_state), kept, ledger)
+        out = worker.train(task, _maybe_poison(task, global_state), kept, ledger)
         if out.keep is not None or out.ledger is not None:
             ray.get(self.store.put_client.remote(task.client_id, out.keep, out.ledger, round=task.round))
         if out.upload is not None:
             if task.round not in self._partials:
-                self._partials[task.round] = new_partial(self.cfg, self.worker.method, task.round)
+                self._partials[task.round] = new_partial(self.cfg, worker.method, task.round)
             self._partials[task.round].add(out.upload, out.keep)
             self._results.setdefault(task.round, []).append(out.result)
         return out.result
@@ -112,13 +136,15 @@ class WorkerActor:
         ray.get(self.server.receive_partial.remote(partial))
         return results
 
-    def ready(self) -> bool:
-        """A no-op call: answers once the actor is up (after a restart, once it has rebuilt itself)."""
+    def ready(self, shared: Shared) -> bool:
+        """Answers once the actor is up and has built its model from ``shared`` (after a restart: rebuilt it)."""
+        self._attach(shared)
         return True
 
-    def evaluate(self, task: EvalTask, global_state: AdapterState, plan: RoundPlan) -> EvalResult:
+    def evaluate(self, shared: Shared, task: EvalTask, global_state: AdapterState, plan: RoundPlan) -> EvalResult:
+        worker = self._attach(shared)
         state = global_state
         if task.client_id is not None:
             kept = ray.get(self.store.get.remote(task.client_id))
-            state = self.worker.personal_state(global_state, kept, plan)
-        return self.worker.evaluate(task, state)
+            state = worker.personal_state(global_state, kept, plan)
+        return worker.evaluate(task, state)

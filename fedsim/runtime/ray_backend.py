@@ -5,7 +5,9 @@ uploads into one partial sum; then the driver calls ``flush(round)`` on every wo
 server) and compares the clients that trained against ``server.received_ids(round)``.
 
 Faults: a worker process that dies is restarted by Ray (``max_restarts``; ``__init__`` re-runs with the same
-arguments). Its in-flight client, and the clients whose uploads sat in its unflushed partial sum, are re-run on
+arguments, which are plain values: the blueprint and data refs come with the calls, see
+:mod:`fedsim.runtime.actors`; the restarted worker rebuilds its model from them on the driver's ``ready`` probe).
+Its in-flight client, and the clients whose uploads sat in its unflushed partial sum, are re-run on
 the live workers (up to :data:`CLIENT_ATTEMPTS` times); each re-run starts from the client's state and ledger as
 of the start of the round (the ClientStore is round-versioned) with the same seeds, so the round's result equals
 a fault-free one and no privacy budget is charged twice. A client whose training raises is a ``failed`` row.
@@ -20,7 +22,7 @@ from typing import Any
 
 import ray
 
-from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, WorkerActor
+from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
@@ -49,7 +51,7 @@ def _init_ray(address: str, cpus_needed: float) -> bool:
     return True
 
 
-def _settle(worker: Any, ref: Any) -> bool:
+def _settle(worker: Any, ref: Any, shared: Shared) -> bool:
     """Wait for a ``ready`` probe of ``worker``; False if the actor is dead for good."""
     for _ in range(100):
         try:
@@ -59,7 +61,7 @@ def _settle(worker: Any, ref: Any) -> bool:
             return False
         except ray.exceptions.RayActorError:  # still restarting
             time.sleep(0.1)
-            ref = worker.ready.remote()
+            ref = worker.ready.remote(shared)
     return False
 
 
@@ -70,8 +72,10 @@ class RayBackend:
         self.sizes = [len(ix) for ix in setup.data.client_train]
         self.server = ParameterServerActor.remote(setup.cfg, setup.initial_state, setup.privacy)
         self.store = ClientStoreActor.remote(*setup.client_store_args())
-        bp_ref, data_ref = ray.put(setup.blueprint), ray.put(setup.data)  # shipped once per node
-        self._refs = (bp_ref, data_ref)  # kept alive: a restarted worker is rebuilt from them
+        # put into the object store once (read from shared memory by every worker on a node); held here for the
+        # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
+        # (see fedsim.runtime.actors): Ray cannot restart an actor whose constructor refs are gone.
+        self.shared = Shared(ray.put(setup.blueprint), ray.put(setup.data), self.server, self.store)
         env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
         self.workers = [
             WorkerActor.options(
@@ -80,9 +84,10 @@ class RayBackend:
                 max_restarts=WORKER_MAX_RESTARTS,
                 max_task_retries=0,  # the driver decides what to re-run (after comparing with the server)
                 **({"runtime_env": {"env_vars": env}} if env else {}),
-            ).remote(i, setup.cfg, bp_ref, data_ref, self.server, self.store, setup.privacy)
+            ).remote(i, setup.cfg, setup.privacy)
             for i in range(rt.workers)
         ]
+        ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
         self._desc = f"ray backend ({rt.workers} workers x {rt.cpus_per_worker} CPU, {rt.gpus_per_worker} GPU)"
 
     def _dispatch(self, items: Sequence[Any], submit: Callable[[Any, Any], Any]) -> list[tuple[Any, Any]]:
@@ -120,9 +125,9 @@ class RayBackend:
                 self.workers.remove(worker)  # out of restarts
             else:
                 probes[worker] = probes.get(worker, 0) + 1
-                in_flight[worker.ready.remote()] = (_PROBE, worker)
+                in_flight[worker.ready.remote(self.shared)] = (_PROBE, worker)
         for ref, (_, worker) in in_flight.items():  # leftover probes: let them finish (or fail) quietly
-            _settle(worker, ref)
+            _settle(worker, ref, self.shared)
         return done
 
     def _flush(self, round: int) -> list[ClientResult]:
@@ -136,7 +141,7 @@ class RayBackend:
                     out.extend(ray.get(worker.flush.remote(round)))
                     break
                 except ray.exceptions.ActorDiedError:
-                    if not _settle(worker, worker.ready.remote()):
+                    if not _settle(worker, worker.ready.remote(self.shared), self.shared):
                         self.workers.remove(worker)
                         break
                 except ray.exceptions.RayActorError:
@@ -159,7 +164,7 @@ class RayBackend:
         todo = list(by_id)
         for _ in range(CLIENT_ATTEMPTS):
             order = [by_id[c] for c in largest_first(todo, self.sizes)]
-            for task, res in self._dispatch(order, lambda w, t: w.train.remote(t, g)):
+            for task, res in self._dispatch(order, lambda w, t: w.train.remote(self.shared, t, g)):
                 if isinstance(res, ray.exceptions.RayActorError):  # its worker died under it
                     deaths[task.client_id] = str(res)
                 elif isinstance(res, Exception):
@@ -206,7 +211,7 @@ class RayBackend:
         todo = list(tasks)
         for attempt in range(CLIENT_ATTEMPTS):
             lost = []
-            for task, res in self._dispatch(todo, lambda w, t: w.evaluate.remote(t, g, plan)):
+            for task, res in self._dispatch(todo, lambda w, t: w.evaluate.remote(self.shared, t, g, plan)):
                 if isinstance(res, ray.exceptions.RayActorError) and attempt + 1 < CLIENT_ATTEMPTS:
                     lost.append(task)  # the worker died: evaluate the chunk again elsewhere
                 elif isinstance(res, Exception):

@@ -52,7 +52,7 @@ def test_workers_send_one_presummed_message_each_and_match_the_local_backend(tmp
 
         # a client already received this round, trained again on a worker: its flush is refused
         again = backend.workers[0].train.remote(
-            ClientTask(1, cohort[0], backend.plan(1)), backend.server.global_state.remote()
+            backend.shared, ClientTask(1, cohort[0], backend.plan(1)), backend.server.global_state.remote()
         )
         ray.get(again)
         with pytest.raises(ray.exceptions.RayTaskError, match="twice"):

@@ -82,3 +82,15 @@ def test_a_client_whose_loss_is_nan_fails_alone_and_the_run_completes(tmp_path, 
     assert summary["failed_client_rounds"] == 1 and summary["final_eval_loss"] == rounds[-1]["eval_loss"]
     last = rounds[-1]  # the NaN upload never reached the aggregate: the global model still evaluates
     assert all(isinstance(last[k], float) and last[k] == last[k] for k in ("train_loss", "eval_loss", "eval_accuracy"))
+
+
+@pytest.mark.ray
+def test_the_only_worker_killed_is_restarted_and_rebuilt_from_the_drivers_refs(tmp_path, ray_cluster, monkeypatch):
+    # one worker: the run can only finish if Ray restarts it and the restarted process rebuilds its model from the
+    # blueprint and data refs the driver holds (they come with the calls, not as constructor arguments)
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(FAULT_ENV, f"1:2:{marker}")
+    summary, rounds, clients = _run(tmp_path / "one", ["runtime.workers=1", "federation.rounds=1"])
+    assert marker.exists(), "the fault was not injected"
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["failed_clients"] == 0
+    assert len(clients) == summary["clients_per_round"] and all(c["status"] == "ok" for c in clients)
