@@ -68,12 +68,17 @@ def run_simulation(
     the result equals an uninterrupted run's. ``inspect`` (for tests and tools) is called with the live backend
     after the last round.
 
-    Raises UserError (ConfigError / DataError) for bad input before any training or any file is written, and
+    Raises UserError (ConfigError / DataError; a ``runtime.address`` where no Ray cluster answers) for bad input
+    before any training or any file is written, and
     RunStopped when more than ``runtime.max_failed_fraction`` of a cohort fails (resumable).
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     method_cls = get_method(cfg.method.name)
+    if cfg.runtime.backend == "ray":  # a runtime.address where no Ray cluster answers fails here, before any work
+        from fedsim.runtime.cluster import check as check_cluster
+
+        check_cluster(cfg.runtime.address)
 
     # 1. Data: read, split, tokenise once. Data errors surface here, before anything is written.
     dataset = load_source(cfg.data, cfg.seed)

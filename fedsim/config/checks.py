@@ -152,5 +152,10 @@ def validate(cfg: Config) -> list[str]:
         ">= 0",
         "the in-memory budget for kept client tensors in MiB, e.g. 512; 0 spills every client to disk",
     )
+    from fedsim.runtime.cluster import address_problem  # the form only (no network; that module imports no Ray)
+
+    address = address_problem(rt.address.strip())
+    if address:
+        problems.append(address)
     problems.extend(_external_problems(cfg))
     return problems

@@ -215,7 +215,12 @@ class RuntimeConfig:
     workers: int = _f(2, "ClientWorker actors; each holds one frozen base model.")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker; also its torch thread count.")
     gpus_per_worker: float = _f(0.0, "GPUs per worker; fractional shares a GPU (0.25 = four per GPU).")
-    address: str = _f("", "Empty = start a local Ray; 'auto' or 'ray://host:port' = join a cluster.")
+    address: str = _f(
+        "",
+        "Empty = join the job's cluster under `ray job submit` (RAY_ADDRESS), else start a local Ray; "
+        "'auto', 'host:port' (the head's GCS) or 'ray://host:port' (Ray Client) = join that cluster. "
+        "Not the http:// dashboard address.",
+    )
     eval_batch_size: int = _f(64, "Evaluation batch size (also the fixed evaluation chunk).")
     checkpoint_every: int = _f(
         1,

@@ -24,6 +24,7 @@ import ray
 
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
+from fedsim.runtime.cluster import connect, disconnect
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
 from fedsim.server.parameter_server import AggregateInfo
@@ -35,20 +36,6 @@ _PROBE = object()  # marks a worker.ready() call in flight in _dispatch
 
 #: a client is tried this many times when worker processes die under it (then it is a failed row)
 CLIENT_ATTEMPTS = 3
-
-
-def _init_ray(address: str, cpus_needed: float) -> bool:
-    """Start or join Ray. Returns True if this call started it (so shutdown should stop it)."""
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
-    return True
 
 
 def _settle(worker: Any, ref: Any, shared: Shared) -> bool:
@@ -68,7 +55,8 @@ def _settle(worker: Any, ref: Any, shared: Shared) -> bool:
 class RayBackend:
     def __init__(self, setup: RunSetup) -> None:
         rt = setup.cfg.runtime
-        self._started = _init_ray(rt.address, rt.workers * rt.cpus_per_worker)
+        # start a local Ray or join the cluster (runtime.address, RAY_ADDRESS): fedsim.runtime.cluster decides
+        self._connection = connect(rt.address, rt.workers * rt.cpus_per_worker)
         self.sizes = [len(ix) for ix in setup.data.client_train]
         self.server = ParameterServerActor.remote(setup.cfg, setup.initial_state, setup.privacy)
         self.store = ClientStoreActor.remote(*setup.client_store_args())
@@ -256,5 +244,4 @@ class RayBackend:
     def shutdown(self) -> None:
         for actor in [*self.workers, self.server, self.store]:
             ray.kill(actor)
-        if self._started:
-            ray.shutdown()
+        disconnect(self._connection)  # stops only a Ray this run started; a joined cluster stays up

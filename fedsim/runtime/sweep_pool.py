@@ -7,7 +7,6 @@ also rules out cells waiting on each other for CPUs.
 
 from __future__ import annotations
 
-import os
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim.config.schema import Config
+from fedsim.runtime.cluster import connect, disconnect
 from fedsim.sweep.spec import Cell
 
 
@@ -42,17 +42,10 @@ def run_cells_on_ray(
     log: Callable[[str], None],
 ) -> None:
     """Run ``cells`` with at most ``parallel`` at once ("auto": cluster CPUs // the largest cell's CPUs, >= 1);
-    call ``finished(cell, error_or_None)`` as each ends. Joins ``runtime.address`` of the first cell if set,
-    else starts a local Ray instance with every CPU of this machine."""
-    started = False
-    if not ray.is_initialized():
-        address = cells[0].config.runtime.address
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if address:
-            ray.init(address=address, logging_level="WARNING")
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
-        started = True
+    call ``finished(cell, error_or_None)`` as each ends. Starts a local Ray with every CPU of this machine or joins
+    a cluster (``runtime.address`` of the first cell, else ``RAY_ADDRESS``) as :func:`fedsim.runtime.cluster.connect`
+    decides; raises its UserError for an address where no cluster answers."""
+    connection = connect(cells[0].config.runtime.address)
     try:
         need = max(cell_cpus(c.config) for c in cells)
         fit = max(1, int(ray.cluster_resources().get("CPU", 1) // max(need, 1.0)))
@@ -77,5 +70,4 @@ def run_cells_on_ray(
                 error = f"{type(exc).__name__}: {exc}"
             finished(cell, error)
     finally:
-        if started:
-            ray.shutdown()
+        disconnect(connection)  # only a Ray started here

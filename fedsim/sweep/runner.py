@@ -98,6 +98,19 @@ def _run_in_process(cell: Cell, out: Path, progress: bool) -> None:
     run_simulation(cell.config, cell_dir(out, cell), label=cell.cell_id, progress=progress)
 
 
+def _check_clusters(todo: Sequence[Cell], parallel: int | str) -> None:
+    """Raise UserError, before anything runs, when a Ray cluster address the sweep would join does not answer (the
+    cells on the Ray backend; with ``parallel`` != 1 also the first cell's, which the pool joins)."""
+    addresses = {c.config.runtime.address for c in todo if c.config.runtime.backend == "ray"}
+    if parallel != 1 and todo:
+        addresses.add(todo[0].config.runtime.address)
+    if addresses:
+        from fedsim.runtime.cluster import check
+
+        for address in sorted(addresses):
+            check(address)
+
+
 def run_sweep(
     spec: SweepSpec,
     out: Path,
@@ -110,7 +123,8 @@ def run_sweep(
 
     ``parallel`` (default: the sweep file's): 1 runs the cells one after another in this process; N > 1 or "auto"
     runs up to N cells at once as tasks on the Ray cluster ("auto": as many as its CPUs fit). A failing cell gets
-    status "failed" and its error, and the sweep goes on. Raises UserError for stale cells (nothing runs).
+    status "failed" and its error, and the sweep goes on. Raises UserError for stale cells, or a Ray cluster address
+    where no cluster answers (nothing runs).
     """
     out = Path(out)
     stale = stale_cells(out, spec.cells)
@@ -119,9 +133,11 @@ def run_sweep(
             f"{out}: {len(stale)} finished cell(s) were run with a different config than the sweep file now gives "
             f"(e.g. {stale[0]}); use another --out for the changed sweep, or delete those cell folders"
         )
-    (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
     done = {c.cell_id for c in spec.cells if is_complete(out, c)}
     todo = [c for c in spec.cells if c.cell_id not in done]
+    parallel = spec.parallel if parallel is None else parallel
+    _check_clusters(todo, parallel)
+    (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
     log(f"sweep {spec.name}: {len(spec.cells)} cells, {len(done)} complete, {len(todo)} to run -> {out}")
     errors: dict[str, str | None] = {}
 
@@ -142,7 +158,6 @@ def run_sweep(
             log(f"cell {cell.cell_id} FAILED: {error.strip().splitlines()[-1] if error.strip() else error}")
         write_table(out, rows())
 
-    parallel = spec.parallel if parallel is None else parallel
     if parallel != 1 and todo:
         from fedsim.runtime.sweep_pool import run_cells_on_ray
 

@@ -107,7 +107,8 @@ def test_rayjob_manifest_matches_the_crd_fields_and_its_runtime_env_is_valid():
     jsonschema.validate(manifest, RAY_JOB)
     spec = manifest["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["entrypoint"].startswith("fedsim run ") and "runtime.address=auto" in spec["entrypoint"]
+    assert spec["entrypoint"].startswith("fedsim run ") and "/mnt/fedsim-runs/" in spec["entrypoint"]
+    assert "runtime.address" not in spec["entrypoint"]  # a submitted run joins the job's cluster (RAY_ADDRESS)
     assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
     (gpu,) = _gpu_groups(spec["rayClusterSpec"])
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
