@@ -26,6 +26,10 @@ class RunState:
     trained: frozenset[int] = frozenset()
     privacy: Mapping[str, Any] = field(default_factory=dict)
 
+    def trained_with(self, results: Sequence[ClientResult]) -> frozenset[int]:
+        """The clients that have trained once ``results`` (a round's) are in: those before plus its ``ok`` ones."""
+        return self.trained | {r.client_id for r in results if r.status == "ok"}
+
     def after_round(
         self,
         round: int,
@@ -44,7 +48,7 @@ class RunState:
             bytes_down=self.bytes_down + sum(r.bytes_down for r in results),
             best_accuracy=best,
             eval=dict(ev) if ev else self.eval,
-            trained=self.trained | {r.client_id for r in results if r.status == "ok"},
+            trained=self.trained_with(results),
             privacy=dict(privacy),
         )
 

@@ -145,7 +145,7 @@ def run_simulation(
                         f"cause, then `fedsim resume {out_dir}` continues from {newest.name if newest else 'the start'}"
                     )
                 info = backend.aggregate(t)
-                trained = state.trained | {r.client_id for r in results if r.status == "ok"}
+                trained = state.trained_with(results)
 
                 # 5. Evaluation (every eval_every rounds and always the last); local: clients that have trained.
                 ev: dict[str, float | int | None] = {}
