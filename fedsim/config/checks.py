@@ -140,7 +140,19 @@ def validate(cfg: Config) -> list[str]:
     need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")
     need("federation.local_eval_clients", fe.local_eval_clients >= 0, ">= 0", "e.g. 100; 0 turns local evaluation off")
     problems.extend(_privacy_problems(cfg))
-    need("runtime.workers", rt.workers >= 1, ">= 1", "e.g. 2")
+    need("runtime.workers", rt.workers == "auto" or rt.workers >= 1, ">= 1 or auto", "e.g. 2")
+    need(
+        "runtime.placement_timeout_s",
+        math.isfinite(rt.placement_timeout_s) and rt.placement_timeout_s > 0,
+        "> 0",
+        "seconds to wait for room for the workers, e.g. 900 (an autoscaler launching GPU nodes takes minutes)",
+    )
+    need(
+        "runtime.accelerator_type",
+        rt.accelerator_type is None or (bool(rt.accelerator_type.strip()) and ":" not in rt.accelerator_type),
+        "an accelerator name or null",
+        "e.g. A100 (the X of the nodes' accelerator_type:X resource); null = any node",
+    )
     need("runtime.cpus_per_worker", rt.cpus_per_worker > 0, "> 0", "e.g. 1")
     need("runtime.gpus_per_worker", rt.gpus_per_worker >= 0, ">= 0", "0 for CPU only, 0.25 for a quarter GPU")
     need("runtime.eval_batch_size", rt.eval_batch_size >= 1, ">= 1", "e.g. 64")

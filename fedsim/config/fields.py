@@ -88,7 +88,10 @@ def _describe(tp: Any, plural: bool = False) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return f"{_describe(inner[0], plural)} or null"
+        words = [_describe(a, plural) for a in inner] + (["null"] if len(inner) < len(args) else [])
+        return " or ".join(words)
+    if origin is typing.Literal:
+        return " or ".join(_show(a) for a in args)
     if origin is list:
         return f"{'lists' if plural else 'a list'} of {_describe(args[0], plural=True)}"
     return _NAMES[tp][1 if plural else 0] if tp in _NAMES else str(tp)
@@ -114,12 +117,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        try:
-            return _convert(value, inner[0], key)
-        except _Bad as e:
-            if isinstance(value, (list, tuple)):  # keep the precise element-level message
-                raise
-            raise bad from e
+        for i, member in enumerate(inner):  # the first member the value fits (int | Literal["auto"])
+            try:
+                return _convert(value, member, key)
+            except _Bad as e:
+                if i + 1 < len(inner):
+                    continue
+                if isinstance(value, (list, tuple)):  # keep the precise element-level message
+                    raise
+                raise bad from e
+        raise bad
+    if origin is typing.Literal:
+        if isinstance(value, bool) or value not in args:
+            raise bad
+        return value
     if tp in _NAMES:
         converted = _scalar(value, tp)
         if converted is _NO:

@@ -9,7 +9,7 @@ docs read them from one place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 def _f(default: Any, help: str, choices: tuple[Any, ...] | None = None, **kw: Any) -> Any:
@@ -212,9 +212,33 @@ class ClientStoreConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     backend: str = _f("ray", "ray (actors) or local (one process, for debugging).", ("ray", "local"))
-    workers: int = _f(2, "ClientWorker actors; each holds one frozen base model.")
+    workers: int | Literal["auto"] = _f(
+        2,
+        "ClientWorker actors; each holds one frozen base model. auto (Ray backend) = as many as fit in the "
+        "cluster's free resources at the start (at least 1, at most federation.clients_per_round), grown between "
+        "rounds as nodes join; on an autoscaling cluster the autoscaler is asked for clients_per_round workers' "
+        "worth. Results do not depend on the worker count.",
+    )
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker; also its torch thread count.")
     gpus_per_worker: float = _f(0.0, "GPUs per worker; fractional shares a GPU (0.25 = four per GPU).")
+    accelerator_type: str | None = _f(
+        None,
+        "Ray accelerator type the workers need (e.g. A100, H100, L4, T4: a node's accelerator_type:<X> resource, "
+        "which Ray sets from the detected GPU and the cluster launcher from the node type); null = any node.",
+    )
+    placement: str = _f(
+        "spread",
+        "How the workers' placement group (one bundle per worker) is laid over the nodes: spread (one worker per "
+        "node while nodes are free; losing a node loses few workers) or pack (fill a node before the next: fewer "
+        "nodes, one copy of the model and data per node). Soft: with one node, both put every worker there.",
+        ("spread", "pack"),
+    )
+    placement_timeout_s: float = _f(
+        900.0,
+        "Seconds the run waits for room for its workers (the placement group at the start, or any worker at all "
+        "after node losses) before it stops with an error; covers an autoscaler launching GPU nodes. A fixed-size "
+        "cluster that can never hold runtime.workers is refused at once.",
+    )
     address: str = _f(
         "",
         "Empty = join the job's cluster under `ray job submit` (RAY_ADDRESS), else start a local Ray; "

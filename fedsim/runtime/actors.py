@@ -136,10 +136,22 @@ class WorkerActor:
         ray.get(self.server.receive_partial.remote(partial))
         return results
 
-    def ready(self, shared: Shared) -> bool:
-        """Answers once the actor is up and has built its model from ``shared`` (after a restart: rebuilt it)."""
+    def ready(self, shared: Shared, reset: bool = False) -> bool:
+        """Answers once the actor is up and has built its model from ``shared`` (after a restart: rebuilt it).
+
+        ``reset``: first drop every partial sum not yet flushed (and the results it carried). The driver probes
+        with it after a call to this worker failed: it then counts whatever the worker had not flushed as lost
+        (and re-runs those clients), so nothing of it may reach the server later. After a restart there is
+        nothing to drop."""
+        if reset:
+            self._partials.clear()
+            self._results.clear()
         self._attach(shared)
         return True
+
+    def node_id(self) -> str:
+        """The hex id of the Ray node this worker runs on (placement checks, ``describe``)."""
+        return ray.get_runtime_context().get_node_id()
 
     def evaluate(self, shared: Shared, task: EvalTask, global_state: AdapterState, plan: RoundPlan) -> EvalResult:
         worker = self._attach(shared)

@@ -28,14 +28,26 @@ Raylet ``[state-dump]`` lines go to ``raylet.out``, which is never forwarded. Wh
 periodic event-stats dumps into the job's output: a joining driver sets ``RAY_BACKEND_LOG_LEVEL=warning`` for
 itself (unless set), which leaves one INFO line saying so.
 
+Fixed or autoscaling (:func:`cluster_kind`): every head runs Ray's autoscaler monitor, which writes the status
+that ``ray status`` prints into the GCS key-value store. Without an autoscaling config (``ray start --head``
+alone, ``ray.cluster_utils.Cluster``, KubeRay without autoscaling) the monitor's node provider is Ray's read-only
+one, which names every node's type ``node_<node id>``; an autoscaler's provider names the types of its config
+(``ray.head.default``, ``gpu-workers``). So: every type of the anonymous form = a fixed-size cluster (the Ray
+backend then refuses, at once, a ``runtime.workers`` it can never hold); named types = autoscaling; no status
+(not written yet, autoscaler v2, Ray Client) = unknown, and the backend waits ``runtime.placement_timeout_s``
+for its placement group instead. (Ray's own ``get_cluster_config`` holds node-type max counts only where an
+external autoscaler reports them; OSS Ray 2.60 leaves it empty.)
+
 This module imports Ray only inside functions: :func:`address_problem` (used by the config checks) works
 without it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -280,3 +292,30 @@ def disconnect(connection: Connection) -> None:
         import ray
 
         ray.shutdown()
+
+
+ClusterKind = Literal["fixed", "autoscaling", "unknown"]
+#: the node type Ray's read-only node provider gives every node of a cluster without an autoscaler
+_READONLY_NODE_TYPE = re.compile(r"^node_[0-9a-f]{56}$")
+_STATUS_KEY = "__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS, read by `ray status`
+
+
+def kind_from_status(status: Mapping[str, Any] | None) -> ClusterKind:
+    """Fixed or autoscaling, from the autoscaler monitor's status (see the module docstring). Pure."""
+    report = (status or {}).get("autoscaler_report") or {}
+    types = set((report.get("node_type_mapping") or {}).values()) | set(report.get("active_nodes") or {})
+    if not types:
+        return "unknown"
+    return "fixed" if all(_READONLY_NODE_TYPE.match(str(t)) for t in types) else "autoscaling"
+
+
+def cluster_kind() -> ClusterKind:
+    """Whether the cluster this process is connected to is fixed-size, autoscaling, or unknown (no readable
+    autoscaler status). Needs Ray initialised; never raises."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(_STATUS_KEY)
+        return kind_from_status(json.loads(raw)) if raw else "unknown"
+    except Exception:  # an older / newer Ray, Ray Client, a status in another shape: do not guess
+        return "unknown"

@@ -1,30 +1,63 @@
-"""Ray backend: W ClientWorker actors, a ParameterServer actor and a ClientStore actor.
+"""Ray backend: W ClientWorker actors in placement groups, a ParameterServer actor and a ClientStore actor.
 
 A round: the driver hands clients (largest first) to whichever worker is free; each worker folds its clients'
-uploads into one partial sum; then the driver calls ``flush(round)`` on every worker (one message each to the
-server) and compares the clients that trained against ``server.received_ids(round)``.
+uploads into one partial sum; then the driver calls ``flush(round)`` on every worker that answers (one message
+each to the server) and compares the clients that trained against ``server.received_ids(round)``.
 
-Faults: a worker process that dies is restarted by Ray (``max_restarts``; ``__init__`` re-runs with the same
-arguments, which are plain values: the blueprint and data refs come with the calls, see
-:mod:`fedsim.runtime.actors`; the restarted worker rebuilds its model from them on the driver's ``ready`` probe).
-Its in-flight client, and the clients whose uploads sat in its unflushed partial sum, are re-run on
-the live workers (up to :data:`CLIENT_ATTEMPTS` times); each re-run starts from the client's state and ledger as
-of the start of the round (the ClientStore is round-versioned) with the same seeds, so the round's result equals
-a fault-free one and no privacy budget is charged twice. A client whose training raises is a ``failed`` row.
+Placement: one bundle per worker (:func:`fedsim.runtime.placement.worker_bundle`: CPU, GPU and, with
+``runtime.accelerator_type``, the node resource ``accelerator_type:<X>``: only what an autoscaler understands) in
+ONE placement group with strategy SPREAD or PACK (``runtime.placement``). The soft strategies: one node still takes
+every worker, and a lost node's bundles can be rescheduled onto nodes that already hold workers (STRICT_SPREAD
+could not reschedule them while every other node holds one, STRICT_PACK not at all once its node is gone).
+``runtime.workers: auto`` adds one more group per growth step (a placement group cannot grow). The
+ParameterServer and ClientStore actors (no CPU) are pinned to the driver's node (NodeAffinity, hard): the store
+spills into the run folder there and checkpoints rename its snapshot folder into the run folder, and a node that
+holds only workers can then be lost. The blueprint and data are put into the object store once (:class:`Shared`).
+
+Sizing: ``runtime.workers: N`` on a fixed-size cluster (:func:`fedsim.runtime.cluster.cluster_kind`) that can never
+hold N workers is a UserError naming the keys, before any training. ``auto`` starts with the workers that fit in
+the nodes' free resources (at least 1, at most ``federation.clients_per_round``), asks an autoscaling cluster for
+``clients_per_round`` workers' worth (``ray.autoscaler.sdk.request_resources``, cleared at shutdown), and at the
+start of each round adds a group for the workers that fit in the free resources then (new nodes); the new workers
+take clients once their models are built. Results do not depend on the worker count.
+
+Faults and node loss: a worker process that dies (a crash, or its node lost as in a spot preemption) is restarted
+by Ray (``max_restarts``; ``__init__`` re-runs with the same plain arguments, in the same bundle, which Ray
+reschedules onto another node when its node is gone and room exists; the restarted worker rebuilds its model from
+the refs that come with the calls, see :mod:`fedsim.runtime.actors`). Meanwhile the worker is *down*: the driver
+probes it every :data:`PROBE_INTERVAL_S` seconds (``ready(reset=True)``: whatever it had not flushed is dropped) and
+the round goes on with the workers that answer. Its in-flight client, and the clients whose uploads sat in its
+unflushed partial sum, are re-run on the live workers (up to :data:`CLIENT_ATTEMPTS` times); each re-run starts
+from the client's state and ledger as of the start of the round (the ClientStore is round-versioned) with the same
+seeds, so the round's result equals a fault-free one and no privacy budget is charged twice. A worker that Ray
+reports dead for good (out of restarts) is dropped. A client whose training raises is a ``failed`` row.
+
+A run never waits forever: the first placement group must be placed within ``runtime.placement_timeout_s`` (else
+UserError, exit 2); while at least one worker answers, down workers hold nothing up; when none does, the driver
+waits up to ``runtime.placement_timeout_s`` for one to come back and then stops the run (RunStopped; resumable
+from its newest checkpoint). Growth never waits: a group that is not placed yet only delays the next growth.
+The design assumes a worker that stops answering has lost its process (node loss, crash): a flush that fails
+while the process lives on (a network partition) could still reach the server after the driver counted it lost.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from fedsim.errors import RunStopped, UserError
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
-from fedsim.runtime.cluster import connect, disconnect
+from fedsim.runtime.cluster import ClusterKind, cluster_kind, connect, disconnect
+from fedsim.runtime.placement import auto_workers, bundle_text, capacity_problem, growth, worker_bundle
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
 from fedsim.server.parameter_server import AggregateInfo
@@ -32,108 +65,263 @@ from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, Eva
 
 #: Ray restarts a dead worker actor this many times over the run
 WORKER_MAX_RESTARTS = 8
-_PROBE = object()  # marks a worker.ready() call in flight in _dispatch
-
 #: a client is tried this many times when worker processes die under it (then it is a failed row)
 CLIENT_ATTEMPTS = 3
+#: seconds between probes of a worker that Ray is restarting (a call to a restarting actor fails at once)
+PROBE_INTERVAL_S = 0.5
+#: runtime.placement -> Ray placement-group strategy (the soft ones; see the module docstring)
+STRATEGY = {"spread": "SPREAD", "pack": "PACK"}
 
 
-def _settle(worker: Any, ref: Any, shared: Shared) -> bool:
-    """Wait for a ``ready`` probe of ``worker``; False if the actor is dead for good."""
-    for _ in range(100):
-        try:
-            ray.get(ref)
-            return True
-        except ray.exceptions.ActorDiedError:
-            return False
-        except ray.exceptions.RayActorError:  # still restarting
-            time.sleep(0.1)
-            ref = worker.ready.remote(shared)
-    return False
+@dataclass
+class _Down:
+    """A worker that failed a call: ``probe`` is its ``ready(reset=True)`` call in flight, or None until
+    ``retry_at`` (monotonic seconds) when the last probe found it still restarting."""
+
+    probe: Any
+    retry_at: float = 0.0
+
+
+def node_resources(free: bool) -> list[dict[str, float]]:
+    """The resources of each live node: their totals, or (``free``) what is unreserved now."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if not free:
+        return [dict(n.get("Resources") or {}) for n in alive]
+    from ray._private.state import available_resources_per_node  # a DeveloperAPI (no public per-node view)
+
+    per_node = available_resources_per_node()
+    return [dict(per_node.get(n["NodeID"], {})) for n in alive]
 
 
 class RayBackend:
     def __init__(self, setup: RunSetup) -> None:
-        rt = setup.cfg.runtime
-        # start a local Ray or join the cluster (runtime.address, RAY_ADDRESS): fedsim.runtime.cluster decides
-        self._connection = connect(rt.address, rt.workers * rt.cpus_per_worker)
+        """Start (or join) Ray, the server and store actors and the first workers; raises UserError when the
+        cluster cannot hold them (see the module docstring), after releasing whatever it started."""
+        cfg, rt = setup.cfg, setup.cfg.runtime
+        self._cfg, self._privacy, self._run_dir = cfg, setup.privacy, setup.run_dir
+        self._auto = rt.workers == "auto"
+        self._limit = cfg.federation.clients_per_round if self._auto else int(rt.workers)
+        self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
         self.sizes = [len(ix) for ix in setup.data.client_train]
-        self.server = ParameterServerActor.remote(setup.cfg, setup.initial_state, setup.privacy)
-        self.store = ClientStoreActor.remote(*setup.client_store_args())
+        self.workers: list[Any] = []  # every worker not dead for good (up, or down: see self._down)
+        self._down: dict[Any, _Down] = {}
+        self._groups: list[Any] = []  # placement groups, removed at shutdown
+        self._growing: list[Any] = []  # the workers of the newest growth group
+        self._next_id = 0
+        self._requested = False  # request_resources was called (cleared at shutdown)
+        self.server: Any = None
+        self.store: Any = None
+        # start a local Ray or join the cluster (runtime.address, RAY_ADDRESS): fedsim.runtime.cluster decides
+        self._connection = connect(rt.address, 0.0 if self._auto else self._limit * rt.cpus_per_worker)
+        try:
+            self._start(setup)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, setup: RunSetup) -> None:
+        rt = self._cfg.runtime
+        home = ray.get_runtime_context().get_node_id()  # the driver's node: the run folder is there
+        pin = NodeAffinitySchedulingStrategy(home, soft=False)
+        self.server = ParameterServerActor.options(scheduling_strategy=pin).remote(
+            self._cfg, setup.initial_state, setup.privacy
+        )
+        self.store = ClientStoreActor.options(scheduling_strategy=pin).remote(*setup.client_store_args())
         # put into the object store once (read from shared memory by every worker on a node); held here for the
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
         # (see fedsim.runtime.actors): Ray cannot restart an actor whose constructor refs are gone.
         self.shared = Shared(ray.put(setup.blueprint), ray.put(setup.data), self.server, self.store)
+        kind: ClusterKind = "fixed" if self._connection.started else cluster_kind()  # a started Ray is sized for us
+        if kind == "fixed":
+            problem = capacity_problem(rt.workers, node_resources(free=False), self._bundle)
+            if problem:
+                raise UserError(problem)
+        count = auto_workers(node_resources(free=True), self._bundle, self._limit) if self._auto else self._limit
+        if self._auto and kind != "fixed":  # tell an autoscaler what the run could use
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[dict(self._bundle) for _ in range(self._limit)])
+            self._requested = True
+        group = self._add_group(count)
+        if not group.wait(rt.placement_timeout_s):
+            raise UserError(self._no_room(count, kind))
+        ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
+        nodes = set(self.worker_nodes())
+        how = f"auto: {count} now, up to {self._limit}" if self._auto else str(count)
+        self._desc = (
+            f"ray backend ({how} workers x {bundle_text(self._bundle)}; placement {rt.placement} over "
+            f"{len(nodes)} node(s))"
+        )
+
+    def _no_room(self, count: int, kind: ClusterKind) -> str:
+        rt = self._cfg.runtime
+        accel = ", runtime.accelerator_type" if rt.accelerator_type else ""
+        what = {"fixed": "fixed-size", "autoscaling": "autoscaling", "unknown": ""}[kind]
+        return (
+            f"runtime.workers: no room for {count} worker(s) of {bundle_text(self._bundle)} each (runtime."
+            f"cpus_per_worker, runtime.gpus_per_worker{accel}) on this {what + ' ' if what else ''}cluster within "
+            f"runtime.placement_timeout_s = {rt.placement_timeout_s:g} s; lower runtime.workers (or use auto) or "
+            "the per-worker resources, free the cluster, or raise runtime.placement_timeout_s while an autoscaler "
+            "is still adding nodes"
+        )
+
+    def _add_group(self, count: int) -> Any:
+        """A placement group of ``count`` worker bundles and one new worker actor per bundle (not waited for)."""
+        rt = self._cfg.runtime
+        group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
+        self._groups.append(group)
         env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
-        self.workers = [
+        extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+        if rt.accelerator_type:
+            extra["accelerator_type"] = rt.accelerator_type
+        new = [
             WorkerActor.options(
                 num_cpus=rt.cpus_per_worker,
                 num_gpus=rt.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
                 max_restarts=WORKER_MAX_RESTARTS,
                 max_task_retries=0,  # the driver decides what to re-run (after comparing with the server)
-                **({"runtime_env": {"env_vars": env}} if env else {}),
-            ).remote(i, setup.cfg, setup.privacy)
-            for i in range(rt.workers)
+                **extra,
+            ).remote(self._next_id + i, self._cfg, self._privacy)
+            for i in range(count)
         ]
-        ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
-        self._desc = f"ray backend ({rt.workers} workers x {rt.cpus_per_worker} CPU, {rt.gpus_per_worker} GPU)"
+        self._next_id += count
+        self.workers.extend(new)
+        return group
+
+    def _grow(self) -> None:
+        """``auto``: add the workers that fit in the free resources now (nodes that joined), up to the limit.
+        They join the pool as their models are built; nothing waits for them."""
+        if not self._auto or len(self.workers) >= self._limit:
+            return
+        if any(w in self._down for w in self._growing):  # the last growth is not placed / built yet
+            return
+        count = growth(node_resources(free=True), self._bundle, len(self.workers), self._limit)
+        if count <= 0:
+            return
+        before = len(self.workers)
+        self._add_group(count)
+        self._growing = self.workers[before:]
+        for worker in self._growing:
+            self._down[worker] = _Down(worker.ready.remote(self.shared))
+
+    # --- workers that fail: down, probed, back or dropped ---------------------------------------------------------
+
+    def _mark_down(self, worker: Any) -> None:
+        if worker in self.workers:
+            self._down[worker] = _Down(worker.ready.remote(self.shared, True))
+
+    def _drop(self, worker: Any, why: str = "") -> None:
+        """Forget a worker for good (Ray says it is dead, or it cannot build its model)."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+        self._down.pop(worker, None)
+        if why:
+            print(f"fedsim: a Ray worker was dropped: {why.strip().splitlines()[-1][:300]}", file=sys.stderr)
+        try:
+            ray.kill(worker, no_restart=True)
+        except Exception:
+            pass
+
+    def _answer(self, worker: Any, probe: Any) -> bool:
+        """Handle the finished probe of a down worker; True when the worker is up again."""
+        try:
+            ray.get(probe)
+        except ray.exceptions.ActorDiedError:  # out of restarts (or killed): dead for good
+            self._drop(worker)
+            return False
+        except ray.exceptions.RayActorError:  # still restarting (its bundle may wait for room): ask again later
+            self._down[worker] = _Down(None, time.monotonic() + PROBE_INTERVAL_S)
+            return False
+        except ray.exceptions.RayError as exc:  # it came up but could not build its model
+            self._drop(worker, str(exc))
+            return False
+        self._down.pop(worker, None)
+        return True
+
+    def _probes(self) -> dict[Any, Any]:
+        """probe ref -> worker for every down worker, sending the probes that are due."""
+        now = time.monotonic()
+        for worker, down in self._down.items():
+            if down.probe is None and now >= down.retry_at:
+                down.probe = worker.ready.remote(self.shared, True)
+        return {d.probe: w for w, d in self._down.items() if d.probe is not None}
+
+    def _poll(self) -> None:
+        """Without waiting: bring back the down workers whose probes have answered."""
+        probes = self._probes()
+        if probes:
+            ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=0)
+            for ref in ready:
+                self._answer(probes[ref], ref)
 
     def _dispatch(self, items: Sequence[Any], submit: Callable[[Any, Any], Any]) -> list[tuple[Any, Any]]:
         """Hand items to idle workers in the given order; returns (item, result or exception).
 
-        A worker whose call fails because its process died (RayActorError) gets no new item until a ``ready``
-        probe answers (Ray is restarting it); one that is dead for good is dropped from ``self.workers``.
-        Raises RuntimeError when no worker is left."""
+        A worker whose call fails because its process died (RayActorError) is down: it gets no new item until a
+        probe answers (Ray restarts it, in its bundle); one that is dead for good is dropped. Raises RunStopped
+        when no worker answers for ``runtime.placement_timeout_s`` seconds, or none is left."""
+        timeout_s = self._cfg.runtime.placement_timeout_s
+        self._poll()
         queue = list(items)
         in_flight: dict[Any, tuple[Any, Any]] = {}
-        probes: dict[Any, int] = {}  # worker -> probes sent since it failed
         done: list[tuple[Any, Any]] = []
-        idle = list(self.workers)
-        while queue or any(item is not _PROBE for item, _ in in_flight.values()):
+        idle = [w for w in self.workers if w not in self._down]
+        stalled: float | None = None
+        while queue or in_flight:
             while queue and idle:
                 worker = idle.pop(0)
                 item = queue.pop(0)
                 in_flight[submit(worker, item)] = (item, worker)
-            if not in_flight:
-                raise RuntimeError("every Ray worker actor died and could not be restarted")
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            item, worker = in_flight.pop(ready[0])
-            try:
-                res, alive = ray.get(ready[0]), True
-            except ray.exceptions.RayActorError as exc:
-                res, alive = exc, False
-            except ray.exceptions.RayError as exc:  # the call raised; the worker is fine
-                res, alive = exc, True
-            if item is not _PROBE:
+            probes = self._probes()
+            if not in_flight:  # work left and no worker up: wait for one, within the timeout
+                if not self.workers:
+                    raise RunStopped(self._stopped("every Ray worker actor died and could not be restarted"))
+                stalled = stalled or time.monotonic()
+                if time.monotonic() - stalled > timeout_s:
+                    raise RunStopped(
+                        self._stopped(f"no Ray worker answered for runtime.placement_timeout_s = {timeout_s:g} s")
+                    )
+            waiting = not in_flight or any(d.probe is None for d in self._down.values())
+            ready, _ = ray.wait([*in_flight, *probes], num_returns=1, timeout=PROBE_INTERVAL_S if waiting else None)
+            for ref in ready:
+                if ref in probes:
+                    if self._answer(probes[ref], ref):
+                        idle.append(probes[ref])
+                        stalled = None
+                    continue
+                item, worker = in_flight.pop(ref)
+                try:
+                    res, alive = ray.get(ref), True
+                except ray.exceptions.RayActorError as exc:
+                    res, alive = exc, False
+                except ray.exceptions.RayError as exc:  # the call raised; the worker is fine
+                    res, alive = exc, True
                 done.append((item, res))
-            if alive:
-                probes.pop(worker, None)
-                idle.append(worker)
-            elif isinstance(res, ray.exceptions.ActorDiedError) and item is _PROBE or probes.get(worker, 0) > 100:
-                self.workers.remove(worker)  # out of restarts
-            else:
-                probes[worker] = probes.get(worker, 0) + 1
-                in_flight[worker.ready.remote(self.shared)] = (_PROBE, worker)
-        for ref, (_, worker) in in_flight.items():  # leftover probes: let them finish (or fail) quietly
-            _settle(worker, ref, self.shared)
+                if alive:
+                    idle.append(worker)
+                else:
+                    self._mark_down(worker)
         return done
 
+    def _stopped(self, why: str) -> str:
+        where = f"`fedsim resume {self._run_dir}`" if self._run_dir else "`fedsim resume`"
+        return (
+            f"{why} (worker nodes lost and no room to restart their workers?); the run stopped: once the cluster "
+            f"has room for runtime.workers, {where} continues from the newest checkpoint"
+        )
+
     def _flush(self, round: int) -> list[ClientResult]:
-        """Every worker sends its partial sum of ``round`` to the server; returns the results of the clients whose
-        uploads those carried. On return no live worker holds anything of ``round`` (a worker whose flush call
-        failed is flushed again once it answers: after a restart it holds nothing, so nothing arrives twice)."""
+        """Every worker that is up sends its partial sum of ``round`` to the server; returns the results of the
+        clients whose uploads those carried. A worker whose flush fails is down: what it held is lost (its probe
+        drops it, so it never reaches the server later) and the comparison with the server re-runs its clients."""
+        calls = [(w, w.flush.remote(round)) for w in self.workers if w not in self._down]
         out: list[ClientResult] = []
-        for worker in list(self.workers):
-            for _ in range(100):
-                try:
-                    out.extend(ray.get(worker.flush.remote(round)))
-                    break
-                except ray.exceptions.ActorDiedError:
-                    if not _settle(worker, worker.ready.remote(self.shared), self.shared):
-                        self.workers.remove(worker)
-                        break
-                except ray.exceptions.RayActorError:
-                    time.sleep(0.1)
+        for worker, ref in calls:
+            try:
+                out.extend(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                self._mark_down(worker)
         return out
 
     def plan(self, round: int) -> RoundPlan:
@@ -144,6 +332,7 @@ class RayBackend:
         clients a dead worker lost). Results sorted by client id."""
         if not tasks:
             return []
+        self._grow()  # auto: nodes that joined since the last round take workers
         round = tasks[0].round
         g = self.server.global_state.remote()
         by_id = {t.client_id: t for t in tasks}
@@ -237,11 +426,32 @@ class RayBackend:
     def describe(self) -> str:
         return self._desc
 
+    def worker_nodes(self, settle_s: float = 0.0) -> list[str]:
+        """The node id of each worker that is up (for tests and tools), after waiting up to ``settle_s`` seconds
+        for down (restarting, joining) workers to come back."""
+        deadline = time.monotonic() + settle_s
+        while self._down and time.monotonic() < deadline:
+            time.sleep(PROBE_INTERVAL_S / 2)
+            self._poll()
+        return ray.get([w.node_id.remote() for w in self.workers if w not in self._down])
+
     @property
     def worker_count(self) -> int:
-        return len(self.workers)
+        return sum(1 for w in self.workers if w not in self._down)
 
     def shutdown(self) -> None:
+        """Kill the actors, remove the placement groups, withdraw the autoscaler request; stop Ray only if this
+        run started it (a joined cluster stays up)."""
         for actor in [*self.workers, self.server, self.store]:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
+        for group in self._groups:
+            try:
+                remove_placement_group(group)
+            except Exception:  # already gone with its cluster
+                pass
+        if self._requested:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[])
         disconnect(self._connection)  # stops only a Ray this run started; a joined cluster stays up

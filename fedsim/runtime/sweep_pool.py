@@ -20,8 +20,11 @@ from fedsim.sweep.spec import Cell
 
 
 def cell_cpus(cfg: Config) -> float:
-    """CPUs one running cell holds: its worker actors (Ray backend) or its in-process workers (local)."""
-    return float(cfg.runtime.workers * cfg.runtime.cpus_per_worker)
+    """CPUs one running cell holds: its worker actors (Ray backend) or its in-process workers (local).
+    ``runtime.workers: auto`` counts as one worker: such a cell takes what is free when it starts."""
+    rt = cfg.runtime
+    workers = 1 if rt.workers == "auto" else rt.workers
+    return float(workers * rt.cpus_per_worker)
 
 
 def _run_cell(cfg: Config, out_dir: str, label: str) -> str | None:

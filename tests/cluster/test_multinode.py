@@ -1,0 +1,168 @@
+"""Runs on a three-node Ray cluster built on this machine (``ray.cluster_utils.Cluster``: a head with no CPU and two
+worker nodes of 2 logical CPUs), joined with ``runtime.address``:
+
+* placement spread puts one worker on each worker node, pack puts both on one; the metrics and the final adapter
+  equal a one-process run's (the ParameterServer and ClientStore sit on the driver's node, the head);
+* a worker node removed mid-run (``Cluster.remove_node``, as a spot preemption) changes nothing: its worker's
+  bundle is rescheduled onto the other node, the worker restarts there, the lost clients are re-run;
+* ``runtime.workers`` that this fixed-size cluster can never hold fails with exit 2 naming the keys, at once.
+
+The cluster is shared by the module and torn down by PID; ``RAY_TMPDIR`` points at its own temp dir, so the
+``ray_current_cluster`` file that other clusters on this machine use is left alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from fedsim.cli import main
+from fedsim.config.load import load_config
+from fedsim.simulation import run_simulation
+from tests.cluster.nodes import assert_same_results, free_port, kill_leftovers, results
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROUNDS = 4
+SETTINGS = [
+    "method.name=fedsa_lora",  # kept per-client state in the ClientStore on the driver's node
+    f"federation.rounds={ROUNDS}",
+    "federation.local_steps=2",
+    "federation.eval_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    """(cluster, [worker node A, worker node B], temp_dir); the test process is not connected (the first run
+    joins through runtime.address) and is disconnected at the end."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    temp_dir = tempfile.mkdtemp(prefix="fsn", dir="/tmp")  # short: Ray's socket paths live under it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", temp_dir)  # the cluster-address file goes here, not to /tmp/ray
+        mp.delenv("RAY_ADDRESS", raising=False)
+        cluster = None
+        try:
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args={
+                    "num_cpus": 0,
+                    "gcs_server_port": free_port(),
+                    "dashboard_agent_listen_port": free_port(),
+                    "include_dashboard": False,
+                    "temp_dir": temp_dir,
+                },
+            )
+            workers = [cluster.add_node(num_cpus=2, temp_dir=temp_dir) for _ in range(2)]
+            _wait_for_status(cluster.address)
+            yield cluster, workers, temp_dir
+        finally:
+            ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
+            kill_leftovers(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_status(address: str) -> None:
+    """Wait until the head's autoscaler monitor has published its status (how the backend tells a fixed-size
+    cluster; it writes it every few seconds)."""
+    from ray._raylet import GcsClient
+
+    gcs = GcsClient(address=address)
+    deadline = time.monotonic() + 60
+    while not gcs.internal_kv_get(b"__autoscaling_status", None):
+        assert time.monotonic() < deadline, "the head's monitor wrote no status in 60 s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: the same run in one process (local backend)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    cfg, _ = load_config("tiny", [*SETTINGS, "runtime.backend=local"])
+    run_simulation(cfg, out, progress=False)
+    return results(out)
+
+
+def _run(out: Path, address: str, *overrides: str) -> list[str]:
+    """Run tiny on the Ray backend joined to ``address``; returns the node ids of the workers at the end (once any
+    worker that is restarting is back, within 120 s)."""
+    cfg, _ = load_config("tiny", [*SETTINGS, "runtime.backend=ray", f"runtime.address={address}", *overrides])
+    seen: dict[str, list[str]] = {}
+    run_simulation(cfg, out, progress=False, inspect=lambda b: seen.update(nodes=b.worker_nodes(settle_s=120)))
+    return seen["nodes"]
+
+
+def test_spread_puts_a_worker_on_each_node_and_the_results_equal_one_process(three_nodes, one_process, tmp_path):
+    cluster, (a, b), _ = three_nodes
+    nodes = _run(tmp_path / "spread", cluster.address, "runtime.workers=2", "runtime.placement=spread")
+    assert sorted(nodes) == sorted([a.node_id, b.node_id])
+    assert_same_results(results(tmp_path / "spread"), one_process)
+
+
+def test_pack_puts_both_workers_on_one_node(three_nodes, tmp_path):
+    cluster, (a, b), _ = three_nodes
+    nodes = _run(tmp_path / "pack", cluster.address, "runtime.workers=2", "runtime.placement=pack",
+                 "federation.rounds=1")  # fmt: skip
+    assert len(nodes) == 2 and len(set(nodes)) == 1 and nodes[0] in (a.node_id, b.node_id)
+
+
+def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process, tmp_path):
+    cluster, workers, temp_dir = three_nodes
+    victim, survivor = workers
+    out = tmp_path / "preempted"
+    removed: dict[str, int] = {}
+
+    def preempt() -> None:  # as a spot preemption: once round 1 is recorded, the node goes
+        deadline = time.monotonic() + 600
+        while not (out / "rounds.parquet").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        removed["rounds_done"] = pq.read_table(out / "rounds.parquet").num_rows
+        cluster.remove_node(victim, allow_graceful=False)
+        removed["at"] = 1
+
+    thread = threading.Thread(target=preempt, daemon=True)
+    thread.start()
+    try:
+        nodes = _run(out, cluster.address, "runtime.workers=2", "runtime.placement=spread")
+    finally:
+        thread.join(timeout=120)
+        workers[0] = cluster.add_node(num_cpus=2, temp_dir=temp_dir)  # the module's cluster gets its node back
+    assert removed.get("at") == 1 and removed["rounds_done"] < ROUNDS, removed  # really mid-run
+    # the lost worker's bundle was rescheduled onto the other node (2 CPUs) and the worker restarted there
+    assert nodes == [survivor.node_id, survivor.node_id]
+    assert_same_results(results(out), one_process)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["runtime.workers=5"], "runtime.workers: 5 workers of 1 CPU each (runtime.cpus_per_worker"),
+        (["runtime.workers=1", "runtime.cpus_per_worker=3"], "runtime.workers: not even one worker of 3 CPU"),
+        (["runtime.workers=auto", "runtime.accelerator_type=V100"], "runtime.workers: auto, but no node"),
+    ],
+    ids=["too-many", "too-big", "no-such-accelerator"],
+)
+def test_workers_a_fixed_cluster_can_never_hold_exit_2_naming_the_keys(three_nodes, tmp_path, capsys, overrides,
+                                                                       words):  # fmt: skip
+    cluster = three_nodes[0]
+    argv = ["run", "tiny", "--set", "runtime.backend=ray", "--set", f"runtime.address={cluster.address}",
+            "--set", "runtime.placement_timeout_s=120", "--out", str(tmp_path / "run")]  # fmt: skip
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "fixed-size cluster (no autoscaler; 3 node(s)" in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "rounds.parquet").exists()  # nothing trained

@@ -1,0 +1,76 @@
+"""The worker bundle and the worker-count arithmetic of fedsim.runtime.placement (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedsim.runtime.placement import (
+    auto_workers,
+    bundle_text,
+    capacity_problem,
+    fits_on_node,
+    growth,
+    worker_bundle,
+    workers_fitting,
+)
+
+HEAD = {"memory": 8e9, "node:__internal_head__": 1.0}  # no CPU: room for the server and store only
+CPU2 = {"CPU": 2.0, "memory": 8e9}
+GPU_A100 = {"CPU": 8.0, "GPU": 2.0, "accelerator_type:A100": 1.0}
+GPU_T4 = {"CPU": 4.0, "GPU": 1.0, "accelerator_type:T4": 1.0}
+
+
+def test_the_bundle_asks_only_for_what_an_autoscaler_understands():
+    assert worker_bundle(1, 0) == {"CPU": 1.0}
+    assert worker_bundle(2, 0.25) == {"CPU": 2.0, "GPU": 0.25}
+    assert worker_bundle(4, 1, "A100") == {"CPU": 4.0, "GPU": 1.0, "accelerator_type:A100": 0.001}
+    assert bundle_text(worker_bundle(4, 0.5, "L4")) == "4 CPU, 0.5 GPU on a L4 node"
+
+
+@pytest.mark.parametrize(
+    "node, bundle, expected",
+    [
+        (CPU2, worker_bundle(1, 0), 2),
+        (CPU2, worker_bundle(0.5, 0), 4),
+        (CPU2, worker_bundle(3, 0), 0),  # never split over nodes
+        (HEAD, worker_bundle(1, 0), 0),
+        (GPU_A100, worker_bundle(1, 0.25), 8),  # CPU and GPU both allow 8
+        (GPU_A100, worker_bundle(2, 0.25), 4),  # CPU is the limit
+        (GPU_A100, worker_bundle(1, 0.3), 6),  # floor(2 / 0.3)
+        (GPU_A100, worker_bundle(1, 1, "T4"), 0),  # wrong accelerator
+        (GPU_T4, worker_bundle(1, 1, "T4"), 1),
+        ({"CPU": 0.30000000000000004}, worker_bundle(0.1, 0), 3),  # float sums do not lose a worker
+    ],
+)
+def test_fits_on_node_counts_whole_bundles_of_every_resource(node, bundle, expected):
+    assert fits_on_node(node, bundle) == expected
+
+
+def test_auto_sizes_from_the_free_resources_between_one_and_the_cohort():
+    one_cpu = worker_bundle(1, 0)
+    assert workers_fitting([HEAD, CPU2, CPU2], one_cpu) == 4
+    assert auto_workers([HEAD, CPU2, CPU2], one_cpu, clients_per_round=10) == 4
+    assert auto_workers([HEAD, CPU2, CPU2], one_cpu, clients_per_round=3) == 3  # more would idle
+    assert auto_workers([HEAD], one_cpu, clients_per_round=3) == 1  # nothing free yet: one waits for a node
+    assert auto_workers([GPU_A100, GPU_T4], worker_bundle(1, 1, "A100"), 16) == 2
+
+
+def test_growth_adds_what_fits_now_up_to_the_limit():
+    one_cpu = worker_bundle(1, 0)
+    assert growth([HEAD, {"CPU": 1.0}], one_cpu, have=1, limit=4) == 1
+    assert growth([HEAD, CPU2, CPU2], one_cpu, have=1, limit=4) == 3
+    assert growth([HEAD, CPU2], one_cpu, have=4, limit=4) == 0
+    assert growth([HEAD], one_cpu, have=1, limit=4) == 0
+
+
+def test_capacity_problem_names_the_keys_and_the_largest_count_that_fits():
+    nodes = [HEAD, CPU2, CPU2]
+    assert capacity_problem(4, nodes, worker_bundle(1, 0)) is None
+    assert capacity_problem("auto", nodes, worker_bundle(1, 0)) is None
+    too_many = capacity_problem(5, nodes, worker_bundle(1, 0))
+    assert too_many and too_many.startswith("runtime.workers: 5 workers of 1 CPU each")
+    assert "runtime.cpus_per_worker" in too_many and "at most 4" in too_many and "3 node(s)" in too_many
+    too_big = capacity_problem(1, nodes, worker_bundle(3, 0))  # 4 CPUs in all, but 2 per node
+    assert too_big and "not even one worker of 3 CPU" in too_big and "runtime.cpus_per_worker" in too_big
+    no_gpu = capacity_problem("auto", nodes, worker_bundle(1, 1, "A100"))
+    assert no_gpu and no_gpu.startswith("runtime.workers: auto") and "runtime.accelerator_type" in no_gpu
