@@ -81,6 +81,7 @@ def autoscaling():
     if ray.is_initialized():
         ray.shutdown()
     temp_dir = tempfile.mkdtemp(prefix="fsa", dir="/tmp")
+    (Path(temp_dir) / "ray").mkdir()  # RAY_TMPDIR/ray: where Ray writes the cluster-address file
     gcs = free_port()
     config = Path(temp_dir) / "autoscaling.json"
     config.write_text(json.dumps(_config(gcs)))

@@ -48,6 +48,7 @@ def three_nodes():
     if ray.is_initialized():
         ray.shutdown()
     temp_dir = tempfile.mkdtemp(prefix="fsn", dir="/tmp")  # short: Ray's socket paths live under it
+    (Path(temp_dir) / "ray").mkdir()  # RAY_TMPDIR/ray: where Ray writes the cluster-address file
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TMPDIR", temp_dir)  # the cluster-address file goes here, not to /tmp/ray
         mp.delenv("RAY_ADDRESS", raising=False)
