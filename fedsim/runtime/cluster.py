@@ -215,14 +215,22 @@ def probe(target: Target, timeout: float | None = None) -> None:
         raise UserError(f"{target.source}: an HTTP server answers at {host}:{port}, not a Ray cluster; {_HTTP_HINT}")
 
 
-def check(address: str) -> Target:
+def check(address: str, runtime: Any = None) -> Target:
     """The preflight of a run on the Ray backend, before any data is read or file written: :func:`plan` with this
-    process's environment, then :func:`probe` when it joins. Raises UserError (see those)."""
+    process's environment, then :func:`probe` when it joins. With ``runtime`` (the run's ``RuntimeConfig``), a run
+    that joins a cluster (or finds Ray initialised) also connects now and is refused when the cluster is fixed-size
+    and can never hold ``runtime.workers`` (:func:`fedsim.runtime.ray_backend.refuse_if_never_fits`; the backend
+    checks again). Raises UserError (see those)."""
     import ray
 
     target = plan(address, os.environ, ray.is_initialized())
     if target.action == "join":
         probe(target)
+    if runtime is not None and target.action != "start":
+        connect(address)
+        from fedsim.runtime.ray_backend import refuse_if_never_fits
+
+        refuse_if_never_fits(runtime)
     return target
 
 

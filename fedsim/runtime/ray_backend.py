@@ -53,6 +53,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from fedsim.config.schema import RuntimeConfig
 from fedsim.errors import RunStopped, UserError
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
@@ -93,6 +94,19 @@ def node_resources(free: bool) -> list[dict[str, float]]:
     return [dict(per_node.get(n["NodeID"], {})) for n in alive]
 
 
+def refuse_if_never_fits(rt: RuntimeConfig, started: bool = False) -> ClusterKind:
+    """The kind of the cluster this process is connected to (``started``: a Ray this run started, sized for it:
+    fixed); raises UserError naming ``runtime.workers`` and the per-worker keys when it is fixed-size and can never
+    hold the workers (:func:`fedsim.runtime.placement.capacity_problem`)."""
+    kind: ClusterKind = "fixed" if started else cluster_kind()
+    if kind == "fixed":
+        bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
+        problem = capacity_problem(rt.workers, node_resources(free=False), bundle)
+        if problem:
+            raise UserError(problem)
+    return kind
+
+
 class RayBackend:
     def __init__(self, setup: RunSetup) -> None:
         """Start (or join) Ray, the server and store actors and the first workers; raises UserError when the
@@ -121,6 +135,7 @@ class RayBackend:
 
     def _start(self, setup: RunSetup) -> None:
         rt = self._cfg.runtime
+        kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
         home = ray.get_runtime_context().get_node_id()  # the driver's node: the run folder is there
         pin = NodeAffinitySchedulingStrategy(home, soft=False)
         self.server = ParameterServerActor.options(scheduling_strategy=pin).remote(
@@ -131,11 +146,6 @@ class RayBackend:
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
         # (see fedsim.runtime.actors): Ray cannot restart an actor whose constructor refs are gone.
         self.shared = Shared(ray.put(setup.blueprint), ray.put(setup.data), self.server, self.store)
-        kind: ClusterKind = "fixed" if self._connection.started else cluster_kind()  # a started Ray is sized for us
-        if kind == "fixed":
-            problem = capacity_problem(rt.workers, node_resources(free=False), self._bundle)
-            if problem:
-                raise UserError(problem)
         count = auto_workers(node_resources(free=True), self._bundle, self._limit) if self._auto else self._limit
         if self._auto and kind != "fixed":  # tell an autoscaler what the run could use
             from ray.autoscaler.sdk import request_resources

@@ -37,7 +37,8 @@ def kill_leftovers(temp_dir: str) -> None:
 
 def results(run: Path) -> tuple[list[dict], dict]:
     """(rounds.parquet rows without the wall-clock columns, the final adapter's tensors) of a run folder."""
-    rows = [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in pq.read_table(run / "rounds.parquet").to_pylist()]
+    table = pq.read_table(run / "rounds.parquet").to_pylist()
+    rows = [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in table]
     return rows, load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 

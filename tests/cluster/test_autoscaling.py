@@ -145,7 +145,7 @@ def _run(out: Path, address: str, *overrides: str) -> dict:
     seen: dict = {}
 
     def inspect(backend) -> None:
-        seen.update(pool=len(backend.workers), nodes=backend.worker_nodes())
+        seen.update(pool=len(backend.workers), nodes=backend.worker_nodes(), started=backend.describe())
 
     run_simulation(cfg, out, progress=False, inspect=inspect)
     return seen
@@ -164,7 +164,7 @@ def test_auto_workers_start_with_one_and_grow_as_nodes_join(autoscaling, tmp_pat
     seen = _run(tmp_path / "auto", autoscaling, "runtime.workers=auto", "runtime.placement_timeout_s=300")
     assert _worker_nodes(autoscaling) >= 1
     # one worker at first (the head has no CPU), then the node launched for it had a free CPU in round 2
-    assert seen["pool"] > 1, seen
+    assert "auto: 1 now, up to 4" in seen["started"] and seen["pool"] > 1, seen
     cfg, _ = load_config("tiny", [*SETTINGS, "runtime.backend=local"])
     run_simulation(cfg, tmp_path / "one-process", progress=False)
     assert_same_results(results(tmp_path / "auto"), results(tmp_path / "one-process"))

@@ -13,6 +13,7 @@ The cluster is shared by the module and torn down by PID; ``RAY_TMPDIR`` points 
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import threading
@@ -24,6 +25,8 @@ import pytest
 
 from fedsim.cli import main
 from fedsim.config.load import load_config
+from fedsim.errors import UserError
+from fedsim.runtime.cluster import check
 from fedsim.simulation import run_simulation
 from tests.cluster.nodes import assert_same_results, free_port, kill_leftovers, results
 
@@ -167,3 +170,22 @@ def test_workers_a_fixed_cluster_can_never_hold_exit_2_naming_the_keys(three_nod
     assert words in err and "fixed-size cluster (no autoscaler; 3 node(s)" in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "rounds.parquet").exists()  # nothing trained
+    # the same refusal from the preflight, which runs before any data is read or file written
+    cfg, _ = load_config("tiny", ["runtime.backend=ray", f"runtime.address={cluster.address}", *overrides])
+    with pytest.raises(UserError, match=re.escape(words)):
+        check(cluster.address, cfg.runtime)
+
+
+def test_a_placement_group_that_is_never_placed_fails_after_the_timeout(three_nodes, tmp_path, monkeypatch, capsys):
+    # as on a cluster whose kind is unknown (no autoscaler status): no refusal up front, the group waits and
+    # the run fails after runtime.placement_timeout_s instead of hanging
+    from fedsim.runtime import ray_backend
+
+    monkeypatch.setattr(ray_backend, "cluster_kind", lambda: "unknown")
+    address = three_nodes[0].address
+    argv = ["run", "tiny", "--set", "runtime.backend=ray", "--set", f"runtime.address={address}", "--set",
+            "runtime.workers=5", "--set", "runtime.placement_timeout_s=3", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "runtime.workers: no room for 5 worker(s) of 1 CPU each (runtime.cpus_per_worker" in err, err
+    assert "within runtime.placement_timeout_s = 3 s" in err and "Traceback" not in err

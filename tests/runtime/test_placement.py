@@ -74,3 +74,19 @@ def test_capacity_problem_names_the_keys_and_the_largest_count_that_fits():
     assert too_big and "not even one worker of 3 CPU" in too_big and "runtime.cpus_per_worker" in too_big
     no_gpu = capacity_problem("auto", nodes, worker_bundle(1, 1, "A100"))
     assert no_gpu and no_gpu.startswith("runtime.workers: auto") and "runtime.accelerator_type" in no_gpu
+
+
+def _status(*types: str) -> dict:
+    """The autoscaler monitor's status (as `ray status` reads it) with nodes of these types."""
+    mapping = {f"{i:056x}": t for i, t in enumerate(types)}
+    return {"autoscaler_report": {"active_nodes": {t: 1 for t in types}, "node_type_mapping": mapping}}
+
+
+def test_a_cluster_is_fixed_when_every_node_type_is_the_read_only_providers():
+    from fedsim.runtime.cluster import kind_from_status
+
+    readonly = [f"node_{i:056x}" for i in (7, 8, 9)]
+    assert kind_from_status(_status(*readonly)) == "fixed"
+    assert kind_from_status(_status("ray.head.default", "gpu-workers")) == "autoscaling"
+    assert kind_from_status(_status(readonly[0], "node_gpu")) == "autoscaling"  # a named type, not an id
+    assert kind_from_status(None) == kind_from_status({}) == kind_from_status({"autoscaler_report": {}}) == "unknown"
