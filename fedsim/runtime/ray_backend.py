@@ -22,9 +22,10 @@ start of each round adds a group for the workers that fit in the free resources 
 take clients once their models are built. Results do not depend on the worker count.
 
 Faults and node loss: a worker process that dies (a crash, or its node lost as in a spot preemption) is restarted
-by Ray (``max_restarts``; ``__init__`` re-runs with the same plain arguments, in the same bundle, which Ray
-reschedules onto another node when its node is gone and room exists; the restarted worker rebuilds its model from
-the refs that come with the calls, see :mod:`fedsim.runtime.actors`). Meanwhile the worker is *down*: the driver
+by Ray (``max_restarts``; ``__init__`` re-runs with the same plain arguments, in the same bundle; when its node is
+gone Ray reschedules the group's lost bundles together, once some node(s) have room for all of them, e.g. a
+replacement node the autoscaler starts for the pending group; the restarted worker rebuilds its model from the refs
+that come with the calls, see :mod:`fedsim.runtime.actors`). Meanwhile the worker is *down*: the driver
 probes it every :data:`PROBE_INTERVAL_S` seconds (``ready(reset=True)``: whatever it had not flushed is dropped) and
 the round goes on with the workers that answer. Its in-flight client, and the clients whose uploads sat in its
 unflushed partial sum, are re-run on the live workers (up to :data:`CLIENT_ATTEMPTS` times); each re-run starts

@@ -3,8 +3,9 @@ worker nodes of 2 logical CPUs), joined with ``runtime.address``:
 
 * placement spread puts one worker on each worker node, pack puts both on one; the metrics and the final adapter
   equal a one-process run's (the ParameterServer and ClientStore sit on the driver's node, the head);
-* a worker node removed mid-run (``Cluster.remove_node``, as a spot preemption) changes nothing: its worker's
-  bundle is rescheduled onto the other node, the worker restarts there, the lost clients are re-run;
+* a worker node removed mid-run (``Cluster.remove_node``, as a spot preemption) changes nothing: its workers
+  wait for room (Ray reschedules a group's lost bundles together) without holding the run up, the lost clients
+  are re-run, and once a node joins, room exists for both and the workers restart;
 * ``runtime.workers`` that this fixed-size cluster can never hold fails with exit 2 naming the keys, at once.
 
 The cluster is shared by the module and torn down by PID; ``RAY_TMPDIR`` points at its own temp dir, so the
@@ -123,29 +124,53 @@ def test_pack_puts_both_workers_on_one_node(three_nodes, tmp_path):
 
 
 def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process, tmp_path):
+    # Three workers spread over two nodes of 2 CPUs: 2 + 1. After round 1 the node holding two goes. Ray
+    # reschedules a placement group's lost bundles together, and the other node has room for one: both wait, and
+    # the run goes on with the one worker left. After the last round a node joins (as an autoscaler would add
+    # one): room for both exists and their workers restart (spread over it and the survivor). The results do not
+    # change.
     cluster, workers, temp_dir = three_nodes
-    victim, survivor = workers
     out = tmp_path / "preempted"
-    removed: dict[str, int] = {}
+    events: dict[str, object] = {}
 
-    def preempt() -> None:  # as a spot preemption: once round 1 is recorded, the node goes
+    def preempt() -> None:  # once round 1 is recorded, the node with two workers goes (from a thread)
+        import ray
+
         deadline = time.monotonic() + 600
         while not (out / "rounds.parquet").is_file() and time.monotonic() < deadline:
             time.sleep(0.05)
-        removed["rounds_done"] = pq.read_table(out / "rounds.parquet").num_rows
+        events["removed_after"] = pq.read_table(out / "rounds.parquet").num_rows
+        groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]  # this run's
+        placed = [node for g in groups for node in g["bundles_to_node_id"].values()]
+        victim = max(workers, key=lambda node: placed.count(node.node_id))
+        events.update(lost_bundles=placed.count(victim.node_id), victim=victim)
+        events["survivor"] = next(node.node_id for node in workers if node is not victim)
         cluster.remove_node(victim, allow_graceful=False)
-        removed["at"] = 1
+
+    cfg, _ = load_config("tiny", [*SETTINGS, "runtime.backend=ray", f"runtime.address={cluster.address}",
+                                  "runtime.workers=3", "runtime.placement=spread"])  # fmt: skip
+    seen: dict[str, object] = {}
+
+    def inspect(backend) -> None:  # after the last round (Ray adds nodes from the main thread only)
+        seen.update(up_at_end=backend.worker_count, pool=len(backend.workers))
+        new = cluster.add_node(num_cpus=2, temp_dir=temp_dir)
+        workers[workers.index(events["victim"])] = new  # the module's cluster gets its node back
+        events["new"] = new.node_id
+        deadline = time.monotonic() + 180
+        while backend.worker_count < 3 and time.monotonic() < deadline:
+            backend.worker_nodes(settle_s=1.0)
+        seen["nodes"] = sorted(backend.worker_nodes())
 
     thread = threading.Thread(target=preempt, daemon=True)
     thread.start()
     try:
-        nodes = _run(out, cluster.address, "runtime.workers=2", "runtime.placement=spread")
+        run_simulation(cfg, out, progress=False, inspect=inspect)
     finally:
         thread.join(timeout=120)
-        workers[0] = cluster.add_node(num_cpus=2, temp_dir=temp_dir)  # the module's cluster gets its node back
-    assert removed.get("at") == 1 and removed["rounds_done"] < ROUNDS, removed  # really mid-run
-    # the lost worker's bundle was rescheduled onto the other node (2 CPUs) and the worker restarted there
-    assert nodes == [survivor.node_id, survivor.node_id]
+    assert events.get("removed_after") == 1 and events["lost_bundles"] == 2, events  # really mid-run
+    survivor, new = events["survivor"], events["new"]
+    assert (seen["up_at_end"], seen["pool"], len(seen["nodes"])) == (1, 3, 3), (seen, events)
+    assert set(seen["nodes"]) == {survivor, new}, (seen, events)  # the two lost bundles went where room appeared
     assert_same_results(results(out), one_process)
 
 
