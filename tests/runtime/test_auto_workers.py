@@ -1,0 +1,23 @@
+"""runtime.workers: auto on the local Ray of the tests (2 CPUs): the pool is sized from the free CPUs and the
+results equal the one-process run's."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedsim.config.load import load_config
+from fedsim.simulation import run_simulation
+from tests.cluster.nodes import assert_same_results, results
+
+SETTINGS = ["federation.rounds=2", "federation.local_steps=2", "federation.eval_every=2"]
+
+
+@pytest.mark.ray
+def test_auto_takes_the_free_cpus_and_changes_no_result(tmp_path, ray_cluster):
+    cfg, _ = load_config("tiny", [*SETTINGS, "runtime.backend=ray", "runtime.workers=auto"])
+    seen = {}
+    run_simulation(cfg, tmp_path / "auto", progress=False, inspect=lambda b: seen.update(desc=b.describe()))
+    assert seen["desc"].startswith("ray backend (auto: 2 now, up to 4 workers x 1 CPU;"), seen
+    cfg, _ = load_config("tiny", [*SETTINGS, "runtime.backend=local"])
+    run_simulation(cfg, tmp_path / "local", progress=False)
+    assert_same_results(results(tmp_path / "auto"), results(tmp_path / "local"))
