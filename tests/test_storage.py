@@ -21,8 +21,10 @@ from fedsim.server.client_store import SPILL_DIR
 from fedsim.simulation import run_simulation
 from fedsim.storage import Location, RunMirror, is_uri, parse_location
 
-TINY = ["--set", "federation.rounds=4", "--set", "runtime.checkpoint_every=2", "--set", "federation.eval_every=1"]
-METRICS = ("round", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "clients")
+TINY = ["--set", "federation.rounds=4", "--set", "runtime.checkpoint_every=2", "--set", "federation.eval_every=1",
+        "--set", "method.name=fedsa_lora", "--set", "privacy.mode=sample", "--set", "privacy.epsilon=8"]  # fmt: skip
+# (fedsa_lora keeps client tensors and sample-level DP keeps per-client ledgers: both must survive a resume)
+METRICS = ("round", "train_loss", "eval_loss", "eval_accuracy", "personal_accuracy", "epsilon_max", "bytes_up")
 
 
 def _metrics(table: pa.Table) -> list[dict]:
@@ -174,6 +176,7 @@ def test_a_stopped_s3_run_resumes_to_the_uninterrupted_result(s3, cwd, capsys, m
     assert "from round-000002" in capsys.readouterr().out
     assert list(cwd.iterdir()) == []
     assert _metrics(_s3_table(s3, "stopped/rounds.parquet")) == _metrics(reference)
+    assert any(f.startswith("checkpoints/round-000004/clients/client_") for f in s3.files("stopped"))
     assert json.loads(s3.read("stopped/summary.json"))["resumed_from_round"] == 2
     rounds = {f.split("/")[1] for f in s3.files("stopped") if f.startswith("checkpoints/round-")}
     assert rounds == {"round-000002", "round-000004"}
