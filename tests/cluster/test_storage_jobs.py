@@ -83,19 +83,22 @@ def test_submitted_runs_write_to_s3_and_a_stopped_job_resumes_to_the_same_metric
         submit(head, job, wd, [*RUN, "--out", s3.uri(prefix)], env)
         if _stop_after_a_checkpoint(head, s3, job, prefix):
             break
+        print(f"attempt {attempt}: the run finished before the job was stopped")  # shown if the test fails
     else:
         pytest.fail("every run finished before the job was stopped")
     stopped_at = int(s3.read(f"{prefix}/checkpoints/LATEST").decode().strip().split("-")[1])
     assert 1 <= stopped_at < ROUNDS
+
+    # 2. `fedsim resume s3://...` as a job (while the uninterrupted run may still be going) continues from the
+    #    committed checkpoint to the uninterrupted result.
+    resume = f"resume-{tag}"
+    submit(head, resume, wd, ["python", "-m", "fedsim", "resume", s3.uri(prefix)], env)
 
     assert wait_job(head, f"full-{tag}") == "SUCCEEDED", job_logs(head, f"full-{tag}")[-5000:]
     assert "summary.json" in s3.files("full")
     assert main(["report", full, "--out", str(tmp_path / "report")]) == 0  # `fedsim report s3://...` reads it back
     assert f"`{full}` (run)" in (tmp_path / "report" / "report.md").read_text()
 
-    # 2. `fedsim resume s3://...` as a job continues from the committed checkpoint to the uninterrupted result.
-    resume = f"resume-{tag}"
-    submit(head, resume, wd, ["python", "-m", "fedsim", "resume", s3.uri(prefix)], env)
     assert wait_job(head, resume) == "SUCCEEDED", job_logs(head, resume)[-5000:]
     assert f"from round-{stopped_at:06d}" in job_logs(head, resume)
     assert json.loads(s3.read(f"{prefix}/summary.json"))["resumed_from_round"] == stopped_at
