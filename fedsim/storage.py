@@ -24,10 +24,12 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -37,9 +39,16 @@ from fedsim.errors import UserError
 SUMMARY, CONFIG = "summary.json", "config.yaml"
 CHECKPOINTS, LATEST = "checkpoints", "LATEST"  # as fedsim.server.checkpoint (not imported: torch-free module)
 SPILL_DIR = "client_store"  # as fedsim.server.client_store.SPILL_DIR: node-local, never uploaded
+CHECK_TIMEOUT_S = 30.0  # how long the bucket check before a run waits for the storage to answer
+T = TypeVar("T")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _FORMS = "a local path or a file://, s3:// or gs:// URI"
 _REACH = "check the endpoint (AWS_ENDPOINT_URL for S3-compatible servers, AWS_REGION), the network and the credentials"
+_REACH_GCS = "check the network and the credentials (GOOGLE_APPLICATION_CREDENTIALS or the node's service account)"
+
+
+def _reach_hint(text: str) -> str:
+    return _REACH_GCS if text.startswith(("gs://", "gcs://")) else _REACH
 
 
 def is_uri(text: str) -> bool:
@@ -160,7 +169,7 @@ def parse_location(text: str | Path, flag: str, *, check: bool = True) -> Locati
             f"{flag} {text}: pyarrow cannot open {scheme}:// URIs here ({_first_line(err)}); give {_FORMS}"
         ) from None
     except (pa.ArrowException, OSError) as err:  # e.g. resolving an S3 bucket's region needs the network
-        raise UserError(f"{flag} {text}: cannot open this location ({_first_line(err)}); {_REACH}") from None
+        raise UserError(f"{flag} {text}: cannot open this location ({_first_line(err)}); {_reach_hint(text)}") from None
     if isinstance(fs, pafs.LocalFileSystem):
         return Location(text, local=Path(path))
     path = path.strip("/")
@@ -172,16 +181,41 @@ def parse_location(text: str | Path, flag: str, *, check: bool = True) -> Locati
     return loc
 
 
-def check_access(loc: Location, flag: str) -> None:
+def _within(seconds: float, ask: Callable[[], T]) -> T:
+    """``ask()`` in a daemon thread; raise TimeoutError if it has not returned after ``seconds`` (pyarrow's own
+    retries can take many minutes, e.g. GCS without a network)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = ask()
+        except BaseException as err:  # handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True, name="fedsim-storage-check")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer in {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def check_access(loc: Location, flag: str, timeout: float = CHECK_TIMEOUT_S) -> None:
     """Raise UserError (naming ``flag``) when the bucket of the remote ``loc`` does not exist or the storage cannot
-    be reached or read (endpoint, network, credentials). Local locations are not checked here."""
+    be reached or read within ``timeout`` seconds (endpoint, network, credentials). Local locations are not
+    checked here."""
     if loc.local is not None:
         return
     bucket = loc.path.split("/", 1)[0]
+    fs = loc._fs()
     try:
-        info = loc._fs().get_file_info(bucket)
+        info = _within(timeout, lambda: fs.get_file_info(bucket))
     except OSError as err:
-        raise UserError(f"{flag} {loc}: cannot reach the storage ({_first_line(err)}); {_REACH}") from None
+        raise UserError(
+            f"{flag} {loc}: cannot reach the storage ({_first_line(err)}); {_reach_hint(loc.text)}"
+        ) from None
     if info.type == pafs.FileType.NotFound:
         scheme = loc.text.split("://", 1)[0]
         how = (

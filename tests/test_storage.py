@@ -102,6 +102,13 @@ def test_unreachable_endpoint_exits_2(cwd, capsys, monkeypatch):
     assert list(cwd.iterdir()) == []
 
 
+def test_storage_that_does_not_answer_is_refused_after_the_check_timeout():
+    loc = parse_location("gs://fedsim-no-such-bucket/run", "--out", check=False)  # GCS: retries for many minutes
+    assert loc.remote and loc.path == "fedsim-no-such-bucket/run"
+    with pytest.raises(UserError, match=r"^--out gs://fedsim-no-such-bucket/run: (cannot reach|bucket)"):
+        storage.check_access(loc, "--out", timeout=2)
+
+
 # --- against the S3 server -------------------------------------------------------------------------------------------
 
 
