@@ -2,7 +2,7 @@
 
 config -> data -> base model + initial adapter -> backend (server + workers)
 -> per round: plan, cohort, train, aggregate, evaluate, record
--> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/)
+-> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/), mirrored to a URI when asked
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from fedsim.types import ClientTask, EvalTask
 
 if TYPE_CHECKING:
     from fedsim.runtime.backend import Backend
+    from fedsim.storage import RunMirror
 
 
 def eval_tasks(data: FederatedData, chunk: int, local_clients: int, seed: int) -> list[EvalTask]:
@@ -61,12 +62,14 @@ def run_simulation(
     progress: bool = True,
     inspect: Callable[[Backend], None] | None = None,
     resume: bool = False,
+    mirror: RunMirror | None = None,
 ) -> dict[str, Any]:
     """Run one simulation into ``out_dir``; returns the summary dict (also written to summary.json).
 
     ``resume``: continue the run in ``out_dir`` from its newest checkpoint (``cfg`` must be its config.yaml);
     the result equals an uninterrupted run's. ``inspect`` (for tests and tools) is called with the live backend
-    after the last round.
+    after the last round. ``mirror`` (a remote ``--out``): ``out_dir`` is its node-local staging folder, and
+    ``mirror.sync()`` copies it to the URI after each round (tables and checkpoint) and at the end.
 
     Raises UserError (ConfigError / DataError; a ``runtime.address`` where no Ray cluster answers) for bad input
     before any training or any file is written, and
@@ -74,6 +77,8 @@ def run_simulation(
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    where = mirror.uri if mirror is not None else str(out_dir)  # where the outputs end up
+    sync = mirror.sync if mirror is not None else (lambda: None)  # copies out_dir to a remote --out
     method_cls = get_method(cfg.method.name)
     if cfg.runtime.backend == "ray":  # a runtime.address where no Ray cluster answers fails here, before any work
         from fedsim.runtime.cluster import check as check_cluster
@@ -125,6 +130,7 @@ def run_simulation(
             privacy.load_state(state.privacy)
         else:
             checkpoint(0)
+        sync()
         resumed_from = state.round if resume else None
         with RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress) as bar:
             for t in range(state.round + 1, fed.rounds + 1):
@@ -142,7 +148,7 @@ def run_simulation(
                         f"round {t}: {len(failed)} of {len(results)} clients failed (more than "
                         f"runtime.max_failed_fraction = {rt.max_failed_fraction}); first error: "
                         f"{(failed[0].error or '').strip().splitlines()[0] if failed[0].error else '?'}. Fix the "
-                        f"cause, then `fedsim resume {out_dir}` continues from {newest.name if newest else 'the start'}"
+                        f"cause, then `fedsim resume {where}` continues from {newest.name if newest else 'the start'}"
                     )
                 info = backend.aggregate(t)
                 trained = state.trained_with(results)
@@ -166,6 +172,7 @@ def run_simulation(
                 bar.update(row)
                 if t == fed.rounds or (rt.checkpoint_every and t % rt.checkpoint_every == 0):
                     checkpoint(t)
+                sync()
 
         # 7. Final adapter in PEFT format + summary.
         final_state = backend.global_state()
@@ -198,7 +205,8 @@ def run_simulation(
         "bytes_down": state.bytes_down,
         "wall_s": time.perf_counter() - t_start,
         "resumed_from_round": resumed_from,
-        "out_dir": str(out_dir),
+        "out_dir": where,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    sync()  # summary.json last: it marks the run complete
     return summary

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,15 @@ def render(
     return "\n".join(lines)
 
 
-def make_report(inputs: Sequence[Path], out: Path, machine: str | None = None) -> Path:
+def _replace(text: str, shown: Mapping[str, str]) -> str:
+    for local, name in shown.items():
+        text = text.replace(local, name)
+    return text
+
+
+def make_report(
+    inputs: Sequence[Path], out: Path, machine: str | None = None, shown: Mapping[str, str] | None = None
+) -> Path:
     """Write ``out/report.md`` and its PNGs for the runs in ``inputs`` (run or sweep directories).
 
     Results table: final and best accuracy (mean ± std over seeds) per (task, partition, other
@@ -131,16 +139,21 @@ def make_report(inputs: Sequence[Path], out: Path, machine: str | None = None) -
     Figures: accuracy vs round (personalised for methods whose clients keep state, global otherwise) and
     epsilon vs round, bytes per method, and where recorded the A-vs-B
     similarity and AS-LoRA choices. ``machine`` names the machine in the report (default: this one).
-    Returns the path of report.md.
+    ``shown`` maps local folders to the names to print instead (the URIs of inputs downloaded to temporary
+    folders), in the report and in error messages. Returns the path of report.md.
 
     Raises UserError (naming the path) for a missing input, a directory that is neither a run nor a
     sweep, unreadable run files, or when no input holds a complete run.
     """
     inputs = [Path(p) for p in inputs]
-    records = load_records(inputs)
+    shown = dict(shown or {})
+    try:
+        records = load_records(inputs)
+    except UserError as err:
+        raise UserError(_replace(str(err), shown)) from None
     groups, extra_keys = group_records(records)
     if not groups:
-        names = ", ".join(str(p) for p in inputs)
+        names = _replace(", ".join(str(p) for p in inputs), shown)
         raise UserError(f"{names}: no complete run to report on (no run with summary.json); finish or rerun them")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +167,7 @@ def make_report(inputs: Sequence[Path], out: Path, machine: str | None = None) -
     ]
     text = render(inputs, records, results_table(groups, extra_keys), extra_keys, plots,
                   machine or default_machine(), machine is not None)  # fmt: skip
+    text = _replace(text, shown)
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
     return path

@@ -1,15 +1,14 @@
 """Run sweep cells concurrently as Ray tasks (the only Ray-specific part of sweeps).
 
-Each cell's driver runs as a task pinned to this node (its run folder is written here); a cell on the Ray backend
-starts its own worker actors on the cluster, so concurrency is capped at what the cluster's CPUs fit, which
-also rules out cells waiting on each other for CPUs.
+Each cell's driver runs as a task pinned to this node (its run folder, or for a URI its staging folder, is written
+here); a cell on the Ray backend starts its own worker actors on the cluster, so concurrency is capped at what the
+cluster's CPUs fit, which also rules out cells waiting on each other for CPUs.
 """
 
 from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -27,11 +26,11 @@ def cell_cpus(cfg: Config) -> float:
     return float(workers * rt.cpus_per_worker)
 
 
-def _run_cell(cfg: Config, out_dir: str, label: str) -> str | None:
-    from fedsim.simulation import run_simulation
+def _run_cell(cfg: Config, where: str, label: str) -> str | None:
+    from fedsim.sweep.runner import run_cell
 
     try:
-        run_simulation(cfg, Path(out_dir), label=label, progress=False)
+        run_cell(cfg, where, label, progress=False)
     except Exception as exc:  # reported as the cell's error
         return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
     return None
@@ -39,15 +38,16 @@ def _run_cell(cfg: Config, out_dir: str, label: str) -> str | None:
 
 def run_cells_on_ray(
     cells: Sequence[Cell],
-    out: Path,
+    target: Callable[[Cell], str],
     parallel: int | str,
     finished: Callable[[Cell, str | None], None],
     log: Callable[[str], None],
 ) -> None:
-    """Run ``cells`` with at most ``parallel`` at once ("auto": cluster CPUs // the largest cell's CPUs, >= 1);
-    call ``finished(cell, error_or_None)`` as each ends. Starts a local Ray with every CPU of this machine or joins
-    a cluster (``runtime.address`` of the first cell, else ``RAY_ADDRESS``) as :func:`fedsim.runtime.cluster.connect`
-    decides; raises its UserError for an address where no cluster answers."""
+    """Run ``cells`` (each into ``target(cell)``: a folder or a URI) with at most ``parallel`` at once ("auto":
+    cluster CPUs // the largest cell's CPUs, >= 1); call ``finished(cell, error_or_None)`` as each ends. Starts a
+    local Ray with every CPU of this machine or joins a cluster (``runtime.address`` of the first cell, else
+    ``RAY_ADDRESS``) as :func:`fedsim.runtime.cluster.connect` decides; raises its UserError for an address where
+    no cluster answers."""
     connection = connect(cells[0].config.runtime.address)
     try:
         need = max(cell_cpus(c.config) for c in cells)
@@ -62,7 +62,7 @@ def run_cells_on_ray(
                 cell = pending.pop(0)
                 local_cpus = cell_cpus(cell.config) if cell.config.runtime.backend == "local" else 0
                 task = ray.remote(_run_cell).options(num_cpus=local_cpus, scheduling_strategy=node)
-                ref = task.remote(cell.config, str(out / "cells" / cell.cell_id), cell.cell_id)
+                ref = task.remote(cell.config, target(cell), cell.cell_id)
                 running[ref] = cell
                 log(f"started {cell.cell_id}")
             ready, _ = ray.wait(list(running), num_returns=1)

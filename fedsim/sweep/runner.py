@@ -9,6 +9,10 @@ from the sweep's (the sweep file changed under it) stops the sweep before anythi
 ``sweep.parquet``: one row per cell in grid order, the columns of :func:`fedsim.report.records.run_record` plus
 one column per grid axis (its value, or the label of a named axis) and ``error`` (a failed cell's message). It is
 rewritten atomically after every cell.
+
+``out`` may be a URI (``fedsim sweep --out s3://...``): each cell is a run to ``<URI>/cells/<cell id>`` (staged and
+mirrored as :mod:`fedsim.storage` describes), sweep.parquet is uploaded whole after every cell, and the complete
+check reads each cell's config.yaml and summary.json from the URI.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import os
 import shutil
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from fedsim.config.load import config_from_dict
 from fedsim.config.schema import Config
 from fedsim.errors import UserError
 from fedsim.report.records import run_record
+from fedsim.storage import Location, RunMirror, local_folder, local_location, parse_location, pull
 from fedsim.sweep.spec import Cell, SweepSpec
 
 SWEEP_FILE = "sweep.parquet"
@@ -92,10 +98,27 @@ def write_table(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
-def _run_in_process(cell: Cell, out: Path, progress: bool) -> None:
+def run_cell(cfg: Config, where: str, label: str, progress: bool) -> None:
+    """Run one cell into ``where`` (a local folder, or a URI through a node-local staging folder)."""
     from fedsim.simulation import run_simulation
 
-    run_simulation(cell.config, cell_dir(out, cell), label=cell.cell_id, progress=progress)
+    loc = parse_location(where, "--out", check=False)
+    if loc.local is not None:
+        run_simulation(cfg, loc.local, label=label, progress=progress)
+        return
+    with RunMirror.staged(loc) as mirror:
+        run_simulation(cfg, mirror.folder, label=label, progress=progress, mirror=mirror)
+
+
+@contextmanager
+def sweep_folder(out: Location) -> Iterator[Path]:
+    """The local folder the sweep's bookkeeping reads: ``out`` itself, or for a URI a temporary folder holding each
+    cell's config.yaml and summary.json (pulled from the URI; removed after)."""
+    with local_folder(out, prefix="fedsim-sweep-") as folder:
+        if out.remote:
+            pull(out, folder, lambda rel: rel.startswith(f"{CELLS_DIR}/") and rel.count("/") == 2
+                 and rel.endswith(("/summary.json", "/config.yaml")))  # fmt: skip
+        yield folder
 
 
 def _check_clusters(todo: Sequence[Cell], parallel: int | str) -> None:
@@ -113,24 +136,33 @@ def _check_clusters(todo: Sequence[Cell], parallel: int | str) -> None:
 
 def run_sweep(
     spec: SweepSpec,
-    out: Path,
+    out: Path | Location,
     *,
     parallel: int | str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run the missing cells of ``spec`` into ``out``; return the rows written to ``sweep.parquet``.
+    """Run the missing cells of ``spec`` into ``out`` (a folder, or a remote :class:`~fedsim.storage.Location`:
+    cells and sweep.parquet are written there through staging folders); return the rows of ``sweep.parquet``.
 
     ``parallel`` (default: the sweep file's): 1 runs the cells one after another in this process; N > 1 or "auto"
     runs up to N cells at once as tasks on the Ray cluster ("auto": as many as its CPUs fit). A failing cell gets
     status "failed" and its error, and the sweep goes on. Raises UserError for stale cells, or a Ray cluster address
     where no cluster answers (nothing runs).
     """
-    out = Path(out)
+    loc = out if isinstance(out, Location) else local_location(out)
+    with sweep_folder(loc) as folder:
+        return _run_sweep(spec, loc, folder, parallel, progress, log)
+
+
+def _run_sweep(
+    spec: SweepSpec, loc: Location, out: Path, parallel: int | str | None, progress: bool, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """:func:`run_sweep` with ``out`` the local folder standing for ``loc`` (itself when local)."""
     stale = stale_cells(out, spec.cells)
     if stale:
         raise UserError(
-            f"{out}: {len(stale)} finished cell(s) were run with a different config than the sweep file now gives "
+            f"{loc}: {len(stale)} finished cell(s) were run with a different config than the sweep file now gives "
             f"(e.g. {stale[0]}); use another --out for the changed sweep, or delete those cell folders"
         )
     done = {c.cell_id for c in spec.cells if is_complete(out, c)}
@@ -138,42 +170,57 @@ def run_sweep(
     parallel = spec.parallel if parallel is None else parallel
     _check_clusters(todo, parallel)
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-    log(f"sweep {spec.name}: {len(spec.cells)} cells, {len(done)} complete, {len(todo)} to run -> {out}")
+    log(f"sweep {spec.name}: {len(spec.cells)} cells, {len(done)} complete, {len(todo)} to run -> {loc}")
     errors: dict[str, str | None] = {}
 
     def rows() -> list[dict[str, Any]]:
         return [_row(out, c, errors.get(c.cell_id)) for c in spec.cells if c.cell_id in done or c.cell_id in errors]
 
+    def publish(table: list[dict[str, Any]]) -> None:
+        write_table(out, table)
+        if loc.remote:
+            loc.upload(out / SWEEP_FILE, SWEEP_FILE)
+
+    def target(cell: Cell) -> str:
+        return str(loc.child(CELLS_DIR, cell.cell_id)) if loc.remote else str(cell_dir(out, cell))
+
     for c in todo:  # partial folders of killed runs
         if cell_dir(out, c).exists():
             shutil.rmtree(cell_dir(out, c))
+        if loc.remote:
+            loc.delete(f"{CELLS_DIR}/{c.cell_id}")
     if done:
-        write_table(out, rows())
+        publish(rows())
 
     def finished(cell: Cell, error: str | None) -> None:
+        if loc.remote:  # the cell's record files, for its row
+            remote = loc.child(CELLS_DIR, cell.cell_id)
+            for name in ("config.yaml", "summary.json"):
+                if remote.is_file(name):
+                    remote.download(name, cell_dir(out, cell) / name)
         errors[cell.cell_id] = error
         if error is None:
             done.add(cell.cell_id)
         else:
             log(f"cell {cell.cell_id} FAILED: {error.strip().splitlines()[-1] if error.strip() else error}")
-        write_table(out, rows())
+        publish(rows())
 
     if parallel != 1 and todo:
         from fedsim.runtime.sweep_pool import run_cells_on_ray
 
-        run_cells_on_ray(todo, out, parallel, finished, log)
+        run_cells_on_ray(todo, target, parallel, finished, log)
     else:
         for i, cell in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {cell.cell_id}")
             try:
-                _run_in_process(cell, out, progress)
+                run_cell(cell.config, target(cell), cell.cell_id, progress)
             except Exception as exc:  # one bad cell must not stop the others
                 finished(cell, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
                 continue
             finished(cell, None)
     final = rows()
-    write_table(out, final)
+    publish(final)
     failed = sum(r["status"] != "complete" for r in final)
-    log(f"sweep {spec.name}: {len(final) - failed} complete, {failed} failed -> {out / SWEEP_FILE}")
+    log(f"sweep {spec.name}: {len(final) - failed} complete, {failed} failed -> {loc.child(SWEEP_FILE)}")
     sys.stdout.flush()
     return final

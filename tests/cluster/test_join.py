@@ -2,11 +2,12 @@
 
 * Without a cluster: the join/start decision, the address form check, the address probe (refused, HTTP server,
   silent server, gRPC server), and what ``connect`` passes to ``ray.init`` (a fake ``ray``).
-* With a real head (``ray start --head --block`` in a subprocess, its own temp dir and free ports; killed by its
-  process group): ``ray job submit`` of ``python -m fedsim run tiny`` with no ``runtime.address`` succeeds, writes
-  rounds.parquet, prints the dashboard line, keeps Ray's own log lines out of the job's output, and leaves the
-  cluster up. The head runs with ``RAY_LOG_TO_STDERR=1`` (Ray's setting for container log collection), under
-  which an unprepared driver writes its Ray C++ INFO lines and event-stats dumps into the job's output.
+* With a real head (the ``head`` fixture of tests/cluster/conftest.py: ``ray start --head --block`` in a
+  subprocess, its own temp dir and free ports; killed by its process group): ``ray job submit`` of ``python -m
+  fedsim run tiny`` with no ``runtime.address`` succeeds, writes rounds.parquet, prints the dashboard line, keeps
+  Ray's own log lines out of the job's output, and leaves the cluster up. The head runs with
+  ``RAY_LOG_TO_STDERR=1`` (Ray's setting for container log collection), under which an unprepared driver writes
+  its Ray C++ INFO lines and event-stats dumps into the job's output.
 * ``fedsim run`` with an address where nothing answers exits 2 at once, naming ``runtime.address``.
 """
 
@@ -14,28 +15,22 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-import fedsim
 from fedsim.cli import main
 from fedsim.errors import UserError
 from fedsim.runtime import cluster
 from fedsim.runtime.cluster import Connection, Target, address_problem, plan, probe
+from tests.cluster.ray_head import BIN, ROOT, free_port, working_dir
 
-ROOT = Path(fedsim.__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv: `ray` and the `python` the cluster's jobs run
 GLOG = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([DIWEF]) \d+ \d+\]")
 
 
@@ -93,12 +88,6 @@ def test_validate_reports_an_http_address_as_a_config_problem(capsys):
 # --- the probe, against small local servers ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server() -> Iterator[Callable[[bytes | None], int]]:
     """``server(reply)``: a one-thread TCP server on 127.0.0.1 that answers each connection's first bytes with
@@ -129,7 +118,7 @@ def server() -> Iterator[Callable[[bytes | None], int]]:
 
 
 def test_probe_refuses_a_closed_port_at_once():
-    port = _free_port()
+    port = free_port()
     t0 = time.monotonic()
     with pytest.raises(UserError, match=rf"^runtime.address: no Ray cluster answers at 127.0.0.1:{port} \("):
         probe(Target("join", f"127.0.0.1:{port}", "runtime.address"), timeout=5)
@@ -235,76 +224,17 @@ def test_connect_turns_a_failed_join_into_a_user_error(monkeypatch):
 # --- a real cluster -------------------------------------------------------------------------------------------------
 
 
-def _kill_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    """Kill the head's process group, then any process of this head left outside it (its temp dir in the
-    command line), by PID."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if temp_dir.encode() in cmd:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@pytest.fixture(scope="module")
-def head():
-    """A one-node Ray cluster (2 CPUs, dashboard on), started with the venv's `ray`, RAY_LOG_TO_STDERR=1 and
-    the venv first on PATH (so its jobs' `python` is the venv's). Yields (gcs_port, dashboard_port, proc)."""
-    temp_dir = tempfile.mkdtemp(prefix="fsj", dir="/tmp")  # short: Ray's socket paths live under it
-    gcs, dash, client, agent = (_free_port() for _ in range(4))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_LOG_TO_STDERR="1")
-    log = open(Path(temp_dir) / "head.log", "wb")  # closed in the finalizer
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
-           f"--dashboard-port={dash}", "--include-dashboard=true", f"--ray-client-server-port={client}",
-           f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        from ray.job_submission import JobSubmissionClient
-
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-            try:
-                JobSubmissionClient(f"http://127.0.0.1:{dash}").list_jobs()
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "the head did not come up in 120 s"
-                time.sleep(1)
-        yield gcs, dash, proc
-    finally:
-        _kill_head(proc, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _working_dir(dest: Path) -> Path:
-    """The job's --working-dir: fedsim/ (no caches) and pyproject.toml, well under Ray's upload limit."""
-    shutil.copytree(ROOT / "fedsim", dest / "fedsim", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
-    return dest
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_submitted_run_joins_the_jobs_cluster_and_leaves_it_up(head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    gcs, dash, proc = head
-    address = f"http://127.0.0.1:{dash}"
+    gcs, dash, proc = head.gcs, head.dashboard, head.proc
+    address = head.address
     out = tmp_path / "run"
     job_id = f"fedsim-join-{os.getpid()}"
     submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
-              "--working-dir", str(_working_dir(tmp_path / "wd")), "--",
+              "--working-dir", str(working_dir(tmp_path / "wd")), "--",
               "python", "-m", "fedsim", "run", "tiny", "--set", "runtime.backend=ray", "--set", "runtime.workers=2",
               "--set", "federation.rounds=1", "--out", str(out)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
