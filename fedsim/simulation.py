@@ -54,6 +54,23 @@ def eval_tasks(data: FederatedData, chunk: int, local_clients: int, seed: int) -
     return tasks
 
 
+INITIAL_EVAL_FILE = "initial_eval.json"
+
+
+def initial_evaluation(backend: Backend, tasks: list[EvalTask], out_dir: Path) -> dict[str, Any]:
+    """The untrained model (the initial global adapter, a no-op: LoRA's B starts at zero) on the global test split,
+    evaluated once before round 1 and kept in ``<out>/initial_eval.json`` (a resumed run reads it back instead):
+    ``eval_loss``, ``eval_accuracy`` (exact match for causal_lm) and ``eval_perplexity`` (causal_lm)."""
+    path = out_dir / INITIAL_EVAL_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    glob = [e for e in tasks if e.client_id is None]
+    ev = summarise_eval(backend.evaluate(glob, 1))  # round 1's plan: the global state is round 1's start
+    found = {k: ev.get(k) for k in ("eval_loss", "eval_accuracy", "eval_perplexity")}
+    path.write_text(json.dumps(found, indent=2) + "\n")
+    return found
+
+
 def run_simulation(
     cfg: Config,
     out_dir: Path,
@@ -81,7 +98,7 @@ def run_simulation(
         check_cluster(cfg.runtime.address)
 
     # 1. Data: read, split, tokenise once. Data errors surface here, before anything is written.
-    dataset = load_source(cfg.data, cfg.seed)
+    dataset = load_source(cfg.data, cfg.seed, cfg.task.kind)
     tokenizer = build_tokenizer(cfg.model, dataset.texts)
     data = build_federated_data(cfg, dataset, tokenizer)
     del dataset  # the raw texts (population-sized) are not needed once tokenised
@@ -89,9 +106,9 @@ def run_simulation(
     privacy = PrivacyTracker(cfg, sizes)  # the privacy mechanism, calibrated once
 
     # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
-    base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed)
+    base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed, cfg.task.kind)
     blueprint = blueprint_of(base)
-    adapted = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed)
+    adapted = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task)
     initial_state = get_state(adapted)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +142,7 @@ def run_simulation(
             privacy.load_state(state.privacy)
         else:
             checkpoint(0)
+        initial = initial_evaluation(backend, tasks_eval, out_dir)
         resumed_from = state.round if resume else None
         with RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress) as bar:
             for t in range(state.round + 1, fed.rounds + 1):
@@ -184,8 +202,13 @@ def run_simulation(
         "rounds": fed.rounds,
         "clients": fed.clients,
         "clients_per_round": fed.clients_per_round,
+        "task": cfg.task.kind,
+        "initial_eval_accuracy": initial.get("eval_accuracy"),
+        "initial_eval_loss": initial.get("eval_loss"),
+        "initial_eval_perplexity": initial.get("eval_perplexity"),
         "final_eval_accuracy": state.eval.get("eval_accuracy"),
         "final_eval_loss": state.eval.get("eval_loss"),
+        "final_eval_perplexity": state.eval.get("eval_perplexity"),
         "best_eval_accuracy": state.best_accuracy,
         "final_personal_accuracy": state.eval.get("personal_accuracy"),
         "final_personal_clients": state.eval.get("personal_clients"),
