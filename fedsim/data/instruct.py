@@ -47,7 +47,7 @@ INSTRUCT_FILE_KINDS = ("gsm8k",)
 ANSWER_KINDS = ("text", "number")
 IGNORE = -100  # label of a position that is not scored (prompt, padding)
 BBC_QUESTION = (
-    "Which topic is this BBC news article about: business, entertainment, politics, sport or tech? "
+    "Which topic is this BBC news article about: business, entertainment, politics, sports or tech? "
     "Answer with one word."
 )
 _MARK = "\x00FEDSIM_USER\x00"
