@@ -305,7 +305,11 @@ class LocalTrainer:
         examples of the per-example mean response NLL, exact matches of the greedy answers, count, summed response
         NLL, response tokens)``. The greedy answer is generated from the prompt alone (the row up to
         ``response_start``), at most ``max_new_tokens`` tokens, cut at the end-of-sequence token, decoded with
-        ``lm.tokenizer`` and compared by :func:`fedsim.data.instruct.exact_match`."""
+        ``lm.tokenizer`` and compared by :func:`fedsim.data.instruct.exact_match`. ``labels`` (-100 outside the
+        response) decide which response tokens are scored.
+
+        Each batch's prompts are run ONCE: the key/value cache of that pass serves both the teacher-forced
+        response loss and the greedy decoding (what ``generate`` would compute, without a second prompt pass)."""
         from fedsim.data.instruct import exact_match
 
         self.model.eval()
@@ -316,40 +320,90 @@ class LocalTrainer:
             b_ids = torch.as_tensor(np.asarray(ids[sl]), dtype=torch.long, device=device)
             b_mask = torch.as_tensor(np.asarray(mask[sl]), dtype=torch.long, device=device)
             b_y = torch.as_tensor(np.asarray(labels[sl]), dtype=torch.long, device=device)
-            per, summed, count = causal_lm_forward(self.model, b_ids, b_mask, b_y)
+            per, summed, count, generated = self._prompt_pass(
+                b_ids, b_mask, b_y, response_start[sl], lm, max_new_tokens
+            )
             loss_sum += float(per.sum())
             tok_sum += float(summed.sum())
             tokens += int(count.sum())
-            texts = self._greedy(b_ids, b_mask, np.asarray(response_start[sl]), lm, max_new_tokens)
-            correct += sum(exact_match(t, a, lm.answer_kind) for t, a in zip(texts, answers[sl], strict=True))
+            for row, answer in zip(generated, answers[sl], strict=True):
+                text = lm.tokenizer.decode(row, skip_special_tokens=True)
+                correct += exact_match(text, answer, lm.answer_kind)
         return loss_sum, correct, n, tok_sum, tokens
 
-    def _greedy(
-        self, ids: torch.Tensor, mask: torch.Tensor, start: np.ndarray, lm: LMData, max_new_tokens: int
-    ) -> list[str]:
-        """Greedy answers (decoded, special tokens dropped) to the prompts of left-padded rows ``ids``."""
-        length = ids.shape[1]
+    @torch.no_grad()
+    def _prompt_pass(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        start: np.ndarray,
+        lm: LMData,
+        max_new_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+        """One batch: ``(per-example mean response NLL, summed NLL, scored tokens, greedy token ids cut before the
+        end-of-sequence token)``. Prompts are re-packed left-padded ``[B, P]``, responses right-padded ``[B, R]``
+        after them; position ids count real tokens only."""
+        import copy
+
+        model, device = self.model, ids.device
+        batch, length = ids.shape
         first = length - mask.sum(1).cpu().numpy()  # first real token of each row
-        width = int((start - first).max())
-        prompts = torch.full((len(ids), width), lm.pad_id, dtype=torch.long, device=ids.device)
+        start = np.asarray(start, dtype=np.int64)
+        plen, rlen = start - first, length - start
+        width, rwidth = int(plen.max()), int(rlen.max())
+        prompts = torch.full((batch, width), lm.pad_id, dtype=torch.long, device=device)
         pmask = torch.zeros_like(prompts)
-        for i in range(len(ids)):
-            p = ids[i, int(first[i]) : int(start[i])]
-            prompts[i, width - len(p) :] = p
-            pmask[i, width - len(p) :] = 1
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = self.model.generate(
-                input_ids=prompts,
-                attention_mask=pmask,
-                max_new_tokens=int(max_new_tokens),
-                do_sample=False,
-                pad_token_id=lm.pad_id,
-                eos_token_id=lm.eos_id,
+        resp = torch.full((batch, rwidth), lm.pad_id, dtype=torch.long, device=device)
+        target = torch.full((batch, rwidth), -100, dtype=torch.long, device=device)
+        rmask = torch.zeros_like(resp)
+        for i in range(batch):
+            prompts[i, width - plen[i] :] = ids[i, int(first[i]) : int(start[i])]
+            pmask[i, width - plen[i] :] = 1
+            resp[i, : rlen[i]] = ids[i, int(start[i]) :]
+            target[i, : rlen[i]] = labels[i, int(start[i]) :]
+            rmask[i, : rlen[i]] = 1
+        lengths = torch.as_tensor(plen, dtype=torch.long, device=device)
+        out = model(
+            input_ids=prompts,
+            attention_mask=pmask,
+            position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache, last = out.past_key_values, out.logits[:, -1]
+        # teacher-forced response loss, from a copy of the prompt cache
+        forced = model(
+            input_ids=resp,
+            attention_mask=torch.cat([pmask, rmask], 1),
+            position_ids=lengths[:, None] + torch.arange(rwidth, device=device)[None, :],
+            past_key_values=copy.deepcopy(cache),
+            use_cache=True,
+        ).logits
+        logits = torch.cat([last[:, None], forced[:, :-1]], 1)  # position j predicts response token j
+        per, summed, count = causal_lm_losses(
+            torch.cat([logits, logits[:, -1:]], 1), torch.cat([target.new_full((batch, 1), -100), target], 1)
+        )
+        # greedy decoding from the prompt cache
+        tokens = last.argmax(-1)
+        done = tokens == lm.eos_id
+        steps, gmask, position = [tokens], pmask, lengths
+        for _ in range(int(max_new_tokens) - 1):
+            if bool(done.all()):
+                break
+            gmask = torch.cat([gmask, torch.ones_like(gmask[:, :1])], 1)
+            out = model(
+                input_ids=tokens[:, None],
+                attention_mask=gmask,
+                position_ids=position[:, None],
+                past_key_values=cache,
+                use_cache=True,
             )
-        texts = []
-        for row in out[:, width:].tolist():
-            if lm.eos_id in row:
-                row = row[: row.index(lm.eos_id)]
-            texts.append(lm.tokenizer.decode(row, skip_special_tokens=True))
-        return texts
+            cache, position = out.past_key_values, position + 1
+            tokens = torch.where(done, lm.eos_id, out.logits[:, -1].argmax(-1))
+            done |= tokens == lm.eos_id
+            steps.append(tokens)
+        generated = []
+        for row in torch.stack(steps, 1).tolist():
+            generated.append(row[: row.index(lm.eos_id)] if lm.eos_id in row else row)
+        return per, summed, count, generated

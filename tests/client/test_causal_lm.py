@@ -132,11 +132,18 @@ def test_trainer_trains_the_response_and_evaluates_greedy_answers(setup):
     out = trainer.train(adapter_keys(model), ids, mask, labels, round=1, client_id=0)
     assert out.steps == 3 and np.isfinite(out.train_loss)
     lm = LMData(start, tuple(ds.answers), "number", tok, tok.pad_token_id, tok.eos_token_id, False)
-    answers = list(ds.answers)
-    loss_sum, correct, n, tok_sum, tokens = trainer.evaluate_lm(ids, mask, labels, start, answers, lm, 5, 3)
-    assert n == 12 and 0 <= correct <= 12 and tokens == int((labels != IGNORE).sum()) and tok_sum > 0
-    # greedy answers of a left-padded batch equal those of each prompt alone
-    ids_t, mask_t = _t(ids, mask)
-    batch = trainer._greedy(ids_t[:5], mask_t[:5], start[:5], lm, 3)
-    alone = [trainer._greedy(ids_t[i : i + 1], mask_t[i : i + 1], start[i : i + 1], lm, 3)[0] for i in range(5)]
-    assert batch == alone
+    loss_sum, correct, n, tok_sum, tokens = trainer.evaluate_lm(ids, mask, labels, start, list(ds.answers), lm, 5, 3)
+    assert n == 12 and 0 <= correct <= 12 and tokens == int((labels != IGNORE).sum())
+    # the one-prompt-pass evaluation equals the plain forward (loss) and HF generate (greedy answers)
+    ids_t, mask_t, y = _t(ids, mask, labels)
+    with torch.no_grad():
+        per, summed, _ = causal_lm_forward(model.eval(), ids_t, mask_t, y)
+    assert loss_sum == pytest.approx(float(per.sum()), rel=1e-5) and tok_sum == pytest.approx(float(summed.sum()))
+    for s in (slice(0, 5), slice(5, 12)):
+        *_, generated = trainer._prompt_pass(ids_t[s], mask_t[s], y[s], start[s], lm, 3)
+        for row, i in zip(generated, range(s.start, s.stop), strict=True):
+            prompt = ids_t[i, mask_t[i] == 1][: int(start[i]) - (L - int(mask_t[i].sum()))][None]
+            out = model.generate(
+                input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=lm.pad_id, eos_token_id=lm.eos_id
+            )[0, prompt.shape[1] :].tolist()
+            assert row == (out[: out.index(lm.eos_id)] if lm.eos_id in out else out)

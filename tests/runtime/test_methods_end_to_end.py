@@ -11,6 +11,7 @@ setting (DP, and VeRA where supported), plus client-level DP once, to keep the s
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pyarrow.parquet as pq
@@ -74,6 +75,8 @@ def _check(out, rounds: int, per_layer_choices: bool) -> None:
     assert [r["round"] for r in table] == list(range(1, rounds + 1))
     assert all(c["status"] == "ok" for c in clients)
     assert math.isfinite(table[-1]["eval_loss"]) and 0.0 <= table[-1]["eval_accuracy"] <= 1.0
+    summary = json.loads((out / "summary.json").read_text())  # the untrained model, evaluated before round 1
+    assert math.isfinite(summary["initial_eval_loss"]) and 0.0 <= summary["initial_eval_accuracy"] <= 1.0
     assert all(r["bytes_up"] > 0 for r in table)
     roles = pq.read_table(out / "roles.parquet").to_pylist()
     assert {r["round"] for r in roles} == set(range(1, rounds + 1))
