@@ -54,21 +54,12 @@ def eval_tasks(data: FederatedData, chunk: int, local_clients: int, seed: int) -
     return tasks
 
 
-INITIAL_EVAL_FILE = "initial_eval.json"
-
-
-def initial_evaluation(backend: Backend, tasks: list[EvalTask], out_dir: Path) -> dict[str, Any]:
-    """The untrained model (the initial global adapter, a no-op: LoRA's B starts at zero) on the global test split,
-    evaluated once before round 1 and kept in ``<out>/initial_eval.json`` (a resumed run reads it back instead):
-    ``eval_loss``, ``eval_accuracy`` (exact match for causal_lm) and ``eval_perplexity`` (causal_lm)."""
-    path = out_dir / INITIAL_EVAL_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    glob = [e for e in tasks if e.client_id is None]
-    ev = summarise_eval(backend.evaluate(glob, 1))  # round 1's plan: the global state is round 1's start
-    found = {k: ev.get(k) for k in ("eval_loss", "eval_accuracy", "eval_perplexity")}
-    path.write_text(json.dumps(found, indent=2) + "\n")
-    return found
+def initial_evaluation(backend: Backend, tasks: list[EvalTask]) -> dict[str, float | None]:
+    """The untrained model (the initial global adapter, a no-op: LoRA's B starts at zero) on the global test
+    chunks of ``tasks``, before round 1: ``eval_loss``, ``eval_accuracy`` (exact match for causal_lm) and
+    ``eval_perplexity`` (causal_lm; None otherwise). Kept in the RunState (so in every checkpoint)."""
+    ev = summarise_eval(backend.evaluate([e for e in tasks if e.client_id is None], 1))  # round 1's start
+    return {k: ev.get(k) for k in ("eval_loss", "eval_accuracy", "eval_perplexity")}
 
 
 def run_simulation(
@@ -141,8 +132,8 @@ def run_simulation(
             state = dataclasses.replace(RunState.from_json(ckpt.driver, trained), round=ckpt.round)
             privacy.load_state(state.privacy)
         else:
+            state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
             checkpoint(0)
-        initial = initial_evaluation(backend, tasks_eval, out_dir)
         resumed_from = state.round if resume else None
         with RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress) as bar:
             for t in range(state.round + 1, fed.rounds + 1):
@@ -203,9 +194,9 @@ def run_simulation(
         "clients": fed.clients,
         "clients_per_round": fed.clients_per_round,
         "task": cfg.task.kind,
-        "initial_eval_accuracy": initial.get("eval_accuracy"),
-        "initial_eval_loss": initial.get("eval_loss"),
-        "initial_eval_perplexity": initial.get("eval_perplexity"),
+        "initial_eval_accuracy": state.initial_eval.get("eval_accuracy"),
+        "initial_eval_loss": state.initial_eval.get("eval_loss"),
+        "initial_eval_perplexity": state.initial_eval.get("eval_perplexity"),
         "final_eval_accuracy": state.eval.get("eval_accuracy"),
         "final_eval_loss": state.eval.get("eval_loss"),
         "final_eval_perplexity": state.eval.get("eval_perplexity"),

@@ -13,6 +13,7 @@ from fedsim.config.load import load_config
 from fedsim.data.sources import load_source
 from fedsim.model.adapters import get_state
 from fedsim.model.build import build_base_model, build_tokenizer
+from fedsim.server.checkpoint import latest_checkpoint_dir
 from fedsim.simulation import run_simulation
 
 
@@ -22,7 +23,8 @@ def test_causal_lm_run_records_initial_eval_and_exports_a_loadable_adapter(tmp_p
     summary = run_simulation(
         cfg, tmp_path / "run", progress=False, inspect=lambda b: seen.update(state=b.global_state())
     )
-    initial = json.loads((tmp_path / "run" / "initial_eval.json").read_text())
+    newest = latest_checkpoint_dir(tmp_path / "run")
+    initial = json.loads((newest / "state.json").read_text())["driver"]["initial_eval"]  # kept in every checkpoint
     assert summary["initial_eval_loss"] == initial["eval_loss"] and initial["eval_perplexity"] > 1
     assert summary["initial_eval_loss"] != summary["final_eval_loss"]  # training moved the model
     # the same tiny-llama, saved as a plain HF folder and read back by transformers
