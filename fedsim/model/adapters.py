@@ -208,7 +208,9 @@ def export_peft(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir: Pa
     saved = get_state(model)
     try:
         set_state(model, state)
-        tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        with warnings.catch_warnings():  # a GGUF base folder has no config.json for PEFT's vocabulary check
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     finally:
         set_state(model, saved)
