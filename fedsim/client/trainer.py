@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +82,20 @@ def causal_lm_forward(
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = module(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
     return causal_lm_losses(logits, labels)
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a causal LM takes its key/value cache by: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (older releases)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The key/value cache a causal LM's forward returned (``cache`` or, in older transformers, ``past_key_values``)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def batch_schedule(n: int, batch_size: int, steps: int, dp: bool, generator: torch.Generator) -> list[torch.Tensor]:
@@ -347,6 +362,7 @@ class LocalTrainer:
         import copy
 
         model, device = self.model, ids.device
+        key = _cache_kwarg(model)
         batch, length = ids.shape
         first = length - mask.sum(1).cpu().numpy()  # first real token of each row
         start = np.asarray(start, dtype=np.int64)
@@ -371,13 +387,13 @@ class LocalTrainer:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache, last = out.past_key_values, out.logits[:, -1]
+        cache, last = _cache_of(out), out.logits[:, -1]
         # teacher-forced response loss, from a copy of the prompt cache
         forced = model(
             input_ids=resp,
             attention_mask=torch.cat([pmask, rmask], 1),
             position_ids=lengths[:, None] + torch.arange(rwidth, device=device)[None, :],
-            past_key_values=copy.deepcopy(cache),
+            **{key: copy.deepcopy(cache)},
             use_cache=True,
         ).logits
         logits = torch.cat([last[:, None], forced[:, :-1]], 1)  # position j predicts response token j
@@ -396,10 +412,10 @@ class LocalTrainer:
                 input_ids=tokens[:, None],
                 attention_mask=gmask,
                 position_ids=position[:, None],
-                past_key_values=cache,
+                **{key: cache},
                 use_cache=True,
             )
-            cache, position = out.past_key_values, position + 1
+            cache, position = _cache_of(out), position + 1
             tokens = torch.where(done, lm.eos_id, out.logits[:, -1].argmax(-1))
             done |= tokens == lm.eos_id
             steps.append(tokens)
