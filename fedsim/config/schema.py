@@ -112,7 +112,7 @@ class DataConfig:
         "response", "task.kind causal_lm, jsonl/parquet/csv sources: column holding the reference response."
     )
     max_examples: int | None = _f(None, "Keep at most this many examples (seeded subsample); null = all.")
-    synthetic_examples: int = _f(2000, "synthetic only: number of examples.")
+    synthetic_examples: int = _f(2000, "synthetic and synthetic-arithmetic only: number of examples.")
     synthetic_classes: int = _f(4, "synthetic only: number of classes.")
     partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={"help": "Client split."})
 
