@@ -16,7 +16,8 @@ class RunState:
 
     ``round``: the last finished round (0 before round 1). ``trained``: ids of the clients that have finished local
     training at least once (local evaluation covers only those). ``eval``: the last evaluation's metrics.
-    ``privacy``: the privacy tracker's JSON state."""
+    ``privacy``: the privacy tracker's JSON state. ``initial_eval``: the untrained model's global evaluation, made
+    once before round 1 (``eval_loss``, ``eval_accuracy``, ``eval_perplexity``; empty in older checkpoints)."""
 
     round: int = 0
     bytes_up: int = 0
@@ -25,6 +26,7 @@ class RunState:
     eval: Mapping[str, float | int | None] = field(default_factory=dict)
     trained: frozenset[int] = frozenset()
     privacy: Mapping[str, Any] = field(default_factory=dict)
+    initial_eval: Mapping[str, float | None] = field(default_factory=dict)
 
     def trained_with(self, results: Sequence[ClientResult]) -> frozenset[int]:
         """The clients that have trained once ``results`` (a round's) are in: those before plus its ``ok`` ones."""
@@ -53,7 +55,12 @@ class RunState:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "trained": sorted(self.trained), "eval": dict(self.eval)}
+        return {
+            **dataclasses.asdict(self),
+            "trained": sorted(self.trained),
+            "eval": dict(self.eval),
+            "initial_eval": dict(self.initial_eval),
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], trained_fallback: Iterable[int] = ()) -> RunState:
@@ -78,4 +85,5 @@ class RunState:
             eval=dict(d.get("eval") or {}),
             trained=frozenset(int(c) for c in d.get("trained", trained_fallback)),
             privacy=dict(d.get("privacy") or {}),
+            initial_eval=dict(d.get("initial_eval") or {}),
         )

@@ -55,6 +55,14 @@ def eval_tasks(data: FederatedData, chunk: int, local_clients: int, seed: int) -
     return tasks
 
 
+def initial_evaluation(backend: Backend, tasks: list[EvalTask]) -> dict[str, float | None]:
+    """The untrained model (the initial global adapter, a no-op: LoRA's B starts at zero) on the global test
+    chunks of ``tasks``, before round 1: ``eval_loss``, ``eval_accuracy`` (exact match for causal_lm) and
+    ``eval_perplexity`` (causal_lm; None otherwise). Kept in the RunState (so in every checkpoint)."""
+    ev = summarise_eval(backend.evaluate([e for e in tasks if e.client_id is None], 1))  # round 1's start
+    return {k: ev.get(k) for k in ("eval_loss", "eval_accuracy", "eval_perplexity")}
+
+
 def run_simulation(
     cfg: Config,
     out_dir: Path,
@@ -86,7 +94,7 @@ def run_simulation(
         check_cluster(cfg.runtime.address)
 
     # 1. Data: read, split, tokenise once. Data errors surface here, before anything is written.
-    dataset = load_source(cfg.data, cfg.seed)
+    dataset = load_source(cfg.data, cfg.seed, cfg.task.kind)
     tokenizer = build_tokenizer(cfg.model, dataset.texts)
     data = build_federated_data(cfg, dataset, tokenizer)
     del dataset  # the raw texts (population-sized) are not needed once tokenised
@@ -94,9 +102,9 @@ def run_simulation(
     privacy = PrivacyTracker(cfg, sizes)  # the privacy mechanism, calibrated once
 
     # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
-    base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed)
+    base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed, cfg.task.kind)
     blueprint = blueprint_of(base)
-    adapted = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed)
+    adapted = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task)
     initial_state = get_state(adapted)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +137,7 @@ def run_simulation(
             state = dataclasses.replace(RunState.from_json(ckpt.driver, trained), round=ckpt.round)
             privacy.load_state(state.privacy)
         else:
+            state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
             checkpoint(0)
         sync()
         resumed_from = state.round if resume else None
@@ -191,8 +200,13 @@ def run_simulation(
         "rounds": fed.rounds,
         "clients": fed.clients,
         "clients_per_round": fed.clients_per_round,
+        "task": cfg.task.kind,
+        "initial_eval_accuracy": state.initial_eval.get("eval_accuracy"),
+        "initial_eval_loss": state.initial_eval.get("eval_loss"),
+        "initial_eval_perplexity": state.initial_eval.get("eval_perplexity"),
         "final_eval_accuracy": state.eval.get("eval_accuracy"),
         "final_eval_loss": state.eval.get("eval_loss"),
+        "final_eval_perplexity": state.eval.get("eval_perplexity"),
         "best_eval_accuracy": state.best_accuracy,
         "final_personal_accuracy": state.eval.get("personal_accuracy"),
         "final_personal_clients": state.eval.get("personal_clients"),

@@ -126,6 +126,8 @@ class EvalTask:
 @dataclass(frozen=True)
 class EvalResult:
     name: str
-    loss_sum: float
-    correct: int
+    loss_sum: float  # summed per-example loss (causal_lm: each example's mean response-token NLL)
+    correct: int  # correct predictions (causal_lm: exact-match greedy answers)
     count: int
+    token_loss_sum: float = 0.0  # causal_lm: summed response-token NLL (perplexity = exp(token_loss_sum / tokens))
+    tokens: int = 0  # causal_lm: scored response tokens; 0 for classification

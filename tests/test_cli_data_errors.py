@@ -31,3 +31,20 @@ def test_data_errors_exit_2_before_any_output(tmp_path, capsys, overrides, key):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and key in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [(["data.prompt_field=question"], "data.prompt_field"), (["data.response_field=answer"], "data.response_field")],
+)
+def test_causal_lm_jsonl_missing_field_exits_2_naming_the_key(tmp_path, capsys, overrides, key):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt": "say {i}", "response": "{i}"}}\n' for i in range(20)))
+    out = tmp_path / "out"
+    args = ["run", "tiny-lm", "--out", str(out), "--set", f"data.source=jsonl:{data}"]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key in err
+    assert not out.exists()

@@ -65,7 +65,7 @@ class ClientWorker:
         torch.set_num_threads(threads)
         base = model_from_blueprint(blueprint)
         self.device = torch.device("cuda" if cfg.runtime.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
-        self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed).to(self.device)
+        self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task).to(self.device)
         self.method = make_method(cfg)
         self.trainer = LocalTrainer(self.model, cfg.federation, cfg.privacy, cfg.seed)
         self._w0: dict[str, torch.Tensor] = {}  # original base weights of layers that received a residual
@@ -186,9 +186,26 @@ class ClientWorker:
         )
 
     def evaluate(self, task: EvalTask, state: AdapterState) -> EvalResult:
-        """Evaluate ``state`` (already personalised by the caller if needed) on ``task.indices``."""
+        """Evaluate ``state`` (already personalised by the caller if needed) on ``task.indices``.
+
+        causal_lm: ``loss_sum`` sums the per-example mean response losses, ``correct`` counts exact-match greedy
+        answers, ``token_loss_sum`` / ``tokens`` give the perplexity."""
         self._load(state)
-        ids, mask, labels = self.data.client_arrays(np.asarray(task.indices, dtype=np.int64))
+        idx = np.asarray(task.indices, dtype=np.int64)
+        ids, mask, labels = self.data.client_arrays(idx)
+        lm = self.data.lm
+        if lm is not None:
+            loss_sum, correct, count, tok_sum, tokens = self.trainer.evaluate_lm(
+                ids,
+                mask,
+                labels,
+                lm.response_start[idx],
+                [lm.answers[i] for i in idx],
+                lm,
+                self.cfg.runtime.eval_batch_size,
+                self.cfg.task.max_new_tokens,
+            )
+            return EvalResult(task.name, loss_sum, correct, count, token_loss_sum=tok_sum, tokens=tokens)
         loss_sum, correct, count = self.trainer.evaluate(ids, mask, labels, self.cfg.runtime.eval_batch_size)
         return EvalResult(task.name, loss_sum, correct, count)
 

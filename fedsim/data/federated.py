@@ -9,6 +9,11 @@ int8 (5 bytes per token instead of 16), and the two arrays are zero-copy, read-o
 table's buffers; only the rows a client or an evaluation chunk uses are widened to int64 (what torch's
 embedding wants), at gather time. Under Ray the data is put into the object store once (``ray.put``) and
 workers read the token arrays from its shared memory (Ray deserialises numpy arrays zero-copy).
+
+``task.kind: causal_lm``: the rows are prompt + response sequences, left-padded (see :mod:`fedsim.data.instruct`);
+``labels`` holds each example's group id (topic, operation: what the split is skewed and stratified by) and
+:attr:`FederatedData.lm` what causal-LM training and evaluation need besides: where each response starts, the
+reference answers, and the tokenizer (to decode greedy answers on the workers).
 """
 
 from __future__ import annotations
@@ -21,12 +26,28 @@ from typing import Any
 import numpy as np
 
 from fedsim.config.schema import Config
+from fedsim.data.instruct import InstructDataset, eos_id, prompt_format, tokenize_instruct
 from fedsim.data.partition import apportion, partition
 from fedsim.data.sources import TextDataset
 from fedsim.errors import DataError
 from fedsim.seeding import numpy_rng
 
 QUIET_BELOW = 20_000  # no datasets progress bar when tokenising fewer texts than this
+
+
+@dataclass(frozen=True)
+class LMData:
+    """The causal-LM side of a :class:`FederatedData`: ``response_start[i]`` is the first response position of row
+    ``i`` (its labels are -100 before it), ``answers[i]`` what its greedy answer must match (``answer_kind`` text or
+    number, see :func:`fedsim.data.instruct.exact_match`); the tokenizer decodes generated ids."""
+
+    response_start: np.ndarray  # [N] int32
+    answers: tuple[str, ...]
+    answer_kind: str
+    tokenizer: Any
+    pad_id: int
+    eos_id: int
+    chat_template: bool  # whether prompts were formatted with the tokenizer's chat template
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,7 @@ class FederatedData:
     test_indices: np.ndarray
     client_train: tuple[np.ndarray, ...]
     client_holdout: tuple[np.ndarray, ...]
+    lm: LMData | None = None  # task.kind causal_lm only
 
     @property
     def num_labels(self) -> int:
@@ -54,13 +76,19 @@ class FederatedData:
         return len(self.client_train)
 
     def client_arrays(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows ``indices`` as ``(input_ids, attention_mask, labels)`` (fresh writable int64 copies)."""
+        """Rows ``indices`` as ``(input_ids, attention_mask, labels)`` (fresh writable int64 copies).
+
+        Classification: ``labels`` ``[n]`` class ids. causal_lm: ``labels`` ``[n, L]`` token ids at response
+        positions and -100 at prompt and padding positions."""
         idx = np.asarray(indices, dtype=np.int64)
-        return (
-            self.input_ids[idx].astype(np.int64),
-            self.attention_mask[idx].astype(np.int64),
-            self.labels[idx].astype(np.int64),
-        )
+        ids = self.input_ids[idx].astype(np.int64)
+        if self.lm is not None:
+            from fedsim.data.instruct import response_labels
+
+            labels = response_labels(ids, self.lm.response_start[idx])
+        else:
+            labels = self.labels[idx].astype(np.int64)
+        return ids, self.attention_mask[idx].astype(np.int64), labels
 
 
 def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,20 +180,22 @@ def _personal_split(shard: np.ndarray, fraction: float, seed: int, client: int) 
     return shard[~pick], shard[pick]
 
 
-def build_federated_data(cfg: Config, dataset: TextDataset, tokenizer: Any) -> FederatedData:
+def build_federated_data(cfg: Config, dataset: TextDataset | InstructDataset, tokenizer: Any) -> FederatedData:
     """Split ``dataset`` into a global test set and client shards (train + personal holdout), then tokenise.
 
     Steps: seeded test split of ``data.test_fraction`` (stratified if every class has >= 2 examples);
     ``partition`` of the rest over ``federation.clients``; per client a seeded ``data.personal_fraction``
-    holdout; one ``tokenize`` pass over all texts (last, after every check).
+    holdout; one ``tokenize`` pass over all texts (last, after every check). An :class:`InstructDataset` (task.kind
+    causal_lm) is split the same way by its group ids and tokenised by
+    :func:`~fedsim.data.instruct.tokenize_instruct` (``FederatedData.lm`` set).
 
     Raises:
         DataError: fewer than 2 examples, more clients than training examples, or any partition error.
     """
     labels = np.asarray(dataset.labels, dtype=np.int64).reshape(-1)
     n = len(labels)
-    if n != len(dataset.texts):
-        raise ValueError(f"dataset has {len(dataset.texts)} texts but {n} labels")
+    if n != len(dataset):
+        raise ValueError(f"dataset has {len(dataset)} examples but {n} labels")
     if n < 2:
         raise DataError(f"data.source: only {n} usable example(s); a train/test split needs at least 2.")
     seed = int(cfg.seed)
@@ -183,7 +213,21 @@ def build_federated_data(cfg: Config, dataset: TextDataset, tokenizer: Any) -> F
         tr, ho = _personal_split(train[local], float(cfg.data.personal_fraction), seed, cid)
         client_train.append(tr)
         client_holdout.append(ho)
-    input_ids, attention_mask = tokenize(dataset.texts, tokenizer, int(cfg.data.max_length))
+    lm = None
+    if isinstance(dataset, InstructDataset):
+        chat = bool(cfg.task.chat_template)
+        input_ids, attention_mask, start = tokenize_instruct(dataset, tokenizer, int(cfg.data.max_length), chat)
+        lm = LMData(
+            response_start=start,
+            answers=tuple(dataset.answers),
+            answer_kind=dataset.answer_kind,
+            tokenizer=tokenizer,
+            pad_id=int(tokenizer.pad_token_id),
+            eos_id=eos_id(tokenizer),
+            chat_template=prompt_format(tokenizer, chat).chat,
+        )
+    else:
+        input_ids, attention_mask = tokenize(dataset.texts, tokenizer, int(cfg.data.max_length))
     return FederatedData(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -192,4 +236,5 @@ def build_federated_data(cfg: Config, dataset: TextDataset, tokenizer: Any) -> F
         test_indices=test,
         client_train=tuple(client_train),
         client_holdout=tuple(client_holdout),
+        lm=lm,
     )

@@ -14,6 +14,10 @@
 
 Every loader returns a :class:`TextDataset` with labels remapped to ``0..C-1``. All user-facing
 failures raise :class:`~fedsim.errors.DataError` naming the config key and the fix.
+
+Under ``task.kind: causal_lm`` the prompt/response sources of :mod:`fedsim.data.instruct` are read instead
+(``bbc-news-instruct``, ``synthetic-arithmetic``, ``gsm8k:PATH``, and the csv/jsonl/parquet files with
+``data.prompt_field`` / ``data.response_field``); balancing and subsampling are shared (by group id).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -30,11 +34,17 @@ from fedsim.config.schema import DataConfig
 from fedsim.errors import DataError
 from fedsim.seeding import numpy_rng
 
-FILE_KINDS = ("csv", "jsonl", "parquet", "disk")
+if TYPE_CHECKING:
+    from fedsim.data.instruct import InstructDataset
+
+FILE_KINDS = ("csv", "jsonl", "parquet", "disk", "gsm8k")
 TWEETS_KINDS = ("tweets-sentiment", "tweets-sentiment-binary")  # classes and cleaning: fedsim.data.tweets
 SOURCE_HELP = (
     "bbc-news, tweets-sentiment, tweets-sentiment-binary, synthetic, csv:PATH, jsonl:PATH, parquet:PATH or disk:PATH"
+    " (task.kind causal_lm: bbc-news-instruct, synthetic-arithmetic, gsm8k:PATH, csv:/jsonl:/parquet:PATH)"
 )
+#: sources that have a prompt/response form (task.kind causal_lm)
+CAUSAL_LM_SOURCES = ("bbc-news-instruct", "synthetic-arithmetic", "gsm8k", "jsonl", "parquet", "csv")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,15 @@ class TextDataset:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def select(self, keep: np.ndarray) -> TextDataset:
+        """The examples ``keep`` (in that order)."""
+        return TextDataset(
+            [self.texts[int(i)] for i in keep], self.labels[np.asarray(keep, dtype=np.int64)], self.label_names
+        )
+
+
+Dataset = Union[TextDataset, "InstructDataset"]  # what balancing and subsampling accept (both have .select)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -71,8 +90,10 @@ def source_path_problem(source: str) -> str | None:
     the bbc-news / tweets corpus package is installed.
     """
     kind, path = _split_source(source)
-    if kind == "synthetic":
+    if kind in ("synthetic", "synthetic-arithmetic"):
         return None
+    if kind == "bbc-news-instruct":
+        kind = "bbc-news"
     if kind in TWEETS_KINDS:
         from fedsim.data.tweets import tweets_problem
 
@@ -101,21 +122,51 @@ def source_path_problem(source: str) -> str | None:
     return None
 
 
+def task_source_problem(task: str, cfg: DataConfig) -> str | None:
+    """Why ``data.source`` does not fit ``task.kind`` (one line naming both), or None. Cheap: reads no file."""
+    from fedsim.data.instruct import is_instruct_source
+
+    kind, _ = _split_source(cfg.source)
+    if task == "causal_lm":
+        if kind not in CAUSAL_LM_SOURCES:
+            return (
+                f"task.kind: causal_lm needs prompt/response data, but data.source {cfg.source!r} has none; use "
+                "bbc-news-instruct, synthetic-arithmetic, gsm8k:PATH, or jsonl:/parquet:/csv:PATH with "
+                "data.prompt_field and data.response_field."
+            )
+        need = [k for k in ("prompt_field", "response_field") if not getattr(cfg, k)]
+        return f"data.{need[0]} must be non-empty; name the column, e.g. {need[0].split('_')[0]}" if need else None
+    if is_instruct_source(cfg.source):
+        return (
+            f"data.source: {cfg.source!r} is prompt/response data for task.kind causal_lm (got task.kind {task}); "
+            "set task.kind: causal_lm (with a causal LM such as tiny-llama or smollm2-135m), or use a "
+            "classification source such as bbc-news."
+        )
+    return None
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_source(cfg: DataConfig, seed: int) -> TextDataset:
+def load_source(cfg: DataConfig, seed: int, task: str = "classification") -> TextDataset | InstructDataset:
     """Load ``cfg.source``, apply ``cfg.balance_classes`` then ``cfg.max_examples`` (seeded, original order kept).
+
+    ``task`` causal_lm: the prompt/response form of the source (:class:`~fedsim.data.instruct.InstructDataset`,
+    whose group ids play the labels' part in balancing and subsampling).
 
     Raises:
         DataError: unknown/missing source, unreadable file, missing column, fewer than 2 classes,
             or ``max_examples`` smaller than the number of classes.
     """
-    problem = source_path_problem(cfg.source)
+    problem = source_path_problem(cfg.source) or task_source_problem(task, cfg)
     if problem is not None:
         raise DataError(problem)
     kind, path = _split_source(cfg.source)
-    if kind == "bbc-news":
+    if task == "causal_lm":
+        from fedsim.data.instruct import load_instruct
+
+        ds = load_instruct(cfg, seed, kind, path)
+    elif kind == "bbc-news":
         ds = _load_bbc()
     elif kind in TWEETS_KINDS:
         from fedsim.data.tweets import load_tweets
@@ -359,7 +410,7 @@ def _from_table(table: Any, cfg: DataConfig, class_label_names: Sequence[str] | 
 # ----------------------------------------------------------------------------- subsample
 
 
-def _balance(ds: TextDataset, seed: int) -> TextDataset:
+def _balance(ds: Dataset, seed: int) -> Dataset:
     """Keep the same number of examples of every class present (the smallest class's size); original order."""
     n_cls = ds.num_labels
     counts = np.bincount(ds.labels, minlength=n_cls)
@@ -367,7 +418,7 @@ def _balance(ds: TextDataset, seed: int) -> TextDataset:
     return _take_per_class(ds, np.where(counts > 0, m, 0), numpy_rng(seed, "balance"))
 
 
-def _subsample(ds: TextDataset, k: int, seed: int) -> TextDataset:
+def _subsample(ds: Dataset, k: int, seed: int) -> Dataset:
     """Keep ``k`` examples: one per class, the rest proportional to class sizes; original order."""
     from fedsim.data.partition import apportion
 
@@ -384,12 +435,11 @@ def _subsample(ds: TextDataset, k: int, seed: int) -> TextDataset:
     return _take_per_class(ds, quota, rng)
 
 
-def _take_per_class(ds: TextDataset, quota: np.ndarray, rng: np.random.Generator) -> TextDataset:
+def _take_per_class(ds: Dataset, quota: np.ndarray, rng: np.random.Generator) -> Dataset:
     """Keep ``quota[c]`` examples of class ``c`` (drawn without replacement, classes in id order); original order."""
     chosen = [
         rng.choice(np.flatnonzero(ds.labels == c), size=int(quota[c]), replace=False)
         for c in range(len(quota))
         if quota[c]
     ]
-    keep = np.sort(np.concatenate(chosen))
-    return TextDataset([ds.texts[i] for i in keep], ds.labels[keep], ds.label_names)
+    return ds.select(np.sort(np.concatenate(chosen)))

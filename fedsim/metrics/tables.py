@@ -26,6 +26,7 @@ ROUND_SCHEMA = pa.schema(
         ("train_loss", pa.float64()),
         ("eval_loss", pa.float64()),
         ("eval_accuracy", pa.float64()),
+        ("eval_perplexity", pa.float64()),  # task.kind causal_lm: exp(mean response-token NLL); null otherwise
         ("personal_accuracy", pa.float64()),
         ("personal_accuracy_unweighted", pa.float64()),
         ("personal_clients", pa.int32()),  # clients in the local evaluation: those that have trained at least once
@@ -62,9 +63,7 @@ CLIENT_SCHEMA = pa.schema(
 )
 
 
-ROLE_SCHEMA = pa.schema(
-    [("round", pa.int32()), ("layer", pa.string()), ("factor", pa.string()), ("role", pa.string())]
-)
+ROLE_SCHEMA = pa.schema([("round", pa.int32()), ("layer", pa.string()), ("factor", pa.string()), ("role", pa.string())])
 #: the table of every plan's roles (any method); runs before it existed wrote AS-LoRA's shared factors here
 ROLES_FILE, LEGACY_CHOICES_FILE = "roles.parquet", "as_lora_choices.parquet"
 SIMILARITY_SCHEMA = pa.schema(
@@ -96,13 +95,16 @@ def worker_busy_frac(results: Sequence[ClientResult], workers: int, train_wall_s
 def summarise_eval(results: Sequence[EvalResult]) -> dict[str, float | int | None]:
     """``eval_loss`` / ``eval_accuracy`` over the global chunks; local accuracy pooled (``personal_accuracy``) and
     as the per-client mean (``personal_accuracy_unweighted``) over the clients' own held-out examples, and how
-    many clients it covers (``personal_clients``)."""
+    many clients it covers (``personal_clients``). ``eval_perplexity``: exp of the mean response-token NLL over the
+    global chunks (causal_lm; None when no chunk scored tokens)."""
     glob = [r for r in results if r.name == "global"]
     pers = [r for r in results if r.name != "global" and r.count]
     n = sum(r.count for r in glob)
+    tokens = sum(r.tokens for r in glob)
     return {
         "eval_loss": sum(r.loss_sum for r in glob) / n if n else None,
         "eval_accuracy": sum(r.correct for r in glob) / n if n else None,
+        "eval_perplexity": math.exp(sum(r.token_loss_sum for r in glob) / tokens) if tokens else None,
         "personal_accuracy": sum(r.correct for r in pers) / sum(r.count for r in pers) if pers else None,
         "personal_accuracy_unweighted": float(np.mean([r.correct / r.count for r in pers])) if pers else None,
         "personal_clients": len(pers),
@@ -131,7 +133,16 @@ def round_row(
         "round": round,
         "method": method,
         "train_loss": weighted_train_loss(results),
-        **{k: ev.get(k) for k in ("eval_loss", "eval_accuracy", "personal_accuracy", "personal_accuracy_unweighted")},
+        **{
+            k: ev.get(k)
+            for k in (
+                "eval_loss",
+                "eval_accuracy",
+                "eval_perplexity",
+                "personal_accuracy",
+                "personal_accuracy_unweighted",
+            )
+        },
         "personal_clients": ev.get("personal_clients"),
         "clients": sum(r.status == "ok" for r in results),
         "failed_clients": sum(r.status == "failed" for r in results),

@@ -55,6 +55,8 @@ __all__ = [
 
 ADAPTER = "default"
 DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+#: task.kind causal_lm: LoRA on all four attention projections (the MLP only when lora.targets names it)
+CAUSAL_LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 HEAD_MODULES = {"bert": "classifier", "roberta": "classifier", "llama": "score"}
 _PEFT_PREFIX = "base_model.model."
 _LORA_MARK = {f".lora_{f}.{ADAPTER}.weight": f for f in ("A", "B")}
@@ -62,17 +64,25 @@ _VERA_MARK = {f".vera_lambda_{s}.{ADAPTER}": f for s, f in (("d", "A"), ("b", "B
 _HEAD_MARK = f".modules_to_save.{ADAPTER}."
 
 
-def attach_adapter(base: PreTrainedModel, cfg: LoraConfig, family: str, seed: int) -> PeftModel:
+def attach_adapter(
+    base: PreTrainedModel, cfg: LoraConfig, family: str, seed: int, task: str = "classification"
+) -> PeftModel:
     """Inject LoRA (or VeRA) into ``base`` (in place) and return the PeftModel; every adapter tensor requires grad.
+
+    ``task`` causal_lm: PEFT task type CAUSAL_LM, [auto] targets = :data:`CAUSAL_LM_TARGETS`, no head
+    (``cfg.train_head`` is ignored: the LM head stays frozen and is never part of the state).
 
     The LoRA A init is drawn under ``derive_seed(seed, "lora_init")`` inside ``fork_rng``, so every process gets the
     same A for the same seed (B starts at zero); VeRA's frozen projections come from a PRNG key derived from
     ``seed``. Raises ConfigError naming ``lora.targets`` if a target matches
     no module of the model.
     """
-    targets = list(DEFAULT_TARGETS[family]) if list(cfg.targets) == ["auto"] else list(cfg.targets)
+    auto = CAUSAL_LM_TARGETS if task == "causal_lm" else DEFAULT_TARGETS[family]
+    targets = list(auto) if list(cfg.targets) == ["auto"] else list(cfg.targets)
     head = {"task_type": TaskType.SEQ_CLS, "modules_to_save": [HEAD_MODULES[family]]}
     head = head if cfg.train_head else {"task_type": None, "modules_to_save": None}
+    if task == "causal_lm":
+        head = {"task_type": TaskType.CAUSAL_LM, "modules_to_save": None}
     if cfg.variant == "vera":
         peft_cfg = VeraConfig(
             r=cfg.r,
@@ -198,7 +208,9 @@ def export_peft(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir: Pa
     saved = get_state(model)
     try:
         set_state(model, state)
-        tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        with warnings.catch_warnings():  # a GGUF base folder has no config.json for PEFT's vocabulary check
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     finally:
         set_state(model, saved)

