@@ -88,10 +88,10 @@ def run_simulation(
     where = mirror.uri if mirror is not None else str(out_dir)  # where the outputs end up
     sync = mirror.sync if mirror is not None else (lambda: None)  # copies out_dir to a remote --out
     method_cls = get_method(cfg.method.name)
-    if cfg.runtime.backend == "ray":  # a runtime.address where no Ray cluster answers fails here, before any work
-        from fedsim.runtime.cluster import check as check_cluster
+    if cfg.runtime.backend == "ray":  # no cluster at runtime.address, or one that can never hold the workers:
+        from fedsim.runtime.cluster import check as check_cluster  # fails here, before any work
 
-        check_cluster(cfg.runtime.address)
+        check_cluster(cfg.runtime.address, cfg.runtime)
 
     # 1. Data: read, split, tokenise once. Data errors surface here, before anything is written.
     dataset = load_source(cfg.data, cfg.seed, cfg.task.kind)

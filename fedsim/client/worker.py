@@ -64,7 +64,8 @@ class ClientWorker:
         threads = max(1, int(cfg.runtime.cpus_per_worker))
         torch.set_num_threads(threads)
         base = model_from_blueprint(blueprint)
-        self.device = torch.device("cuda" if cfg.runtime.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+        gpus = cfg.runtime.gpus_per_worker  # "auto": the Ray backend resolves it first; the local backend takes a GPU
+        self.device = torch.device("cuda" if (gpus == "auto" or gpus > 0) and torch.cuda.is_available() else "cpu")
         self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task).to(self.device)
         self.method = make_method(cfg)
         self.trainer = LocalTrainer(self.model, cfg.federation, cfg.privacy, cfg.seed)

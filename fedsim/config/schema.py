@@ -232,7 +232,13 @@ class RuntimeConfig:
         "worth. Results do not depend on the worker count.",
     )
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker; also its torch thread count.")
-    gpus_per_worker: float = _f(0.0, "GPUs per worker; fractional shares a GPU (0.25 = four per GPU).")
+    gpus_per_worker: float | Literal["auto"] = _f(
+        0.0,
+        "GPUs per worker; fractional shares a GPU (0.25 = four per GPU). auto (Ray backend) = train the largest "
+        "client once on a whole GPU, then pack as many workers per GPU as its peak memory + CUDA context allow with "
+        "a 15% margin (at most 16); 0 when the cluster has no GPU now. The local backend uses the GPU when one is "
+        "visible.",
+    )
     accelerator_type: str | None = _f(
         None,
         "Ray accelerator type the workers need (e.g. A100, H100, L4, T4: a node's accelerator_type:<X> resource, "

@@ -269,4 +269,3 @@ def get_method(name: str) -> type[Method]:
 def make_method(cfg: Config) -> Method:
     """An instance of the method named by ``cfg.method.name`` (ConfigError if unknown)."""
     return get_method(cfg.method.name)(cfg)
-

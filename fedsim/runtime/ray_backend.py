@@ -43,6 +43,7 @@ while the process lives on (a network partition) could still reach the server af
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -59,6 +60,7 @@ from fedsim.errors import RunStopped, UserError
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
 from fedsim.runtime.cluster import ClusterKind, cluster_kind, connect, disconnect
+from fedsim.runtime.gpu_share import gpu_share, workers_per_gpu
 from fedsim.runtime.placement import auto_workers, bundle_text, capacity_problem, growth, worker_bundle
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
@@ -101,11 +103,50 @@ def refuse_if_never_fits(rt: RuntimeConfig, started: bool = False) -> ClusterKin
     hold the workers (:func:`fedsim.runtime.placement.capacity_problem`)."""
     kind: ClusterKind = "fixed" if started else cluster_kind()
     if kind == "fixed":
-        bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
+        gpus = 0.0 if rt.gpus_per_worker == "auto" else rt.gpus_per_worker  # auto: at most one GPU, maybe none
+        bundle = worker_bundle(rt.cpus_per_worker, gpus, rt.accelerator_type)
         problem = capacity_problem(rt.workers, node_resources(free=False), bundle)
         if problem:
             raise UserError(problem)
     return kind
+
+
+def resolve_gpu_share(setup: RunSetup) -> float:
+    """``runtime.gpus_per_worker: auto``: 0.0 when no live node has a GPU now (the workers run on CPU; say a number
+    to have an autoscaler launch GPU nodes); else the share that packs as many workers per GPU as one probe
+    client's memory allows (:func:`fedsim.client.memory_probe.probe_client_memory` in a task holding one whole GPU,
+    of ``runtime.accelerator_type`` when set; :mod:`fedsim.runtime.gpu_share`). Prints the decision. Raises
+    ConfigError when one worker does not fit a GPU, UserError when the probe finds no room within
+    ``runtime.placement_timeout_s``."""
+    rt = setup.cfg.runtime
+    if not any(node.get("GPU", 0.0) > 0 for node in node_resources(free=False)):
+        print("runtime.gpus_per_worker: auto: no GPU in the cluster now; workers run on CPU", file=sys.stderr)
+        return 0.0
+    from fedsim.client.memory_probe import probe_client_memory
+
+    options: dict[str, Any] = {"num_cpus": rt.cpus_per_worker, "num_gpus": 1}
+    if rt.accelerator_type:
+        options["accelerator_type"] = rt.accelerator_type
+    probe_task = ray.remote(probe_client_memory).options(**options)
+    ref = probe_task.remote(setup.cfg, setup.blueprint, setup.data, setup.initial_state, setup.privacy)
+    ready, _ = ray.wait([ref], timeout=rt.placement_timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        raise UserError(
+            f"runtime.gpus_per_worker: auto: no room for the one-GPU memory probe within runtime.placement_timeout_s"
+            f" = {rt.placement_timeout_s:g} s; give runtime.gpus_per_worker a number or free a GPU"
+        )
+    probe = ray.get(ref)
+    if probe is None:  # the GPU node's torch sees no CUDA device
+        print("runtime.gpus_per_worker: auto: the probe saw no CUDA device; workers run on CPU", file=sys.stderr)
+        return 0.0
+    k = workers_per_gpu(probe.total_bytes, probe.peak_bytes)
+    print(
+        f"runtime.gpus_per_worker: auto: probe client {probe.client_id} peaked at {probe.peak_bytes / 2**20:.0f} MiB "
+        f"on a {probe.total_bytes / 2**30:.1f} GiB GPU -> {k} worker(s) per GPU ({gpu_share(k)} each)",
+        file=sys.stderr,
+    )
+    return gpu_share(k)
 
 
 class RayBackend:
@@ -116,7 +157,7 @@ class RayBackend:
         self._cfg, self._privacy, self._run_dir = cfg, setup.privacy, setup.run_dir
         self._auto = rt.workers == "auto"
         self._limit = cfg.federation.clients_per_round if self._auto else int(rt.workers)
-        self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
+        self._bundle: dict[str, float] = {}  # set in _start, once gpus_per_worker: auto is resolved
         self.sizes = [len(ix) for ix in setup.data.client_train]
         self.workers: list[Any] = []  # every worker not dead for good (up, or down: see self._down)
         self._down: dict[Any, _Down] = {}
@@ -135,7 +176,13 @@ class RayBackend:
             raise
 
     def _start(self, setup: RunSetup) -> None:
+        if self._cfg.runtime.gpus_per_worker == "auto":
+            share = resolve_gpu_share(setup)
+            self._cfg = dataclasses.replace(
+                self._cfg, runtime=dataclasses.replace(self._cfg.runtime, gpus_per_worker=share)
+            )
         rt = self._cfg.runtime
+        self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
         kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
         home = ray.get_runtime_context().get_node_id()  # the driver's node: the run folder is there
         pin = NodeAffinitySchedulingStrategy(home, soft=False)
