@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fedsim
+from tests.cluster.nodes import free_port, kill_leftovers
 
 ROOT = Path(fedsim.__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv: `ray` and the `python` the cluster's jobs run
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_head(proc: subprocess.Popen, temp_dir: str) -> None:
@@ -41,16 +35,7 @@ def kill_head(proc: subprocess.Popen, temp_dir: str) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if temp_dir.encode() in cmd:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    kill_leftovers(temp_dir)
 
 
 @dataclass(frozen=True)
