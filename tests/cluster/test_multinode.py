@@ -194,8 +194,7 @@ def test_workers_a_fixed_cluster_can_never_hold_exit_2_naming_the_keys(three_nod
     err = capsys.readouterr().err
     assert words in err and "fixed-size cluster (no autoscaler; 3 node(s)" in err, err
     assert "Traceback" not in err
-    assert not (tmp_path / "run" / "rounds.parquet").exists()  # nothing trained
-    # the same refusal from the preflight, which runs before any data is read or file written
+    assert not (tmp_path / "run").exists()  # refused by the preflight, before any data is read or file written
     cfg, _ = load_config("tiny", ["runtime.backend=ray", f"runtime.address={cluster.address}", *overrides])
     with pytest.raises(UserError, match=re.escape(words)):
         check(cluster.address, cfg.runtime)
