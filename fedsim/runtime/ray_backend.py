@@ -57,6 +57,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from fedsim.config.schema import RuntimeConfig
 from fedsim.errors import RunStopped, UserError
+from fedsim.plugins import plugin_modules
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
 from fedsim.runtime.cluster import ClusterKind, cluster_kind, connect, disconnect
@@ -127,6 +128,8 @@ def resolve_gpu_share(setup: RunSetup) -> float:
     options: dict[str, Any] = {"num_cpus": rt.cpus_per_worker, "num_gpus": 1}
     if rt.accelerator_type:
         options["accelerator_type"] = rt.accelerator_type
+    if plugin_modules(setup.cfg.method.name):  # a user method not installed on the nodes
+        options["runtime_env"] = {"py_modules": plugin_modules(setup.cfg.method.name)}
     probe_task = ray.remote(probe_client_memory).options(**options)
     ref = probe_task.remote(setup.cfg, setup.blueprint, setup.data, setup.initial_state, setup.privacy)
     ready, _ = ray.wait([ref], timeout=rt.placement_timeout_s)
@@ -186,9 +189,11 @@ class RayBackend:
         kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
         home = ray.get_runtime_context().get_node_id()  # the driver's node: the run folder is there
         pin = NodeAffinitySchedulingStrategy(home, soft=False)
-        self.server = ParameterServerActor.options(scheduling_strategy=pin).remote(
-            self._cfg, setup.initial_state, setup.privacy
-        )
+        modules = plugin_modules(self._cfg.method.name)  # a user method not installed on the nodes: shipped
+        self._plugin_env: dict[str, Any] = {"py_modules": modules} if modules else {}
+        self.server = ParameterServerActor.options(
+            scheduling_strategy=pin, **({"runtime_env": self._plugin_env} if modules else {})
+        ).remote(self._cfg, setup.initial_state, setup.privacy)
         self.store = ClientStoreActor.options(scheduling_strategy=pin).remote(*setup.client_store_args())
         # put into the object store once (read from shared memory by every worker on a node); held here for the
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
@@ -229,7 +234,8 @@ class RayBackend:
         group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
         self._groups.append(group)
         env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
-        extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+        runtime_env = {**({"env_vars": env} if env else {}), **getattr(self, "_plugin_env", {})}
+        extra: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
         if rt.accelerator_type:
             extra["accelerator_type"] = rt.accelerator_type
         new = [
