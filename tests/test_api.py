@@ -1,0 +1,123 @@
+"""The Python API (fedsim.run / load_run / validate, lazy import), the README's example run as written, and the
+TensorBoard events of a run equal to its rounds.parquet."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fedsim
+from fedsim.cli import main
+from fedsim.config.load import load_config
+from fedsim.metrics.tensorboard import TAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "<!-- python-api-example"
+
+
+def readme_example() -> str:
+    """The README's Python API code block (the ```python block after the marker)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(MARKER) :]
+    match = re.search(r"```python\n(.*?)```", after, re.S)
+    assert match, "README.md: no ```python block after the python-api-example marker"
+    return match.group(1)
+
+
+def test_import_fedsim_is_light():
+    code = (
+        "import sys, fedsim; print(sorted(m for m in ('torch', 'ray', 'transformers', 'pyarrow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
+
+
+def test_sweep_and_report_are_callable_even_after_their_subpackages_are_imported():
+    import fedsim.report.build  # noqa: F401  (sets fedsim.report to the subpackage)
+    import fedsim.sweep.runner  # noqa: F401
+
+    assert callable(fedsim.sweep) and callable(fedsim.report)
+    with pytest.raises(fedsim.UserError):
+        fedsim.sweep("no-such-sweep.yaml")
+
+
+def test_validate_takes_a_preset_a_dict_or_a_config_with_overrides():
+    want = load_config("tiny", ["federation.rounds=2", "lora.targets=[query]"])[0]
+    got = fedsim.validate("tiny", overrides={"federation.rounds": 2, "lora.targets": ["query"]})
+    assert got == want
+    assert fedsim.validate(want) == want
+    assert fedsim.validate({"seed": 3, "federation.rounds": 2}).seed == 3
+    assert fedsim.validate(want, overrides={"seed": 5}).seed == 5
+
+
+def test_bad_overrides_raise_a_config_error_naming_the_keys():
+    with pytest.raises(fedsim.ConfigError) as e:
+        fedsim.validate("tiny", overrides={"federation.rounds": 0, "federation.nope": 1})
+    text = str(e.value)
+    assert "federation.rounds" in text and "federation.nope" in text
+
+
+def test_run_refuses_a_non_empty_out_before_any_work(tmp_path):
+    (tmp_path / "x").write_text("something")
+    with pytest.raises(fedsim.UserError, match="refusing to overwrite"):
+        fedsim.run("tiny", out=tmp_path, progress=False)
+
+
+def _scalars(tb: str) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb)
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _assert_events_equal_rounds(result) -> None:
+    events = _scalars(result.tb)
+    rows = result.rounds.to_pylist()
+    assert rows
+    checked = 0
+    for column, tag in TAGS.items():
+        for row in rows:
+            value = row.get(column)
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                assert row["round"] not in events.get(tag, {}), (tag, row["round"])
+                continue
+            assert events[tag][row["round"]] == pytest.approx(float(value), rel=1e-6, abs=1e-9), (tag, row["round"])
+            checked += 1
+    assert checked >= 8 * len(rows)
+
+
+def test_run_returns_the_tables_and_tensorboard_events_equal_rounds_parquet(tmp_path):
+    result = fedsim.run(
+        "tiny",
+        overrides={"federation.rounds": 2, "privacy.mode": "sample", "privacy.epsilon": 8},
+        out=tmp_path / "r",
+        progress=False,
+    )
+    assert result.rounds.num_rows == 2 and result.clients.num_rows == 8
+    assert result.summary["rounds"] == 2 and result.out == str(tmp_path / "r")
+    assert (Path(result.adapter) / "adapter_config.json").is_file()
+    _assert_events_equal_rounds(result)  # epsilon_max / median included (DP on)
+    again = fedsim.load_run(tmp_path / "r")
+    assert again.rounds.equals(result.rounds) and again.summary == result.summary
+    with pytest.raises(fedsim.UserError, match="not a run folder"):
+        fedsim.load_run(tmp_path)
+
+
+def test_cli_run_tensorboard_prints_the_command(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["run", "tiny", "--out", str(out), "--set", "federation.rounds=1", "--tensorboard"]) == 0
+    assert f"tensorboard --logdir {out / 'tb'}" in capsys.readouterr().out
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_example(), "README.md:python-api-example", "exec"), {"__name__": "__readme__"})
+    assert (tmp_path / "runs" / "api-demo" / "summary.json").is_file()
+    assert "TensorBoard: tensorboard --logdir" in capsys.readouterr().out
