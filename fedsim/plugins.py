@@ -52,7 +52,7 @@ def entry_point_names(key: str) -> dict[str, str]:
     return dict(_entry_points(GROUPS[key]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _entry_points(group: str) -> tuple[tuple[str, str], ...]:
     return tuple((ep.name, ep.value) for ep in entry_points(group=group))
 

@@ -137,6 +137,8 @@ def check_method(cls: type[Method], config: Config | None = None) -> None:
         ups = _cohort(m, g, plan, WEIGHTS, seed=11)
         layers = layers_of(sorted(g))
         base, base_server = m.aggregate(g, ups, plan, server)
+        if linear:  # first: the declared rule itself
+            _check_linear(m, t, g, server, plan, ups, base, fail)
         # identical uploads
         same = [ClientUpdate(i, w, ups[0].tensors, ups[0].signals) for i, w in enumerate(WEIGHTS)]
         got, _ = m.aggregate(g, same, plan, server)
@@ -151,8 +153,6 @@ def check_method(cls: type[Method], config: Config | None = None) -> None:
             for layer in layers:
                 if not _close(_delta(m, got, g, layer), _delta(m, base, g, layer)):
                     fail("order independence", f"round {t}, layer {layer}: client order or ids change the aggregate")
-        if linear:
-            _check_linear(m, t, g, server, plan, ups, base, fail)
         # keys, shapes, dtypes
         for dtype in (torch.float32, torch.float64):
             m2 = make()
