@@ -121,3 +121,48 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(readme_example(), "README.md:python-api-example", "exec"), {"__name__": "__readme__"})
     assert (tmp_path / "runs" / "api-demo" / "summary.json").is_file()
     assert "TensorBoard: tensorboard --logdir" in capsys.readouterr().out
+
+
+def test_after_a_resume_the_events_still_equal_rounds_parquet(tmp_path):
+    import shutil
+
+    full = fedsim.run(
+        "tiny",
+        overrides={"federation.rounds": 4, "runtime.checkpoint_every": 2},
+        out=tmp_path / "full",
+        progress=False,
+    )
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full.out, stopped)
+    # as if killed during round 4 after its events were written: no summary, newest checkpoint round 2
+    (stopped / "summary.json").unlink()
+    shutil.rmtree(stopped / "checkpoints" / "round-000004")
+    (stopped / "checkpoints" / "LATEST").write_text("round-000002")
+    resumed = fedsim.resume(stopped, progress=False)
+    assert resumed.summary["resumed_from_round"] == 2 and resumed.rounds.num_rows == 4
+    assert resumed.rounds.column("wall_s") != full.rounds.column("wall_s")  # rounds 3-4 ran again
+    _assert_events_equal_rounds(resumed)
+
+
+def test_sweep_and_report_from_python_with_tensorboard_hparams_per_cell(tmp_path):
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(
+        "base: tiny\nset: {federation.rounds: 1, data.synthetic_examples: 300}\n"
+        "grid:\n  method.name: [fedavg_lora, ffa_lora]\n"
+    )
+    table = fedsim.sweep(sweep_file, out=tmp_path / "sweep")
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for row in rows:
+        acc = EventAccumulator(str(tmp_path / "sweep" / "tb" / row["cell"]))
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        assert start.session_start_info.hparams["method.name"].string_value == row["grid:method.name"]
+        (metric,) = (e.value for e in acc.Scalars("hparam/final_accuracy"))
+        assert metric == pytest.approx(row["final_accuracy"], rel=1e-6)
+    path = fedsim.report(tmp_path / "sweep")
+    assert Path(path).name == "report.md" and Path(path).is_file()
