@@ -166,3 +166,14 @@ def test_sweep_and_report_from_python_with_tensorboard_hparams_per_cell(tmp_path
         assert metric == pytest.approx(row["final_accuracy"], rel=1e-6)
     path = fedsim.report(tmp_path / "sweep")
     assert Path(path).name == "report.md" and Path(path).is_file()
+
+
+def test_a_run_to_s3_mirrors_tb_and_load_run_reads_it_back(s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = s3.uri("runs/api")
+    result = fedsim.run("tiny", overrides={"federation.rounds": 2}, out=uri, progress=False)
+    assert result.out == uri and result.tb == f"{uri}/tb" and result.adapter == f"{uri}/adapter"
+    assert any(f.startswith("tb/events.out.tfevents.") for f in s3.files("runs/api")), s3.files("runs/api")
+    again = fedsim.load_run(uri)
+    assert again.rounds.equals(result.rounds) and again.summary == result.summary and again.clients.num_rows == 8
+    assert not list(tmp_path.iterdir())  # nothing left behind locally
