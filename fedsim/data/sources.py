@@ -89,6 +89,8 @@ def source_path_problem(source: str) -> str | None:
     Cheap (no file is read): checks the source kind, that a file source's PATH exists, and that
     the bbc-news / tweets corpus package is installed.
     """
+    if _plugin_of(source) is not None:
+        return _plugin_problem(source)
     kind, path = _split_source(source)
     if kind in ("synthetic", "synthetic-arithmetic"):
         return None
@@ -122,9 +124,73 @@ def source_path_problem(source: str) -> str | None:
     return None
 
 
+def _plugin_of(source: str) -> tuple[str, str | None] | None:
+    """``(spec, ARG)`` when ``data.source`` names a user source (``module:fn``, ``module:fn:ARG``, or an entry
+    point of group ``fedsim.data``, optionally with ``:ARG``), else None."""
+    from fedsim.plugins import entry_point_names, split_source_spec
+
+    kind, sep, arg = source.partition(":")
+    if kind in FILE_KINDS:
+        return None
+    if kind in entry_point_names("data.source"):
+        return kind, arg if sep else None
+    return split_source_spec(source)
+
+
+def _plugin_problem(source: str) -> str | None:
+    """Why the user source ``data.source`` names cannot be used (does not import, is not callable), or None."""
+    from fedsim.errors import ConfigError
+    from fedsim.plugins import load_object
+
+    found = _plugin_of(source)
+    assert found is not None
+    try:
+        fn = load_object(found[0], "data.source", "a data source function")
+    except ConfigError as e:
+        return e.problems[0]
+    if not callable(fn):
+        return (
+            f"data.source: {found[0]!r} is {type(fn).__name__}, not a data source; name a function "
+            "(cfg: DataConfig, seed: int, arg: str | None) -> TextDataset | (texts, labels) (docs/extending.md)"
+        )
+    return None
+
+
+def _load_plugin(source: str, cfg: DataConfig, seed: int) -> TextDataset | InstructDataset:
+    """Call the user source: it returns a TextDataset (or InstructDataset for causal_lm) or ``(texts, labels)``
+    (labels: strings or ints, mapped to ids in sorted order). Raises DataError for anything else."""
+    from fedsim.data.instruct import InstructDataset
+    from fedsim.plugins import load_object
+
+    found = _plugin_of(source)
+    assert found is not None
+    out = load_object(found[0], "data.source", "a data source function")(cfg, seed, found[1])
+    if isinstance(out, (TextDataset, InstructDataset)):
+        return out
+    if isinstance(out, tuple) and len(out) == 2 and len(out[0]) == len(out[1]) and len(out[0]) > 0:
+        texts, labels = [str(t) for t in out[0]], list(out[1])
+        names = sorted({str(v) for v in labels}) if any(isinstance(v, str) for v in labels) else None
+        if names is None:
+            ids = np.asarray(labels, dtype=np.int64)
+            names = [str(i) for i in range(int(ids.max()) + 1)]
+        else:
+            ids = np.asarray([names.index(str(v)) for v in labels], dtype=np.int64)
+        if len(set(ids.tolist())) < 2:
+            raise DataError(f"data.source: {source!r} returned fewer than 2 classes; a classifier needs at least 2")
+        return TextDataset(texts, ids, tuple(names))
+    raise DataError(
+        f"data.source: {source!r} returned {type(out).__name__}; return a TextDataset or a non-empty "
+        "(texts, labels) pair of equal lengths (docs/extending.md)"
+    )
+
+
 def task_source_problem(task: str, cfg: DataConfig) -> str | None:
-    """Why ``data.source`` does not fit ``task.kind`` (one line naming both), or None. Cheap: reads no file."""
+    """Why ``data.source`` does not fit ``task.kind`` (one line naming both), or None. Cheap: reads no file.
+    A user source (plugin) is trusted to fit the task (it is checked when it loads)."""
     from fedsim.data.instruct import is_instruct_source
+
+    if _plugin_of(cfg.source) is not None:
+        return None
 
     kind, _ = _split_source(cfg.source)
     if task == "causal_lm":
@@ -162,7 +228,9 @@ def load_source(cfg: DataConfig, seed: int, task: str = "classification") -> Tex
     if problem is not None:
         raise DataError(problem)
     kind, path = _split_source(cfg.source)
-    if task == "causal_lm":
+    if _plugin_of(cfg.source) is not None:
+        ds = _load_plugin(cfg.source, cfg, seed)
+    elif task == "causal_lm":
         from fedsim.data.instruct import load_instruct
 
         ds = load_instruct(cfg, seed, kind, path)

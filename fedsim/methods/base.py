@@ -244,25 +244,79 @@ def _ensure_loaded() -> None:
         importlib.import_module(f"fedsim.methods.{mod}")
 
 
+def load_plugin_method(spec: str) -> type[Method]:
+    """The user method ``spec`` names (``module.path:Name`` or an entry point of group ``fedsim.methods``),
+    checked like a built-in (a :class:`Method` subclass without :func:`registration_problems`) and registered
+    under ``spec``. Raises ConfigError naming ``method.name`` otherwise."""
+    from fedsim.plugins import load_object
+
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]
+    cls = load_object(spec, "method.name", "a Method subclass")
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(
+            [
+                f"method.name: {spec!r} is {type(cls).__name__} {cls!r}, not a Method subclass; subclass "
+                "fedsim.methods.Method (see docs/extending.md)"
+            ]
+        )
+    problems = registration_problems(cls)
+    if problems:
+        raise ConfigError([f"method.name: {spec!r} {p}" for p in problems])
+    if not cls.name:
+        cls.name = spec
+    _REGISTRY[spec] = cls
+    return cls
+
+
+def _is_plugin(name: str) -> bool:
+    from fedsim.plugins import entry_point_names, is_spec
+
+    return is_spec(name) or name in entry_point_names("method.name")
+
+
 def all_capabilities() -> dict[str, Capabilities]:
-    """Every registered method's declared capabilities, by name."""
+    """Every registered method's declared capabilities, by name (built-ins, plugins loaded so far, and the
+    methods of installed packages' ``fedsim.methods`` entry points, loaded here)."""
     _ensure_loaded()
+    _load_entry_points()
     return {name: cls.capabilities for name, cls in sorted(_REGISTRY.items())}
 
 
+def _load_entry_points() -> None:
+    from fedsim.plugins import entry_point_names
+
+    for name in entry_point_names("method.name"):
+        if name not in _REGISTRY:
+            try:
+                load_plugin_method(name)
+            except ConfigError:
+                pass  # a broken installed plugin is reported when a config names it
+
+
 def available_methods() -> list[str]:
+    """The names ``method.name`` accepts without a ``module:Name`` spec (built-ins, entry points, plugins loaded)."""
     _ensure_loaded()
+    _load_entry_points()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> type[Method]:
-    """The registered class for ``name``; ConfigError (naming method.name and the known names) otherwise."""
+    """The registered class for ``name``, or the plugin ``name`` names (``module.path:Name``, an entry point);
+    ConfigError (naming method.name and the known names) otherwise."""
     _ensure_loaded()
+    if name not in _REGISTRY and _is_plugin(name):
+        return load_plugin_method(name)
     if name not in _REGISTRY:
         known = sorted(_REGISTRY)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError([f"method.name: unknown method {name!r}; known methods: {', '.join(known)}.{hint}"])
+        raise ConfigError(
+            [
+                f"method.name: unknown method {name!r}; known methods: {', '.join(known)}.{hint} (a method of your "
+                "own: module.path:ClassName)"
+            ]
+        )
     return _REGISTRY[name]
 
 

@@ -162,6 +162,8 @@ def task_model_problem(kind: str, name: str) -> str | None:
     names a ``*ForCausalLM`` architecture of a Llama-type model; SmolLM2 serves causal_lm only. Unknown names are
     left to :func:`model_name_problem`. Cheap: reads at most a folder's config.json.
     """
+    if name not in REGISTRY and _is_model_plugin(name):
+        return None  # checked once the builder has written its folder
     if kind == "causal_lm":
         if name in REGISTRY:
             if _REGISTRY_FAMILY[name] == "llama":
@@ -197,11 +199,61 @@ def task_model_problem(kind: str, name: str) -> str | None:
     return None
 
 
+def _is_model_plugin(name: str) -> bool:
+    from fedsim.plugins import entry_point_names, is_spec
+
+    return is_spec(name) or name in entry_point_names("model.name")
+
+
+def _model_plugin(name: str) -> Any:
+    """The user model builder ``name`` names; ConfigError (naming model.name) if it does not import or is not
+    callable."""
+    from fedsim.errors import ConfigError
+    from fedsim.plugins import load_object
+
+    fn = load_object(name, "model.name", "a model builder function")
+    if not callable(fn):
+        raise ConfigError(
+            [
+                f"model.name: {name!r} is {type(fn).__name__}, not a model builder; name a function "
+                "(cfg: ModelConfig, task: str) -> the path of a model folder (docs/extending.md)"
+            ]
+        )
+    return fn
+
+
+def resolve_model_config(cfg: ModelConfig, task: str = "classification") -> ModelConfig:
+    """``cfg`` with a user model builder (``model.name: module:fn`` or an entry point of group
+    ``fedsim.models``) replaced by the folder it returns (called once, on the driver: workers get the weights
+    through the blueprint); ``cfg`` itself otherwise. Raises UserError naming model.name when the builder does not
+    return an existing folder."""
+    if cfg.name in REGISTRY or not _is_model_plugin(cfg.name):
+        return cfg
+    import dataclasses
+
+    folder = _model_plugin(cfg.name)(cfg, task)
+    if not isinstance(folder, (str, Path)) or not (Path(folder) / "config.json").is_file():
+        raise UserError(
+            f"model.name: {cfg.name!r} returned {folder!r}, not a model folder (with config.json); return the "
+            "path of a folder written by save_pretrained (model and tokenizer)"
+        )
+    return dataclasses.replace(cfg, name=str(folder))
+
+
 def model_name_problem(name: str) -> str | None:
-    """None if ``name`` is a registry name, an existing local folder, or looks like a hub id "org/name".
+    """None if ``name`` is a registry name, an existing local folder, a hub id "org/name", or a user model builder
+    that imports (``module:fn``, an entry point of group ``fedsim.models``).
 
     Otherwise a one-line problem text naming ``model.name``, listing the registry names.
     """
+    if name not in REGISTRY and _is_model_plugin(name):
+        from fedsim.errors import ConfigError
+
+        try:
+            _model_plugin(name)
+        except ConfigError as e:
+            return e.problems[0]
+        return None
     if name == SMOLLM2:
         return smollm2_problem()
     if name in REGISTRY:

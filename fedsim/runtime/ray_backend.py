@@ -57,6 +57,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from fedsim.config.schema import RuntimeConfig
 from fedsim.errors import RunStopped, UserError
+from fedsim.plugins import plugin_modules
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
 from fedsim.runtime.cluster import ClusterKind, cluster_kind, connect, disconnect
@@ -111,6 +112,26 @@ def refuse_if_never_fits(rt: RuntimeConfig, started: bool = False) -> ClusterKin
     return kind
 
 
+def plugin_runtime_env(method_name: str) -> dict[str, Any]:
+    """The actors' ``runtime_env`` for a user method whose module is not installed (``{}`` otherwise): its file or
+    package folder uploaded to the cluster (GCS) as Ray does for a job's ``py_modules`` (actor-level runtime_envs
+    take only URIs), so it imports on any node. Without Ray's uploader (a Ray version that moved it): the module's
+    folder on PYTHONPATH, which reaches the driver's own node only."""
+    modules = plugin_modules(method_name)
+    if not modules:
+        return {}
+    try:
+        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    except ImportError:
+        path = [*sorted({os.path.dirname(m) for m in modules}), os.environ.get("PYTHONPATH", "")]
+        return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in path if p)}}
+    import tempfile
+
+    return upload_py_modules_if_needed(
+        {"py_modules": list(modules)}, include_gitignore=False, scratch_dir=tempfile.gettempdir()
+    )
+
+
 def resolve_gpu_share(setup: RunSetup) -> float:
     """``runtime.gpus_per_worker: auto``: 0.0 when no live node has a GPU now (the workers run on CPU; say a number
     to have an autoscaler launch GPU nodes); else the share that packs as many workers per GPU as one probe
@@ -127,6 +148,9 @@ def resolve_gpu_share(setup: RunSetup) -> float:
     options: dict[str, Any] = {"num_cpus": rt.cpus_per_worker, "num_gpus": 1}
     if rt.accelerator_type:
         options["accelerator_type"] = rt.accelerator_type
+    plugin_env = plugin_runtime_env(setup.cfg.method.name)  # a user method not installed on the nodes
+    if plugin_env:
+        options["runtime_env"] = plugin_env
     probe_task = ray.remote(probe_client_memory).options(**options)
     ref = probe_task.remote(setup.cfg, setup.blueprint, setup.data, setup.initial_state, setup.privacy)
     ready, _ = ray.wait([ref], timeout=rt.placement_timeout_s)
@@ -186,9 +210,10 @@ class RayBackend:
         kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
         home = ray.get_runtime_context().get_node_id()  # the driver's node: the run folder is there
         pin = NodeAffinitySchedulingStrategy(home, soft=False)
-        self.server = ParameterServerActor.options(scheduling_strategy=pin).remote(
-            self._cfg, setup.initial_state, setup.privacy
-        )
+        self._plugin_env = plugin_runtime_env(self._cfg.method.name)  # a user method not installed: shipped
+        self.server = ParameterServerActor.options(
+            scheduling_strategy=pin, **({"runtime_env": self._plugin_env} if self._plugin_env else {})
+        ).remote(self._cfg, setup.initial_state, setup.privacy)
         self.store = ClientStoreActor.options(scheduling_strategy=pin).remote(*setup.client_store_args())
         # put into the object store once (read from shared memory by every worker on a node); held here for the
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
@@ -229,7 +254,9 @@ class RayBackend:
         group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
         self._groups.append(group)
         env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
-        extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+        plugin_env = dict(getattr(self, "_plugin_env", {}))
+        runtime_env = {**plugin_env, **({"env_vars": {**plugin_env.get("env_vars", {}), **env}} if env else {})}
+        extra: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
         if rt.accelerator_type:
             extra["accelerator_type"] = rt.accelerator_type
         new = [

@@ -85,6 +85,25 @@ def _row(out: Path, cell: Cell, error: str | None) -> dict[str, Any]:
     return row
 
 
+#: sweep.parquet columns written as the HParams plugin's metrics (``tb/<cell id>``)
+HPARAM_METRICS = ("final_accuracy", "best_accuracy", "final_loss", "final_local_accuracy", "epsilon_spent", "wall_s")
+
+
+def write_hparams(out: Path, row: dict[str, Any]) -> list[str]:
+    """TensorBoard HParams of one finished cell: its grid values and its :data:`HPARAM_METRICS` (those present)
+    into ``out/tb/<cell id>/`` (``tensorboard --logdir <sweep>`` then shows one run per cell beside the cells'
+    per-round curves in ``cells/<id>/tb``). Returns the written files relative to ``out``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    hparams = {k.removeprefix("grid:"): ("null" if v is None else v) for k, v in row.items() if k.startswith("grid:")}
+    metrics = {f"hparam/{k}": float(row[k]) for k in HPARAM_METRICS if isinstance(row.get(k), (int, float))}
+    folder = Path(out) / "tb" / str(row["cell"])
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun cell replaces its record
+    with SummaryWriter(str(folder)) as writer:
+        writer.add_hparams(hparams, metrics, run_name=".")
+    return [p.relative_to(out).as_posix() for p in folder.rglob("*") if p.is_file()]
+
+
 def write_table(out: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Write ``sweep.parquet`` atomically (temporary file + rename)."""
     path = Path(out) / SWEEP_FILE
@@ -201,6 +220,9 @@ def _run_sweep(
         errors[cell.cell_id] = error
         if error is None:
             done.add(cell.cell_id)
+            for rel in write_hparams(out, _row(out, cell, None)):  # TensorBoard HParams of the cell
+                if loc.remote:
+                    loc.upload(out / rel, rel)
         else:
             log(f"cell {cell.cell_id} FAILED: {error.strip().splitlines()[-1] if error.strip() else error}")
         publish(rows())

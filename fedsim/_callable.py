@@ -1,0 +1,23 @@
+"""``fedsim.sweep(...)`` and ``fedsim.report(...)`` are API functions, but ``fedsim.sweep`` and ``fedsim.report``
+are also subpackages (importing a submodule sets the package attribute to the module). So those two packages are
+made callable: calling the package calls :func:`fedsim.api.sweep` / :func:`fedsim.api.report`."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+
+def make_callable(module_name: str, function: str) -> None:
+    """Make the module ``module_name`` callable as :func:`fedsim.api.<function>` (its docstring is the function's
+    own, so ``help(fedsim.sweep)`` shows it too)."""
+
+    class _CallablePackage(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            from fedsim import api
+
+            return getattr(api, function)(*args, **kwargs)
+
+    _CallablePackage.__name__ = f"CallablePackage[{function}]"
+    sys.modules[module_name].__class__ = _CallablePackage

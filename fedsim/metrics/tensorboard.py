@@ -1,0 +1,56 @@
+"""TensorBoard event files of a run (``<run>/tb/``): one scalar per rounds.parquet column and round.
+
+Contract: for every round row and every column of :data:`TAGS` whose value is a finite number, the scalar
+``TAGS[column]`` at step ``round`` equals the row's value (stored as float32 by TensorBoard). A resumed run opens
+the writer with ``purge_step`` = the first round it runs, so TensorBoard drops events a killed run wrote past its
+checkpoint and the events equal rounds.parquet again. Written with ``torch.utils.tensorboard`` (imported here
+only, when a run starts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+TB_DIR = "tb"
+
+#: rounds.parquet column -> TensorBoard tag
+TAGS: dict[str, str] = {
+    "train_loss": "loss/train",
+    "eval_loss": "loss/eval",
+    "eval_accuracy": "accuracy/eval",
+    "personal_accuracy": "accuracy/personal",
+    "eval_perplexity": "perplexity/eval",
+    "epsilon_max": "privacy/epsilon_max",
+    "epsilon_median": "privacy/epsilon_median",
+    "bytes_up": "bytes/up",
+    "bytes_down": "bytes/down",
+    "wall_s": "time/wall_s",
+    "worker_busy_frac": "time/worker_busy_frac",
+    "clients": "clients/ok",
+    "failed_clients": "clients/failed",
+}
+
+
+class RoundEvents:
+    """Writes each round's row of rounds.parquet as scalars under ``run_dir/tb`` (see the module doc)."""
+
+    def __init__(self, run_dir: Path, first_round: int = 1) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder = Path(run_dir) / TB_DIR
+        self._writer = SummaryWriter(str(self.folder), purge_step=first_round if first_round > 1 else None)
+
+    def add_round(self, row: Mapping[str, Any]) -> None:
+        """The row's numeric, finite values at step ``row["round"]``; flushed, so a mirror copies them."""
+        step = int(row["round"])
+        for column, tag in TAGS.items():
+            value = row.get(column)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self._writer.add_scalar(tag, float(value), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
