@@ -202,6 +202,11 @@ def validate(cfg: Config) -> list[str]:
             f"runtime.zero.stage: {zero.stage} is built for task.kind: causal_lm (LLaMA-architecture bases); set "
             "task.kind: causal_lm or runtime.zero.stage: 0"
         )
+    if zero.stage > 0 and rt.workers == "auto":
+        problems.append(
+            "runtime.workers: auto is not supported with runtime.zero.stage > 0 (a worker is a group of "
+            "runtime.zero.ranks actors); give runtime.workers a number, e.g. 1"
+        )
     if zero.stage > 0 and rt.gpus_per_worker == "auto":
         problems.append(
             "runtime.gpus_per_worker: auto is not supported with runtime.zero.stage > 0; give each rank a number of "

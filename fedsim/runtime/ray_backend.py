@@ -162,6 +162,7 @@ class RayBackend:
         self.workers: list[Any] = []  # every worker not dead for good (up, or down: see self._down)
         self._down: dict[Any, _Down] = {}
         self._groups: list[Any] = []  # placement groups, removed at shutdown
+        self._zero_actors: list[Any] = []  # every rank actor of the ZeRO groups (runtime.zero.stage > 0)
         self._growing: list[Any] = []  # the workers of the newest growth group
         self._next_id = 0
         self._requested = False  # request_resources was called (cleared at shutdown)
@@ -184,6 +185,12 @@ class RayBackend:
         rt = self._cfg.runtime
         self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
         kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
+        if rt.zero.stage > 0 and kind == "fixed":  # ZeRO groups: workers x ranks bundles
+            from fedsim.runtime.zero_group import zero_capacity_problem
+
+            problem = zero_capacity_problem(rt, node_resources(free=False), self._bundle)
+            if problem:
+                raise UserError(problem)
         home = ray.get_runtime_context().get_node_id()  # the driver's node: the run folder is there
         pin = NodeAffinitySchedulingStrategy(home, soft=False)
         self.server = ParameterServerActor.options(scheduling_strategy=pin).remote(
@@ -226,12 +233,21 @@ class RayBackend:
     def _add_group(self, count: int) -> Any:
         """A placement group of ``count`` worker bundles and one new worker actor per bundle (not waited for)."""
         rt = self._cfg.runtime
-        group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
-        self._groups.append(group)
         env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
         extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
         if rt.accelerator_type:
             extra["accelerator_type"] = rt.accelerator_type
+        if rt.zero.stage > 0:  # one placement group of runtime.zero.ranks bundles per worker
+            from fedsim.runtime.zero_group import add_zero_groups
+
+            placed, leaders, actors = add_zero_groups(count, self._next_id, self._cfg, self._privacy, self._bundle, extra)
+            self._groups.extend(placed.groups)
+            self._zero_actors.extend(actors)
+            self._next_id += count
+            self.workers.extend(leaders)
+            return placed
+        group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
+        self._groups.append(group)
         new = [
             WorkerActor.options(
                 num_cpus=rt.cpus_per_worker,
@@ -500,7 +516,7 @@ class RayBackend:
     def shutdown(self) -> None:
         """Kill the actors, remove the placement groups, withdraw the autoscaler request; stop Ray only if this
         run started it (a joined cluster stays up)."""
-        for actor in [*self.workers, self.server, self.store]:
+        for actor in [*self.workers, *self._zero_actors, self.server, self.store]:
             if actor is not None:
                 ray.kill(actor)
         for group in self._groups:
