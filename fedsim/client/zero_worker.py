@@ -116,12 +116,14 @@ def partitioned_base(bp: BaseBlueprint, stage: int, offload: str = "none") -> to
         PreTrainedModel.initialize_weights = init
     if bp.tied:
         model.tie_weights()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     names = dict(model.named_parameters())
     missing = [k for k in names if k not in bp.weights and k not in bp.tied]
     unexpected = [k for k in bp.weights if k not in names]
     if missing or unexpected:
-        raise RuntimeError(f"blueprint weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"blueprint weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     with torch.no_grad():
         for name, p in names.items():
             if name not in bp.weights:
@@ -136,7 +138,6 @@ def partitioned_base(bp: BaseBlueprint, stage: int, offload: str = "none") -> to
                 b.copy_(bp.weights[name])
     for p in model.parameters():
         p.requires_grad_(False)
-    _ = world
     return model.eval()
 
 
@@ -293,7 +294,7 @@ class ZeroClientWorker(ClientWorker):
         self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         base = partitioned_base(blueprint, max(1, zero.stage), zero.offload)
         self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task)
-        for name, p in self.model.named_parameters():  # the adapter (not partitioned) onto this rank's device
+        for p in self.model.parameters():  # the adapter (not partitioned) onto this rank's device
             if not hasattr(p, "ds_id"):
                 p.data = p.data.to(self.device)
         self.compute = PartitionedCompute(self.model)

@@ -213,6 +213,8 @@ class RayBackend:
         ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
         nodes = set(self.worker_nodes())
         how = f"auto: {count} now, up to {self._limit}" if self._auto else str(count)
+        if rt.zero.stage > 0:
+            how += f" ZeRO-{rt.zero.stage} group(s) of {rt.zero.ranks} ranks,"
         self._desc = (
             f"ray backend ({how} workers x {bundle_text(self._bundle)}; placement {rt.placement} over "
             f"{len(nodes)} node(s))"
@@ -240,7 +242,9 @@ class RayBackend:
         if rt.zero.stage > 0:  # one placement group of runtime.zero.ranks bundles per worker
             from fedsim.runtime.zero_group import add_zero_groups
 
-            placed, leaders, actors = add_zero_groups(count, self._next_id, self._cfg, self._privacy, self._bundle, extra)
+            placed, leaders, actors = add_zero_groups(
+                count, self._next_id, self._cfg, self._privacy, self._bundle, extra
+            )
             self._groups.extend(placed.groups)
             self._zero_actors.extend(actors)
             self._next_id += count

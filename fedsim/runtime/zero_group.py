@@ -168,7 +168,9 @@ def add_zero_groups(
     return GroupsPlaced(groups), leaders, actors
 
 
-def zero_capacity_problem(rt: RuntimeConfig, total: Iterable[Mapping[str, float]], bundle: Mapping[str, float]) -> str | None:
+def zero_capacity_problem(
+    rt: RuntimeConfig, total: Iterable[Mapping[str, float]], bundle: Mapping[str, float]
+) -> str | None:
     """The problem with ``runtime.workers`` ZeRO groups of ``runtime.zero.ranks`` ranks on a FIXED-size cluster
     whose nodes have ``total`` resources, or None when it can hold them."""
     nodes = list(total)
