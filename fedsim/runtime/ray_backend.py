@@ -61,7 +61,14 @@ from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerA
 from fedsim.runtime.backend import RunSetup
 from fedsim.runtime.cluster import ClusterKind, cluster_kind, connect, disconnect
 from fedsim.runtime.gpu_share import gpu_share, workers_per_gpu
-from fedsim.runtime.placement import auto_workers, bundle_text, capacity_problem, growth, worker_bundle
+from fedsim.runtime.placement import (
+    auto_workers,
+    bundle_text,
+    capacity_problem,
+    growth,
+    worker_bundle,
+    zero_capacity_problem,
+)
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
 from fedsim.server.parameter_server import AggregateInfo
@@ -186,8 +193,6 @@ class RayBackend:
         self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
         kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
         if rt.zero.stage > 0 and kind == "fixed":  # ZeRO groups: workers x ranks bundles
-            from fedsim.runtime.zero_group import zero_capacity_problem
-
             problem = zero_capacity_problem(rt, node_resources(free=False), self._bundle)
             if problem:
                 raise UserError(problem)

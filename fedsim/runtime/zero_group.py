@@ -13,24 +13,24 @@ Faults: a group is not restarted (``max_restarts=0``): a rank that dies takes th
 the leader's calls fail and the Ray backend drops the worker and re-runs its clients on the other workers.
 
 Sizing: every rank takes ``runtime.cpus_per_worker`` CPUs and ``runtime.gpus_per_worker`` GPUs;
-:func:`zero_capacity_problem` refuses a fixed-size cluster that can never hold ``runtime.workers x
-runtime.zero.ranks`` such bundles.
+:func:`fedsim.runtime.placement.zero_capacity_problem` refuses a fixed-size cluster that can never hold
+``runtime.workers x runtime.zero.ranks`` such bundles (before the run folder is written when the run starts its own
+Ray: :func:`fedsim.runtime.cluster.check`).
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fedsim.config.schema import Config, RuntimeConfig
+from fedsim.config.schema import Config
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.runtime.actors import Shared, WorkerBase
-from fedsim.runtime.placement import bundle_text, workers_fitting
 from fedsim.types import AdapterState, ClientTask, EvalTask
 
 
@@ -166,20 +166,3 @@ def add_zero_groups(
         leaders.append(leader)
         actors.extend([leader, *peers])
     return GroupsPlaced(groups), leaders, actors
-
-
-def zero_capacity_problem(
-    rt: RuntimeConfig, total: Iterable[Mapping[str, float]], bundle: Mapping[str, float]
-) -> str | None:
-    """The problem with ``runtime.workers`` ZeRO groups of ``runtime.zero.ranks`` ranks on a FIXED-size cluster
-    whose nodes have ``total`` resources, or None when it can hold them."""
-    nodes = list(total)
-    need = int(rt.workers) * rt.zero.ranks
-    fit = workers_fitting(nodes, bundle)
-    if need <= fit:
-        return None
-    return (
-        f"runtime.zero.ranks: {rt.workers} worker group(s) x {rt.zero.ranks} ranks of {bundle_text(bundle)} each "
-        f"(runtime.cpus_per_worker, runtime.gpus_per_worker) = {need} ranks, but this fixed-size cluster can place "
-        f"{fit}: lower runtime.zero.ranks or runtime.workers, lower the per-rank resources, or add nodes"
-    )

@@ -84,3 +84,38 @@ def test_more_ranks_than_the_cluster_can_place_is_refused_before_training(tmp_pa
 def test_zero3_on_the_local_backend_is_a_config_error():
     with pytest.raises(ConfigError, match="runtime.zero.stage"):
         load_config("tiny-lm", ["runtime.backend=local", "runtime.zero.stage=3"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["runtime.zero.stage=3"], "runtime.zero.stage"),  # the local backend
+        (["runtime.backend=ray", "runtime.zero.stage=3", "runtime.zero.ranks=64"], "runtime.zero.ranks"),
+    ],
+    ids=["stage3_local_backend", "more_ranks_than_cpus"],
+)
+def test_bad_zero_input_exits_2_naming_the_key_and_writes_nothing(tmp_path, overrides, key):
+    import subprocess
+    import sys
+
+    sets = [a for o in overrides for a in ("--set", o)]
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", "run", "tiny-lm", *sets, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert key in proc.stderr
+    assert not out.exists()
+
+
+def test_zero_capacity_counts_workers_times_ranks():
+    from fedsim.config.schema import RuntimeConfig, ZeroConfig
+    from fedsim.runtime.placement import zero_capacity_problem
+
+    rt = RuntimeConfig(workers=2, zero=ZeroConfig(stage=3, ranks=2))
+    assert zero_capacity_problem(rt, [{"CPU": 4.0}], {"CPU": 1.0}) is None
+    problem = zero_capacity_problem(rt, [{"CPU": 2.0}, {"CPU": 1.0}], {"CPU": 1.0})
+    assert problem is not None and "runtime.zero.ranks" in problem and "can place 3" in problem
