@@ -33,6 +33,7 @@ FLoRA) would write the partitioned base and are refused.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -94,7 +95,10 @@ def partitioned_base(bp: BaseBlueprint, stage: int, offload: str = "none") -> to
 
     config_dict = dict(bp.config)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    dtype = next(iter(bp.weights.values())).dtype if bp.weights else torch.float32
+    with warnings.catch_warnings():  # numpy arrays mapped read-only from Ray's shared memory: only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        weights = {k: torch.as_tensor(v) for k, v in bp.weights.items()}  # numpy (zero-copy from Ray) or tensors
+    dtype = next(iter(weights.values())).dtype if weights else torch.float32
     from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
     from transformers.modeling_utils import PreTrainedModel
 
@@ -118,24 +122,25 @@ def partitioned_base(bp: BaseBlueprint, stage: int, offload: str = "none") -> to
         model.tie_weights()
     rank = dist.get_rank()
     names = dict(model.named_parameters())
-    missing = [k for k in names if k not in bp.weights and k not in bp.tied]
-    unexpected = [k for k in bp.weights if k not in names]
+    buffers = dict(model.named_buffers())
+    missing = [k for k in names if k not in weights and k not in bp.tied]
+    unexpected = [k for k in weights if k not in names and k not in buffers]
     if missing or unexpected:
         raise RuntimeError(
             f"blueprint weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     with torch.no_grad():
         for name, p in names.items():
-            if name not in bp.weights:
+            if name not in weights:
                 continue
-            flat = bp.weights[name].reshape(-1)
+            flat = weights[name].reshape(-1)  # a view: only this rank's slice is read
             part = p.ds_tensor.numel()
             chunk = flat[rank * part : (rank + 1) * part]
             p.ds_tensor.zero_()
             p.ds_tensor[: chunk.numel()].copy_(chunk.to(p.ds_tensor.dtype))
-        for name, b in model.named_buffers():
-            if name in bp.weights:
-                b.copy_(bp.weights[name])
+        for name, b in buffers.items():
+            if name in weights:
+                b.copy_(weights[name])
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -205,7 +205,12 @@ class RayBackend:
         # put into the object store once (read from shared memory by every worker on a node); held here for the
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
         # (see fedsim.runtime.actors): Ray cannot restart an actor whose constructor refs are gone.
-        self.shared = Shared(ray.put(setup.blueprint), ray.put(setup.data), self.server, self.store)
+        blueprint = setup.blueprint
+        if rt.zero.stage > 0:  # numpy weights: every rank maps them from shared memory and copies only its slices
+            from fedsim.runtime.zero_group import shareable_blueprint
+
+            blueprint = shareable_blueprint(blueprint)
+        self.shared = Shared(ray.put(blueprint), ray.put(setup.data), self.server, self.store)
         count = auto_workers(node_resources(free=True), self._bundle, self._limit) if self._auto else self._limit
         if self._auto and kind != "fixed":  # tell an autoscaler what the run could use
             from ray.autoscaler.sdk import request_resources

@@ -40,6 +40,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def shareable_blueprint(bp: Any) -> Any:
+    """``bp`` with its weights as numpy arrays where numpy has the dtype (float32, float16): Ray deserialises numpy
+    arrays zero-copy from the node's shared memory, so a rank that copies its slices never holds the whole base
+    (torch tensors would be copied whole into every rank). bfloat16 weights stay tensors."""
+    import dataclasses
+
+    import torch
+
+    weights = {
+        k: v.detach().cpu().numpy() if v.dtype in (torch.float32, torch.float16) else v for k, v in bp.weights.items()
+    }
+    return dataclasses.replace(bp, weights=weights)
+
+
 def _build_rank(
     rank: int, world: int, addr: str, port: int, worker_id: int, cfg: Config, privacy: PrivacyMechanism, shared: Shared
 ) -> Any:
