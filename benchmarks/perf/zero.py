@@ -1,7 +1,7 @@
 """ZeRO worker groups: per-rank resident bytes of the frozen base and seconds per local step, stage 0 (the plain
 one-process worker) against stage 3 with G = 1 and G = 2 ranks, on CPU (gloo), without Ray.
 
-    python benchmarks/perf/zero.py [--model tiny-llama|smollm2-135m] [--steps 4] [--batch 8] [--length 64]
+    python benchmarks/perf/zero.py [--model tiny-llama|smollm2-135m] [--steps 4] [--batch 8] [--length 64] [--quick]
 
 Each configuration runs in fresh processes (torch.multiprocessing, G of them): the blueprint (the whole base's
 weights) is written once by the parent and memory-mapped by the ranks, which copy only their slices. Reported per
@@ -106,7 +106,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny-llama, 1 step, batch 4, length 32")
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.steps, args.batch, args.length = "tiny-llama", 1, 4, 32
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         blob = Path(tmp) / "blueprint.pt"
