@@ -161,6 +161,19 @@ class LocalTrainer:
             return causal_lm_forward(module, ids, mask, labels)[0].mean()
         return F.cross_entropy(module(input_ids=ids, attention_mask=mask).logits.float(), labels)
 
+    def _backward(self, batch: tuple[torch.Tensor, ...], params: list[torch.nn.Parameter]) -> float:
+        """One non-empty batch ``(ids, mask, labels)``: its mean loss, backpropagated (per-example gradients under
+        DP). Returns the loss. A subclass may split the batch over processes (``fedsim.client.zero_worker``)."""
+        loss = self._loss(self._forward_module, batch)
+        loss.backward()
+        return float(loss.detach())
+
+    def _dp_optimizer(
+        self, optimizer: torch.optim.Optimizer, sigma: float, expected: int, generator: torch.Generator
+    ) -> torch.optim.Optimizer:
+        """The DP-SGD optimizer around ``optimizer`` (:func:`fedsim.privacy.dpsgd.make_dp_optimizer`)."""
+        return make_dp_optimizer(optimizer, sigma, self.privacy.clip, expected, generator)
+
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         lr = self.federation.lr
         if self.federation.optimizer == "adamw":
@@ -210,7 +223,7 @@ class LocalTrainer:
             noise_gen.manual_seed(derive_seed(self.seed, "dp_noise", round, client_id))
             expected = expected_batch_size(self.federation.batch_size, n)
             sigma = self.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
-            optimizer = make_dp_optimizer(optimizer, sigma, self.privacy.clip, expected, noise_gen)
+            optimizer = self._dp_optimizer(optimizer, sigma, expected, noise_gen)
         batches = batch_schedule(
             n,
             self.federation.batch_size,
@@ -235,14 +248,12 @@ class LocalTrainer:
                         set_empty_grad_samples(params)
                     else:
                         batch = (ids_t[idx].to(device), mask_t[idx].to(device), labels_t[idx].to(device))
-                        loss = self._loss(self._forward_module, batch)
-                        losses.append(float(loss.detach()))
+                        losses.append(self._backward(batch, params))
                         if not math.isfinite(losses[-1]):  # never let a diverged client reach the aggregate
                             raise FloatingPointError(
                                 f"round {round}, client {client_id}: training loss is {losses[-1]} at local step "
                                 f"{i + 1}; lower federation.lr (or check this client's data)"
                             )
-                        loss.backward()
                         self._last_batch = (by_key, batch)
                     second_last = i == len(batches) - 2
                     before = [p.detach().clone() for p in params] if second_last else []

@@ -195,6 +195,33 @@ def validate(cfg: Config) -> list[str]:
         ">= 0",
         "the in-memory budget for kept client tensors in MiB, e.g. 512; 0 spills every client to disk",
     )
+    zero = rt.zero
+    need("runtime.zero.ranks", zero.ranks >= 1, ">= 1", "the ranks per ZeRO worker group, e.g. 2")
+    if zero.stage == 0 and zero.ranks > 1:
+        problems.append(
+            f"runtime.zero.ranks: {zero.ranks} ranks need runtime.zero.stage 1, 2 or 3 (stage 0 is one process per "
+            "worker); set runtime.zero.stage: 3 or runtime.zero.ranks: 1"
+        )
+    if (zero.stage > 0 or zero.ranks > 1) and rt.backend == "local":
+        problems.append(
+            f"runtime.zero.stage: {zero.stage} (runtime.zero.ranks: {zero.ranks}) needs runtime.backend: ray (a ZeRO "
+            "worker group is several Ray actors); set runtime.backend: ray or runtime.zero.stage: 0"
+        )
+    if zero.stage > 0 and cfg.task.kind != "causal_lm":
+        problems.append(
+            f"runtime.zero.stage: {zero.stage} is built for task.kind: causal_lm (LLaMA-architecture bases); set "
+            "task.kind: causal_lm or runtime.zero.stage: 0"
+        )
+    if zero.stage > 0 and rt.workers == "auto":
+        problems.append(
+            "runtime.workers: auto is not supported with runtime.zero.stage > 0 (a worker is a group of "
+            "runtime.zero.ranks actors); give runtime.workers a number, e.g. 1"
+        )
+    if zero.stage > 0 and rt.gpus_per_worker == "auto":
+        problems.append(
+            "runtime.gpus_per_worker: auto is not supported with runtime.zero.stage > 0; give each rank a number of "
+            "GPUs (e.g. 1) or 0 for CPU"
+        )
     from fedsim.runtime.cluster import address_problem  # the form only (no network; that module imports no Ray)
 
     address = address_problem(rt.address.strip())

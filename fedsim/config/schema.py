@@ -228,6 +228,31 @@ class ClientStoreConfig:
 
 
 @dataclass(frozen=True)
+class ZeroConfig:
+    stage: int = _f(
+        0,
+        "DeepSpeed ZeRO stage of a worker's frozen base model: 0 = one process holds the whole base (the plain "
+        "worker); 1-3 = a worker is a group of runtime.zero.ranks Ray actors (one placement group, PACK) forming one "
+        "torch.distributed group (gloo on CPU, NCCL on GPU); the frozen base is built under deepspeed.zero.Init and "
+        "stays partitioned across the ranks (each holds 1/G of every base tensor; stages 1 and 2 partition only "
+        "optimizer state and gradients, which LoRA-only training keeps tiny, so they are run as stage 3 for the base). "
+        "Ray backend only.",
+        (0, 1, 2, 3),
+    )
+    ranks: int = _f(
+        1,
+        "Ranks (Ray actors, each with runtime.cpus_per_worker / runtime.gpus_per_worker) per ZeRO worker group; a "
+        "client's batch is split across them. Results do not depend on it. > 1 needs stage >= 1.",
+    )
+    offload: str = _f(
+        "none",
+        "Where a rank keeps its partition of the base between uses: none (its device) or cpu (host memory; the "
+        "partition is moved to the device only for the layer being computed). Only meaningful with GPUs.",
+        ("none", "cpu"),
+    )
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     backend: str = _f("ray", "ray (actors) or local (one process, for debugging).", ("ray", "local"))
     workers: int | Literal["auto"] = _f(
@@ -282,6 +307,10 @@ class RuntimeConfig:
     )
     client_store: ClientStoreConfig = field(
         default_factory=ClientStoreConfig, metadata={"help": "Per-client kept state (memory budget, spilling)."}
+    )
+    zero: ZeroConfig = field(
+        default_factory=ZeroConfig,
+        metadata={"help": "DeepSpeed ZeRO worker groups: a partitioned frozen base over several ranks per worker."},
     )
 
 

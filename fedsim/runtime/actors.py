@@ -78,12 +78,13 @@ class Shared:
     store: Any
 
 
-@ray.remote
-class WorkerActor:
+class WorkerBase:
     """One ClientWorker (one base model); reads and writes the store itself, pre-sums its uploads per round.
 
     The constructor takes plain values only; the model is built from a :class:`Shared` on the first call that
-    brings one (the driver calls :meth:`ready` right after creating the actor, and again after a restart)."""
+    brings one (the driver calls :meth:`ready` right after creating the actor, and again after a restart).
+    :data:`WorkerActor` is this class as a Ray actor; a ZeRO group's leader (:mod:`fedsim.runtime.zero_group`)
+    overrides :meth:`_build`."""
 
     def __init__(self, worker_id: int, cfg: Config, privacy: PrivacyMechanism) -> None:
         self.worker_id = worker_id
@@ -99,10 +100,14 @@ class WorkerActor:
     def _attach(self, shared: Shared) -> ClientWorker:
         """The ClientWorker, built on first use in this process from the blueprint and data in shared memory."""
         if self._worker is None:
-            blueprint, data = ray.get([shared.blueprint, shared.data])
             self.server, self.store = shared.server, shared.store
-            self._worker = ClientWorker(self.worker_id, self.cfg, blueprint, data, self.privacy)
+            self._worker = self._build(shared)
         return self._worker
+
+    def _build(self, shared: Shared) -> ClientWorker:
+        """The worker's model, from the blueprint and data in shared memory."""
+        blueprint, data = ray.get([shared.blueprint, shared.data])
+        return ClientWorker(self.worker_id, self.cfg, blueprint, data, self.privacy)
 
     def train(self, shared: Shared, task: ClientTask, global_state: AdapterState) -> ClientResult:
         """Train one client from its state as of the start of ``task.round`` (so a re-run after a crash starts
@@ -160,3 +165,6 @@ class WorkerActor:
             kept = ray.get(self.store.get.remote(task.client_id))
             state = worker.personal_state(global_state, kept, plan)
         return worker.evaluate(task, state)
+
+
+WorkerActor = ray.remote(WorkerBase)

@@ -226,6 +226,16 @@ def check(address: str, runtime: Any = None) -> Target:
     target = plan(address, os.environ, ray.is_initialized())
     if target.action == "join":
         probe(target)
+    zero = getattr(runtime, "zero", None)
+    if zero is not None and zero.stage > 0 and target.action == "start" and runtime.gpus_per_worker == 0:
+        from fedsim.runtime.placement import worker_bundle, zero_capacity_problem
+
+        # the local Ray the run will start: this machine's CPUs (or what runtime.workers needs, if more)
+        cpus = max(os.cpu_count() or 1, math.ceil(int(runtime.workers) * runtime.cpus_per_worker))
+        bundle = worker_bundle(runtime.cpus_per_worker, 0.0, runtime.accelerator_type)
+        problem = zero_capacity_problem(runtime, [{"CPU": float(cpus)}], bundle)
+        if problem:
+            raise UserError(problem)
     if runtime is not None and target.action != "start":
         connect(address)
         from fedsim.runtime.ray_backend import refuse_if_never_fits

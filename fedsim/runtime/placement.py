@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 #: prefix of the node resource Ray sets for a node's accelerator (``accelerator_type:A100``)
 ACCELERATOR_PREFIX = "accelerator_type:"
@@ -91,4 +91,19 @@ def capacity_problem(
         if fit >= 1
         else f"runtime.workers: not even one worker of {what} fits a node of {where}; lower "
         "runtime.cpus_per_worker / runtime.gpus_per_worker, drop runtime.accelerator_type, or add nodes"
+    )
+
+
+def zero_capacity_problem(rt: Any, total: Iterable[Mapping[str, float]], bundle: Mapping[str, float]) -> str | None:
+    """The problem with ``runtime.workers`` ZeRO groups of ``runtime.zero.ranks`` ranks on a FIXED-size cluster
+    whose nodes have ``total`` resources, or None when it can hold them."""
+    nodes = list(total)
+    need = int(rt.workers) * rt.zero.ranks
+    fit = workers_fitting(nodes, bundle)
+    if need <= fit:
+        return None
+    return (
+        f"runtime.zero.ranks: {rt.workers} worker group(s) x {rt.zero.ranks} ranks of {bundle_text(bundle)} each "
+        f"(runtime.cpus_per_worker, runtime.gpus_per_worker) = {need} ranks, but this fixed-size cluster can place "
+        f"{fit}: lower runtime.zero.ranks or runtime.workers, lower the per-rank resources, or add nodes"
     )

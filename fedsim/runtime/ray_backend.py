@@ -62,7 +62,14 @@ from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerA
 from fedsim.runtime.backend import RunSetup
 from fedsim.runtime.cluster import ClusterKind, cluster_kind, connect, disconnect
 from fedsim.runtime.gpu_share import gpu_share, workers_per_gpu
-from fedsim.runtime.placement import auto_workers, bundle_text, capacity_problem, growth, worker_bundle
+from fedsim.runtime.placement import (
+    auto_workers,
+    bundle_text,
+    capacity_problem,
+    growth,
+    worker_bundle,
+    zero_capacity_problem,
+)
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
 from fedsim.server.parameter_server import AggregateInfo
@@ -186,6 +193,7 @@ class RayBackend:
         self.workers: list[Any] = []  # every worker not dead for good (up, or down: see self._down)
         self._down: dict[Any, _Down] = {}
         self._groups: list[Any] = []  # placement groups, removed at shutdown
+        self._zero_actors: list[Any] = []  # every rank actor of the ZeRO groups (runtime.zero.stage > 0)
         self._growing: list[Any] = []  # the workers of the newest growth group
         self._next_id = 0
         self._requested = False  # request_resources was called (cleared at shutdown)
@@ -208,6 +216,10 @@ class RayBackend:
         rt = self._cfg.runtime
         self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
         kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
+        if rt.zero.stage > 0 and kind == "fixed":  # ZeRO groups: workers x ranks bundles
+            problem = zero_capacity_problem(rt, node_resources(free=False), self._bundle)
+            if problem:
+                raise UserError(problem)
         home = ray.get_runtime_context().get_node_id()  # the driver's node: the run folder is there
         pin = NodeAffinitySchedulingStrategy(home, soft=False)
         self._plugin_env = plugin_runtime_env(self._cfg.method.name)  # a user method not installed: shipped
@@ -218,7 +230,12 @@ class RayBackend:
         # put into the object store once (read from shared memory by every worker on a node); held here for the
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
         # (see fedsim.runtime.actors): Ray cannot restart an actor whose constructor refs are gone.
-        self.shared = Shared(ray.put(setup.blueprint), ray.put(setup.data), self.server, self.store)
+        blueprint = setup.blueprint
+        if rt.zero.stage > 0:  # numpy weights: every rank maps them from shared memory and copies only its slices
+            from fedsim.runtime.zero_group import shareable_blueprint
+
+            blueprint = shareable_blueprint(blueprint)
+        self.shared = Shared(ray.put(blueprint), ray.put(setup.data), self.server, self.store)
         count = auto_workers(node_resources(free=True), self._bundle, self._limit) if self._auto else self._limit
         if self._auto and kind != "fixed":  # tell an autoscaler what the run could use
             from ray.autoscaler.sdk import request_resources
@@ -231,6 +248,8 @@ class RayBackend:
         ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
         nodes = set(self.worker_nodes())
         how = f"auto: {count} now, up to {self._limit}" if self._auto else str(count)
+        if rt.zero.stage > 0:
+            how += f" ZeRO-{rt.zero.stage} group(s) of {rt.zero.ranks} ranks,"
         self._desc = (
             f"ray backend ({how} workers x {bundle_text(self._bundle)}; placement {rt.placement} over "
             f"{len(nodes)} node(s))"
@@ -251,14 +270,25 @@ class RayBackend:
     def _add_group(self, count: int) -> Any:
         """A placement group of ``count`` worker bundles and one new worker actor per bundle (not waited for)."""
         rt = self._cfg.runtime
-        group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
-        self._groups.append(group)
         env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
         plugin_env = dict(getattr(self, "_plugin_env", {}))
         runtime_env = {**plugin_env, **({"env_vars": {**plugin_env.get("env_vars", {}), **env}} if env else {})}
         extra: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
         if rt.accelerator_type:
             extra["accelerator_type"] = rt.accelerator_type
+        if rt.zero.stage > 0:  # one placement group of runtime.zero.ranks bundles per worker
+            from fedsim.runtime.zero_group import add_zero_groups
+
+            placed, leaders, actors = add_zero_groups(
+                count, self._next_id, self._cfg, self._privacy, self._bundle, extra
+            )
+            self._groups.extend(placed.groups)
+            self._zero_actors.extend(actors)
+            self._next_id += count
+            self.workers.extend(leaders)
+            return placed
+        group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
+        self._groups.append(group)
         new = [
             WorkerActor.options(
                 num_cpus=rt.cpus_per_worker,
@@ -527,7 +557,7 @@ class RayBackend:
     def shutdown(self) -> None:
         """Kill the actors, remove the placement groups, withdraw the autoscaler request; stop Ray only if this
         run started it (a joined cluster stays up)."""
-        for actor in [*self.workers, self.server, self.store]:
+        for actor in [*self.workers, *self._zero_actors, self.server, self.store]:
             if actor is not None:
                 ray.kill(actor)
         for group in self._groups:
