@@ -189,6 +189,7 @@ class RayBackend:
         self._auto = rt.workers == "auto"
         self._limit = cfg.federation.clients_per_round if self._auto else int(rt.workers)
         self._bundle: dict[str, float] = {}  # set in _start, once gpus_per_worker: auto is resolved
+        self._plugin_env: dict[str, Any] = {}  # set in _start: ships a user method's module to the actors
         self.sizes = [len(ix) for ix in setup.data.client_train]
         self.workers: list[Any] = []  # every worker not dead for good (up, or down: see self._down)
         self._down: dict[Any, _Down] = {}
@@ -271,7 +272,7 @@ class RayBackend:
         """A placement group of ``count`` worker bundles and one new worker actor per bundle (not waited for)."""
         rt = self._cfg.runtime
         env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
-        plugin_env = dict(getattr(self, "_plugin_env", {}))
+        plugin_env = dict(self._plugin_env)
         runtime_env = {**plugin_env, **({"env_vars": {**plugin_env.get("env_vars", {}), **env}} if env else {})}
         extra: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
         if rt.accelerator_type:
