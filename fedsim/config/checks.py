@@ -212,6 +212,11 @@ def validate(cfg: Config) -> list[str]:
             f"runtime.zero.stage: {zero.stage} is built for task.kind: causal_lm (LLaMA-architecture bases); set "
             "task.kind: causal_lm or runtime.zero.stage: 0"
         )
+    if zero.ranks > 1 and cfg.lora.dropout > 0:
+        problems.append(
+            f"lora.dropout: {cfg.lora.dropout} with runtime.zero.ranks {zero.ranks}: each rank draws the dropout masks "
+            "of its slice of the batch, so results would depend on the rank count; set lora.dropout: 0"
+        )
     if zero.stage > 0 and rt.workers == "auto":
         problems.append(
             "runtime.workers: auto is not supported with runtime.zero.stage > 0 (a worker is a group of "

@@ -59,6 +59,9 @@ class Capabilities:
     per_layer_choices: bool = False
     #: clients keep tensors between rounds (KEPT roles), so the meaningful accuracy is the personalised one
     keeps_client_state: bool = False
+    #: the server folds a dense residual into the frozen base weights (FedEx-LoRA, FLoRA): every worker must hold
+    #: the whole base weight it adds the residual to, which a ZeRO-3 partitioned base (``runtime.zero``) does not
+    folds_into_base: bool = False
 
     def problems(self, cfg: Config, others: Mapping[str, Capabilities] | None = None) -> list[str]:
         """Why ``cfg`` asks for something this method does not support (one line per problem, naming the key);
@@ -88,6 +91,13 @@ class Capabilities:
                 f"lora.variant: {cfg.lora.variant} does not work with method.name {name} (it needs full LoRA A and B "
                 f"matrices); use lora.variant {' or '.join(sorted(self.variants))}{supports}"
             )
+        if self.folds_into_base and cfg.runtime.zero.stage > 0:
+            supports = alternatives(lambda c: not c.folds_into_base)
+            out.append(
+                f"runtime.zero.stage: {cfg.runtime.zero.stage} does not work with method.name {name} (its server folds "
+                f"a dense residual into the base weights, which a ZeRO worker group partitions); use "
+                f"runtime.zero.stage: 0{supports}"
+            )
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -99,6 +109,7 @@ class Capabilities:
             "signals": self.signals,
             "per_layer_choices": self.per_layer_choices,
             "keeps_client_state": self.keeps_client_state,
+            "folds_into_base": self.folds_into_base,
         }
 
 

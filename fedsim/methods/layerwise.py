@@ -10,6 +10,7 @@ module registers no method.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -56,6 +57,8 @@ class FoldingMethod(LayerwiseMethod):
     keys never enter a plan), the dense residual broadcast with the shared tensors, LoRA scale ``self.scale`` at
     hand. Abstract: subclasses give ``aggregate_layer``. Raises ValueError at construction for a LoRA variant
     without a scale (:func:`~fedsim.model.scale.lora_scale`)."""
+
+    capabilities = dataclasses.replace(PRODUCT_AGGREGATION, folds_into_base=True)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)

@@ -50,6 +50,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -315,6 +316,8 @@ def disconnect(connection: Connection) -> None:
 ClusterKind = Literal["fixed", "autoscaling", "unknown"]
 #: the node type Ray's read-only node provider gives every node of a cluster without an autoscaler
 _READONLY_NODE_TYPE = re.compile(r"^node_[0-9a-f]{56}$")
+#: seconds to wait for the autoscaler monitor's first status (it writes one every 5 s, Ray's update interval)
+STATUS_WAIT_S = 12.0
 _STATUS_KEY = "__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS, read by `ray status`
 
 
@@ -327,13 +330,18 @@ def kind_from_status(status: Mapping[str, Any] | None) -> ClusterKind:
     return "fixed" if all(_READONLY_NODE_TYPE.match(str(t)) for t in types) else "autoscaling"
 
 
-def cluster_kind() -> ClusterKind:
+def cluster_kind(wait_s: float = STATUS_WAIT_S) -> ClusterKind:
     """Whether the cluster this process is connected to is fixed-size, autoscaling, or unknown (no readable
-    autoscaler status). Needs Ray initialised; never raises."""
+    autoscaler status). A head's monitor writes its first status a few seconds after the head starts, so a missing
+    status is waited for up to ``wait_s`` seconds. Needs Ray initialised; never raises."""
     try:
         from ray.experimental.internal_kv import _internal_kv_get
 
+        deadline = time.monotonic() + wait_s
         raw = _internal_kv_get(_STATUS_KEY)
+        while not raw and time.monotonic() < deadline:
+            time.sleep(0.5)
+            raw = _internal_kv_get(_STATUS_KEY)
         return kind_from_status(json.loads(raw)) if raw else "unknown"
     except Exception:  # an older / newer Ray, Ray Client, a status in another shape: do not guess
         return "unknown"

@@ -90,3 +90,20 @@ def test_a_cluster_is_fixed_when_every_node_type_is_the_read_only_providers():
     assert kind_from_status(_status("ray.head.default", "gpu-workers")) == "autoscaling"
     assert kind_from_status(_status(readonly[0], "node_gpu")) == "autoscaling"  # a named type, not an id
     assert kind_from_status(None) == kind_from_status({}) == kind_from_status({"autoscaler_report": {}}) == "unknown"
+
+
+def test_cluster_kind_waits_for_the_monitors_first_status(monkeypatch):
+    # a head's monitor writes its first status seconds after the head starts: a run that joins at once must not
+    # take the cluster for one of unknown kind (and then wait runtime.placement_timeout_s instead of refusing)
+    import json
+
+    import ray.experimental.internal_kv as kv
+
+    from fedsim.runtime import cluster
+
+    monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
+    answers = iter([None, None, json.dumps(_status(f"node_{7:056x}")).encode()])
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: next(answers))
+    assert cluster.cluster_kind() == "fixed"
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: None)
+    assert cluster.cluster_kind(wait_s=0.0) == "unknown"

@@ -86,6 +86,21 @@ def test_zero3_on_the_local_backend_is_a_config_error():
         load_config("tiny-lm", ["runtime.backend=local", "runtime.zero.stage=3"])
 
 
+@pytest.mark.parametrize("method", ["fedex_lora", "flora"])
+def test_methods_that_fold_into_the_base_are_refused_with_zero_naming_the_alternatives(method):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-lm", [*ZERO, f"method.name={method}"])
+    (line,) = [p for p in err.value.problems if p.startswith("runtime.zero.stage")]
+    assert f"method.name {method}" in line and "ffa_lora" in line and "flora," not in line
+    load_config("tiny-lm", [*ZERO, "method.name=fedsvd", "lora.dropout=0"])  # a product method that does not fold
+
+
+def test_lora_dropout_with_several_ranks_is_refused():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny-lm", [*ZERO, "lora.dropout=0.1"])
+    assert any(p.startswith("lora.dropout: 0.1 with runtime.zero.ranks 2") for p in err.value.problems)
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
