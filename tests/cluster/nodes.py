@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -33,6 +34,17 @@ def kill_leftovers(temp_dir: str) -> None:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def kill_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Kill the head's process group, then any process of this head left outside it (its temp dir in the
+    command line), by PID."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    kill_leftovers(temp_dir)
 
 
 def results(run: Path) -> tuple[list[dict], dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,22 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fedsim
-from tests.cluster.nodes import free_port, kill_leftovers
+from tests.cluster.nodes import free_port, kill_head
 
 ROOT = Path(fedsim.__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv: `ray` and the `python` the cluster's jobs run
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def kill_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    """Kill the head's process group, then any process of this head left outside it (its temp dir in the
-    command line), by PID."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-    kill_leftovers(temp_dir)
 
 
 @dataclass(frozen=True)

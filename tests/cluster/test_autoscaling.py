@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import pytest
 
 from fedsim.config.load import load_config
 from fedsim.simulation import run_simulation
-from tests.cluster.nodes import assert_same_results, free_port, kill_leftovers, results
+from tests.cluster.nodes import assert_same_results, free_port, kill_head, results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -113,12 +112,7 @@ def autoscaling():
             yield f"127.0.0.1:{gcs}"
     finally:
         ray.shutdown()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-        kill_leftovers(temp_dir)
+        kill_head(proc, temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
