@@ -220,7 +220,7 @@ def check(address: str, runtime: Any = None) -> Target:
     """The preflight of a run on the Ray backend, before any data is read or file written: :func:`plan` with this
     process's environment, then :func:`probe` when it joins. With ``runtime`` (the run's ``RuntimeConfig``), a run
     that joins a cluster (or finds Ray initialised) also connects now and is refused when the cluster is fixed-size
-    and can never hold ``runtime.workers`` (:func:`fedsim.runtime.ray_backend.refuse_if_never_fits`; the backend
+    and can never hold ``runtime.workers`` (:func:`fedsim.runtime.resources.refuse_if_never_fits`; the backend
     checks again). Raises UserError (see those)."""
     import ray
 
@@ -239,7 +239,7 @@ def check(address: str, runtime: Any = None) -> Target:
             raise UserError(problem)
     if runtime is not None and target.action != "start":
         connect(address)
-        from fedsim.runtime.ray_backend import refuse_if_never_fits
+        from fedsim.runtime.resources import refuse_if_never_fits
 
         refuse_if_never_fits(runtime)
     return target

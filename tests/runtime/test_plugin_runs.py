@@ -23,7 +23,7 @@ def test_the_docs_example_runs_on_the_ray_backend(tmp_path, monkeypatch, ray_clu
         overrides |= {"privacy.mode": "sample", "privacy.epsilon": 8}
     try:
         result = fedsim.run("tiny", overrides=overrides, out=tmp_path / "run", progress=False)
-        from fedsim.runtime.ray_backend import plugin_runtime_env
+        from fedsim.runtime.resources import plugin_runtime_env
 
         shipped = plugin_runtime_env(f"{MODULE}:MedianB")  # the module file, uploaded for the actors
         assert [uri.split("://")[0] for uri in shipped["py_modules"]] == ["gcs"]
