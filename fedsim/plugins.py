@@ -12,7 +12,8 @@ Contracts:
 * :func:`plugin_modules` lists what a Ray worker needs to import the run's method plugin when it is not installed
   (the package folder or ``.py`` file it came from on the driver); the Ray backend ships them with its actors'
   ``runtime_env`` ``py_modules``, so the worker imports the plugin (by name, in ``get_method``) before it builds
-  the method.
+  the method. :func:`run_plugin_modules` adds the data source's and model's modules, for a process that runs a
+  whole driver (a parallel sweep's cell).
 * This module imports neither torch nor Ray (``fedsim validate`` stays fast).
 """
 
@@ -112,3 +113,12 @@ def plugin_modules(method_name: str) -> list[str]:
     and the weights)."""
     path = module_path(method_name, "method.name")
     return [path] if path else []
+
+
+def run_plugin_modules(method_name: str, data_source: str, model_name: str) -> list[str]:
+    """What a process that runs a whole driver (a parallel sweep's cell) needs: the modules of the method, data
+    source and model plugins that are not installed (see :func:`plugin_modules`), without repeats."""
+    source = split_source_spec(data_source)
+    specs = [("method.name", method_name), ("data.source", source[0] if source else data_source)]
+    paths = [module_path(spec, key) for key, spec in [*specs, ("model.name", model_name)]]
+    return list(dict.fromkeys(p for p in paths if p))

@@ -47,11 +47,16 @@ def refuse_if_never_fits(rt: RuntimeConfig, started: bool = False) -> ClusterKin
 
 
 def plugin_runtime_env(method_name: str) -> dict[str, Any]:
-    """The actors' ``runtime_env`` for a user method whose module is not installed (``{}`` otherwise): its file or
-    package folder uploaded to the cluster (GCS) as Ray does for a job's ``py_modules`` (actor-level runtime_envs
-    take only URIs), so it imports on any node. Without Ray's uploader (a Ray version that moved it): the module's
-    folder on PYTHONPATH, which reaches the driver's own node only."""
-    modules = plugin_modules(method_name)
+    """The actors' ``runtime_env`` for a user method whose module is not installed (``{}`` otherwise):
+    :func:`modules_runtime_env` of :func:`fedsim.plugins.plugin_modules`."""
+    return modules_runtime_env(plugin_modules(method_name))
+
+
+def modules_runtime_env(modules: list[str]) -> dict[str, Any]:
+    """A ``runtime_env`` that makes ``modules`` (package folders or ``.py`` files) importable in a Ray worker
+    (``{}`` for none): uploaded to the cluster (GCS) as Ray does for a job's ``py_modules`` (actor- and task-level
+    runtime_envs take only URIs), so they import on any node. Without Ray's uploader (a Ray version that moved it):
+    the modules' folders on PYTHONPATH, which reaches the driver's own node only."""
     if not modules:
         return {}
     try:

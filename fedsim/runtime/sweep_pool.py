@@ -2,7 +2,9 @@
 
 Each cell's driver runs as a task pinned to this node (its run folder, or for a URI its staging folder, is written
 here); a cell on the Ray backend starts its own worker actors on the cluster, so concurrency is capped at what the
-cluster's CPUs fit, which also rules out cells waiting on each other for CPUs.
+cluster's CPUs fit, which also rules out cells waiting on each other for CPUs. A cell whose method, data source
+or model is a plugin module that is not installed gets it shipped with its task's ``runtime_env`` (as the Ray
+backend does for its actors), so the cell's driver imports it whatever the task process's ``sys.path``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim.config.schema import Config
+from fedsim.plugins import run_plugin_modules
 from fedsim.runtime.cluster import connect, disconnect
+from fedsim.runtime.resources import modules_runtime_env
 from fedsim.sweep.spec import Cell
 
 
@@ -61,7 +65,10 @@ def run_cells_on_ray(
             while pending and len(running) < limit:
                 cell = pending.pop(0)
                 local_cpus = cell_cpus(cell.config) if cell.config.runtime.backend == "local" else 0
-                task = ray.remote(_run_cell).options(num_cpus=local_cpus, scheduling_strategy=node)
+                c = cell.config
+                env = modules_runtime_env(run_plugin_modules(c.method.name, c.data.source, c.model.name))
+                options = {"runtime_env": env} if env else {}
+                task = ray.remote(_run_cell).options(num_cpus=local_cpus, scheduling_strategy=node, **options)
                 ref = task.remote(cell.config, target(cell), cell.cell_id)
                 running[ref] = cell
                 log(f"started {cell.cell_id}")
