@@ -1,7 +1,12 @@
 """ZeRO worker groups: per-rank resident bytes of the frozen base and seconds per local step, stage 0 (the plain
 one-process worker) against stage 3 with G = 1 and G = 2 ranks, on CPU (gloo), without Ray.
 
-    python benchmarks/perf/zero.py [--model tiny-llama|smollm2-135m] [--steps 4] [--batch 8] [--length 64] [--quick]
+    python benchmarks/perf/zero.py [--model tiny-llama|smollm2-135m|llama-1b|FOLDER] [--steps 4] [--batch 8]
+                                   [--length 64] [--quick]
+
+``--model llama-1b``: a random-weight LLaMA of about 1.2B parameters (22 layers of hidden 2048, intermediate 5632,
+32 heads / 8 key-value heads as TinyLlama-1.1B, untied, SmolLM2's tokenizer and vocabulary of 49,152), written
+once (bfloat16 file, run in float32) under ``.cache/llama-1b-random``; needs the [llm] extra for the tokenizer.
 
 Each configuration runs in fresh processes (torch.multiprocessing, G of them): the blueprint (the whole base's
 weights) is written once by the parent and memory-mapped by the ranks, which copy only their slices. Reported per
@@ -59,6 +64,40 @@ def _prepare(overrides: list[str], path: Path) -> None:
     torch.save({"bp": bp, "data": data, "state": state}, path)
 
 
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 5632,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+
+def llama_1b_folder(cache: Path) -> Path:
+    """A random-weight LLaMA of about 1.2B parameters (:data:`LLAMA_1B`, seeded) with SmolLM2's tokenizer, saved
+    once under ``cache`` (reused when its config.json exists)."""
+    folder = cache / "llama-1b-random"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedsim.config.schema import ModelConfig
+    from fedsim.model.build import SMOLLM2, build_tokenizer
+
+    tok = build_tokenizer(ModelConfig(name=SMOLLM2), [])
+    config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **LLAMA_1B)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    print(f"writing {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B random parameters to {folder}")
+    partial = folder.with_name(folder.name + ".partial")  # renamed when whole: a killed write is redone
+    tok.save_pretrained(partial)
+    model.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
 def _rank(rank: int, world: int, port: int, overrides: list[str], blob: str, out: str) -> None:
     from fedsim.client.worker import ClientWorker
     from fedsim.config.load import load_config
@@ -110,6 +149,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.model, args.steps, args.batch, args.length = "tiny-llama", 1, 4, 32
+    label = args.model
+    if args.model == "llama-1b":
+        args.model = str(llama_1b_folder(Path(__file__).resolve().parents[2] / ".cache"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         blob = Path(tmp) / "blueprint.pt"
@@ -122,7 +164,7 @@ def main() -> None:
             rows.append((stage, ranks, got))
     g1 = next(max(r["base_bytes"] for r in got) for s, g, got in rows if (s, g) == (3, 1))
     g2 = next(max(r["base_bytes"] for r in got) for s, g, got in rows if (s, g) == (3, 2))
-    print(f"model {args.model}, {args.steps} local steps, batch {args.batch}, length {args.length}, CPU, gloo\n")
+    print(f"model {label}, {args.steps} local steps, batch {args.batch}, length {args.length}, CPU, gloo\n")
     print("| stage | ranks | base MiB per rank (max) | peak RSS MiB per rank (max) | s / step |")
     print("|---:|---:|---:|---:|---:|")
     for stage, ranks, got in rows:
