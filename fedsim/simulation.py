@@ -73,13 +73,15 @@ def run_simulation(
     inspect: Callable[[Backend], None] | None = None,
     resume: bool = False,
     mirror: RunMirror | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run one simulation into ``out_dir``; returns the summary dict (also written to summary.json).
 
     ``resume``: continue the run in ``out_dir`` from its newest checkpoint (``cfg`` must be its config.yaml);
     the result equals an uninterrupted run's. ``inspect`` (for tests and tools) is called with the live backend
     after the last round. ``mirror`` (a remote ``--out``): ``out_dir`` is its node-local staging folder, and
-    ``mirror.sync()`` copies it to the URI after each round (tables and checkpoint) and at the end.
+    ``mirror.sync()`` copies it to the URI after each round (tables and checkpoint) and at the end. ``on_round``
+    (a search trial's report to Ray Tune) is called with each round's rounds.parquet row once it is recorded.
 
     Raises UserError (ConfigError / DataError; a ``runtime.address`` where no Ray cluster answers) for bad input
     before any training or any file is written, and
@@ -189,6 +191,8 @@ def run_simulation(
                 if t == fed.rounds or (rt.checkpoint_every and t % rt.checkpoint_every == 0):
                     checkpoint(t)
                 sync()
+                if on_round is not None:
+                    on_round(row)
 
         # 7. Final adapter in PEFT format + summary.
         final_state = backend.global_state()
