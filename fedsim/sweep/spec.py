@@ -16,6 +16,9 @@ Format (YAML)::
         set: {federation.lr: 2.0}
     parallel: 1                  # cells at once: an integer or "auto" (as many as the Ray cluster fits)
 
+Instead of ``grid:`` a sweep may have a ``search:`` section (a Ray Tune search over config keys, one trial per
+sampled config; see :mod:`fedsim.sweep.search`); ``set:`` and ``rules:`` apply to its trials the same way.
+
 A cell's id joins ``<axis>=<value label>`` with ``__`` (e.g. ``method.name=ffa_lora__privacy=eps8__seed=0``); it
 names the cell's run folder. Every problem (file structure, every cell's config) is reported at once, as one
 ConfigError, before anything runs.
@@ -32,11 +35,13 @@ from typing import Any
 
 import yaml
 
-from fedsim.config.load import _resolve_source, config_from_dict, flatten_dotted
+from fedsim.config.load import _resolve_source, config_from_dict
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
+from fedsim.sweep.search import SearchSpec, parse_search, quote_distributions
+from fedsim.sweep.settings import parse_rules, run_data
 
-_TOP_KEYS = ("name", "base", "set", "grid", "rules", "parallel")
+_TOP_KEYS = ("name", "base", "set", "grid", "search", "rules", "parallel")
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
@@ -51,13 +56,14 @@ class Cell:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A loaded and validated sweep: every cell's config is already built."""
+    """A loaded and validated sweep: every cell's config is already built (a grid), or a search (no cells)."""
 
     name: str
     path: Path
     cells: tuple[Cell, ...]
     parallel: int | str = 1  # an integer >= 1 or "auto"
     axes: tuple[str, ...] = field(default_factory=tuple)
+    search: SearchSpec | None = None
 
 
 def _label(value: Any) -> str:
@@ -96,36 +102,6 @@ def _axis_values(axis: str, raw: Any, problems: list[str]) -> list[tuple[str, An
     return out
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
-
-
-def _rules(raw: Any, problems: list[str]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        problems.append("rules: expected a list of {when: {...}, set: {...}} entries")
-        return []
-    out = []
-    for i, r in enumerate(raw):
-        if (
-            not isinstance(r, Mapping)
-            or not isinstance(r.get("when"), Mapping)
-            or not isinstance(r.get("set"), Mapping)
-        ):
-            problems.append(f"rules[{i}]: expected {{when: {{key: value}}, set: {{key: value}}}}, got {r!r}")
-            continue
-        out.append(({str(k): v for k, v in r["when"].items()}, {str(k): v for k, v in r["set"].items()}))
-    return out
-
-
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file; build every cell's config.
 
@@ -135,8 +111,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"sweep file {path}: not found; give the path to a sweep YAML file"])
+    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(quote_distributions(text) if "search" in text else text) or {}
     except yaml.YAMLError as e:
         raise ConfigError([f"sweep file {path}: not valid YAML ({' '.join(str(e).split())})"]) from None
     if not isinstance(raw, Mapping):
@@ -161,31 +138,37 @@ def load_sweep(path: str | Path) -> SweepSpec:
         problems.append("set: expected a mapping of config keys to values")
         common = {}
     grid = raw.get("grid")
-    if not isinstance(grid, Mapping) or not grid:
+    searching = "search" in raw
+    if searching and grid is not None:
+        problems.append("grid: a sweep has either grid: (every combination) or search: (sampled trials), not both")
+    elif not searching and (not isinstance(grid, Mapping) or not grid):
         problems.append("grid: missing or empty; e.g. grid: {method.name: [fedavg_lora, ffa_lora], seed: [0, 1]}")
+    if not isinstance(grid, Mapping):
         grid = {}
     axes = {str(a): _axis_values(str(a), v, problems) for a, v in grid.items()}
-    rules = _rules(raw.get("rules"), problems)
+    rules = parse_rules(raw.get("rules"), problems)
     parallel = raw.get("parallel", 1)
     if not (parallel == "auto" or (isinstance(parallel, int) and not isinstance(parallel, bool) and parallel >= 1)):
         problems.append(f"parallel: expected an integer >= 1 or auto, got {parallel!r}")
+    if searching:
+        if "parallel" in raw:
+            problems.append("parallel: not for a search; set search.max_concurrent (trials at once)")
+        search = None
+        if not any(p.startswith("base:") for p in problems):  # checked against the base config: it must load
+            try:
+                search = parse_search(raw["search"], base, common, rules)
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if problems or search is None:
+            raise ConfigError(problems)
+        return SweepSpec(name=str(raw.get("name") or path.stem), path=path, cells=(), search=search)
     if problems:
         raise ConfigError(problems)
 
     cells: list[Cell] = []
     cell_problems: dict[str, list[str]] = {}
     for combo in itertools.product(*axes.values()):
-        data: dict[str, Any] = yaml.safe_load(yaml.safe_dump(base))  # deep copy through YAML
-        for k, v in common.items():
-            _set_dotted(data, str(k), v)
-        for _, _, sets in combo:
-            for k, v in sets.items():
-                _set_dotted(data, k, v)
-        for when, sets in rules:
-            flat = flatten_dotted(data)
-            if all(flat.get(k) == v for k, v in when.items()):
-                for k, v in sets.items():
-                    _set_dotted(data, k, v)
+        data = run_data(base, common, [(k, v) for _, _, sets in combo for k, v in sets.items()], rules)
         cell_id = _SAFE.sub("-", "__".join(f"{a}={lab}" for a, (lab, _, _) in zip(axes, combo, strict=True)))
         try:
             cfg = config_from_dict(data)
