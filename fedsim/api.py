@@ -268,7 +268,11 @@ def sweep(sweep_file: str | Path, *, out: str | Path | None = None, parallel: in
     """Run every cell of a sweep file that is not complete yet (rerunning resumes) into ``out`` (a folder or URI;
     default ``runs/sweeps/<sweep name>``), ``parallel`` cells at once (an int >= 1, ``"auto"``, or None for the
     file's own setting). Returns sweep.parquet's rows (one per cell, with its ``status``). Raises ConfigError for
-    every problem of the sweep file, before anything runs."""
+    every problem of the sweep file, before anything runs.
+
+    A sweep file with ``search:`` runs a Ray Tune search instead (``out`` a local folder; ``parallel``: trials at
+    once, default ``search.max_concurrent``); rerunning continues its Tune experiment. Its rows are one per trial
+    (``status`` complete, stopped, failed or unfinished)."""
     import pyarrow as pa
 
     from fedsim.sweep.runner import run_sweep
@@ -278,6 +282,10 @@ def sweep(sweep_file: str | Path, *, out: str | Path | None = None, parallel: in
     if parallel is not None and parallel != "auto" and not (isinstance(parallel, int) and parallel >= 1):
         raise UserError(f"--parallel: expected an integer >= 1 or auto, got {parallel!r}")
     loc = sweep_location(out, spec.name)
+    if spec.search is not None:
+        from fedsim.sweep.search_run import run_search
+
+        return pa.Table.from_pylist(list(run_search(spec, loc, max_concurrent=parallel)))
     rows = run_sweep(spec, loc.local if loc.local is not None else loc, parallel=parallel)
     return pa.Table.from_pylist(list(rows))
 

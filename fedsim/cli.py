@@ -76,11 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser(
         "sweep",
         help="run every cell of a sweep file (resumable)",
-        description="Run a grid of configs; finished cells are skipped, so rerunning the command resumes.",
+        description="Run a grid of configs, or a Ray Tune search (search: in the file); finished cells and trials "
+        "are kept, so rerunning the command resumes.",
     )
-    sw.add_argument("sweep_file", metavar="SWEEP.yaml", help="the sweep file (base config, grid, rules)")
+    sw.add_argument("sweep_file", metavar="SWEEP.yaml", help="the sweep file (base config, grid or search, rules)")
     sw.add_argument("--out", metavar="DIR|URI", help="sweep folder or URI [default: runs/sweeps/<sweep name>]")
-    sw.add_argument("--parallel", metavar="N|auto", help="cells at once (default: the sweep file's parallel, or 1)")
+    sw.add_argument(
+        "--parallel",
+        metavar="N|auto",
+        help="cells at once (default: the sweep file's parallel, or 1); for a search: trials at once",
+    )
     sw.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
     rep = sub.add_parser(
         "report",
@@ -147,6 +152,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         spec = load_sweep(args.sweep_file)  # every config problem, before anything runs
+        if spec.search is not None:
+            _dry_run_search(spec, sweep_location(args.out, spec.name))
+            return 0
         with sweep_folder(sweep_location(args.out, spec.name)) as folder:
             for cell in spec.cells:
                 print(f"{'done' if is_complete(folder, cell) else 'todo'}  {cell.cell_id}")
@@ -158,7 +166,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         parallel = args.parallel if args.parallel == "auto" else int(args.parallel)
     table = sweep(args.sweep_file, out=args.out, parallel=parallel)
     statuses = table.column("status").to_pylist() if "status" in table.column_names else []
-    return 0 if all(s == "complete" for s in statuses) else 1
+    return 0 if all(s in ("complete", "stopped") for s in statuses) else 1  # stopped: a search stopped it early
+
+
+def _dry_run_search(spec: Any, out: Location) -> None:
+    """``fedsim sweep --dry-run`` of a search: what it samples, and the trials recorded so far in ``out``."""
+    import pyarrow.parquet as pq
+
+    s = spec.search
+    print(f"search: {s.algorithm}, {s.samples} trials, {s.metric} ({s.mode}), scheduler {s.scheduler}")
+    for key, dist in s.space.items():
+        print(f"  {key}: {dist}")
+    table = out.local / "sweep.parquet" if out.local is not None else None
+    for row in pq.read_table(table).to_pylist() if table is not None and table.is_file() else []:
+        print(f"{row['status']}  {row['cell']}")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -90,12 +90,15 @@ HPARAM_METRICS = ("final_accuracy", "best_accuracy", "final_loss", "final_local_
 
 
 def write_hparams(out: Path, row: dict[str, Any]) -> list[str]:
-    """TensorBoard HParams of one finished cell: its grid values and its :data:`HPARAM_METRICS` (those present)
-    into ``out/tb/<cell id>/`` (``tensorboard --logdir <sweep>`` then shows one run per cell beside the cells'
-    per-round curves in ``cells/<id>/tb``). Returns the written files relative to ``out``."""
+    """TensorBoard HParams of one finished cell: its grid values (a search trial: its sampled ``space:`` values)
+    and its :data:`HPARAM_METRICS` (those present) into ``out/tb/<cell id>/`` (``tensorboard --logdir <sweep>``
+    then shows one run per cell beside the cells' per-round curves in ``cells/<id>/tb``). Returns the written files
+    relative to ``out``."""
     from torch.utils.tensorboard import SummaryWriter
 
-    hparams = {k.removeprefix("grid:"): ("null" if v is None else v) for k, v in row.items() if k.startswith("grid:")}
+    hparams = {
+        k.split(":", 1)[1]: ("null" if v is None else v) for k, v in row.items() if k.startswith(("grid:", "space:"))
+    }
     metrics = {f"hparam/{k}": float(row[k]) for k in HPARAM_METRICS if isinstance(row.get(k), (int, float))}
     folder = Path(out) / "tb" / str(row["cell"])
     shutil.rmtree(folder, ignore_errors=True)  # a rerun cell replaces its record

@@ -1,0 +1,246 @@
+"""Drive a sweep's ``search:`` with Ray Tune (the only Tune-specific part of searches).
+
+One Tune trial = one fedsim run, in-process in the trial's actor (``runtime.backend: local``, seeds fixed by the
+config), into ``<out>/cells/<trial id>/``. After every evaluated round but the last the trial reports the search
+metric and ``round`` with ``tune.report``, so ASHA (``time_attr="round"``, ``max_t`` = the rounds) can stop it:
+Tune then ends the report call with ``SystemExit`` and the run folder keeps its rounds so far (tables and
+checkpoints are written before the report). The last round is reported after the run's summary.json is written,
+so a trial that reaches ``max_t`` is complete, not cut short.
+
+The experiment lives in ``<out>/tune/``: when it holds a Tune experiment (``Tuner.can_restore``) the search is
+restored (``Tuner.restore``): trials that ended (complete, stopped) are kept, trials that were running or pending
+and trials that failed are run again from the start, the searcher continues from its saved state and ASHA's rungs
+are rebuilt from the ended trials' rounds (:class:`ResumableASHA`). The
+experiment state is saved every :data:`STATE_PERIOD_S` seconds at most, so a trial that ended within that time
+before a kill may run again. :class:`RecordTrials` (a Tune callback, pickled with the experiment) writes
+sweep.parquet through :func:`fedsim.sweep.search_run.publish` whenever a trial ends and at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from fedsim.runtime.cluster import connect, disconnect
+from fedsim.runtime.sweep_pool import cell_cpus
+from fedsim.sweep.runner import CELLS_DIR
+from fedsim.sweep.search import Distribution, MetricTracker, SearchSpec, TrialOutcome, trial_config
+
+EXPERIMENT = "tune"  # <out>/tune: the Tune experiment
+#: seconds between saves of the experiment state (Tune's default adapts upwards from 10 s)
+STATE_PERIOD_S = 2
+
+
+def tune_domain(dist: Distribution) -> Any:
+    """The Tune search-space domain of a fedsim distribution (``randint``'s upper bound is included in fedsim's
+    syntax, excluded in Tune's)."""
+    a = dist.args
+    if dist.kind == "loguniform":
+        return tune.loguniform(a[0], a[1])
+    if dist.kind == "uniform":
+        return tune.uniform(a[0], a[1])
+    if dist.kind == "quniform":
+        return tune.quniform(a[0], a[1], a[2])
+    if dist.kind == "randint":
+        return tune.randint(a[0], a[1] + 1)
+    return tune.choice(list(a))
+
+
+def run_trial(params: dict[str, Any], spec: SearchSpec, cells: str, cwd: str) -> None:
+    """The Tune trainable: one fedsim run with the sampled ``params`` into ``cells/<trial id>`` (a restarted trial
+    starts over), reporting ``{metric, round}`` after each evaluated round and, last, after summary.json."""
+    from fedsim.simulation import run_simulation
+
+    os.chdir(cwd)  # relative paths in the config mean what they mean for the sweep command, not Tune's trial dir
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(cells) / trial_id
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = trial_config(spec, params)
+    tracker = MetricTracker(spec.metric, spec.mode)
+    last = cfg.federation.rounds
+
+    def report(row: dict[str, Any]) -> None:
+        value = tracker.update(row)
+        if value is not None and row["round"] < last:
+            tune.report({spec.metric: value, "round": row["round"]})
+
+    run_simulation(cfg, run_dir, label=trial_id, progress=False, on_round=report)
+    if tracker.value is not None:
+        tune.report({spec.metric: tracker.value, "round": last})
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_text(trial: Trial) -> str:
+    """A failed trial's error as a grid cell's reads: the exception line first, then the end of the traceback Tune
+    recorded (its driver-side copy, else the one in storage), without terminal colours."""
+    local = trial.error_file
+    text = Path(local).read_text(errors="replace") if local and Path(local).is_file() else trial.get_error()
+    lines = _ANSI.sub("", str(text or "")).strip().splitlines() or ["the trial failed (no error text recorded)"]
+    return lines[-1] + "\n" + "\n".join(lines[-40:])
+
+
+def outcome(trial: Trial, ended: bool = False, error: str | None = None) -> TrialOutcome:
+    """What the sweep records of a Tune trial (``ended``/``error``: known before Tune sets the trial's status)."""
+    failed = trial.status == Trial.ERROR or error is not None
+    if failed and error is None:
+        error = error_text(trial)
+    tag = trial.experiment_tag.split("_", 1)[0]  # Tune's tags start with the trial's running number
+    return TrialOutcome(
+        trial_id=trial.trial_id,
+        index=int(tag) if tag.isdigit() else 1 << 30,
+        params=dict(trial.config),
+        ended=ended or failed or trial.status == Trial.TERMINATED,
+        error=error,
+    )
+
+
+class RecordTrials(tune.Callback):
+    """Prints a line when a trial starts or ends; writes sweep.parquet when a trial ends and when the experiment
+    ends. It holds plain data only (``out``, ``spec``): it is pickled with the experiment and restored with it."""
+
+    def __init__(self, out: str, spec: SearchSpec) -> None:
+        self.out = out
+        self.spec = spec
+
+    def _publish(self, trials: list[Trial], ended: Mapping[str, str | None] | None = None) -> None:
+        from fedsim.sweep.search_run import describe_trial, publish
+
+        ended = dict(ended or {})
+        outcomes = [outcome(t, t.trial_id in ended, ended.get(t.trial_id)) for t in trials]
+        for row in publish(Path(self.out), self.spec, outcomes, ended=set(ended)):
+            if row["cell"] in ended:
+                print(describe_trial(row), flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        print(f"trial {trial.trial_id} started: {values}", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._publish(trials, {trial.trial_id: None})
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._publish(trials, {trial.trial_id: error_text(trial)})
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self._publish(trials)
+
+
+def _searcher(spec: SearchSpec, concurrent: int | None) -> Any:
+    if spec.algorithm == "random":
+        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrent or 0)
+    import optuna as ot
+    from ray.tune.search.optuna import OptunaSearch
+
+    ot.logging.set_verbosity(ot.logging.WARNING)  # not a line per study and trial
+    optuna = OptunaSearch(seed=spec.seed)
+    return ConcurrencyLimiter(optuna, max_concurrent=concurrent) if concurrent else optuna
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA (``time_attr="round"``, ``max_t`` = the rounds) whose rungs survive a restore. Tune saves no scheduler
+    state, so a restored search would judge new trials against empty rungs; here the trials that had ended are
+    replayed into their bracket, round by round, from their run folders' rounds.parquet (the values they reported)
+    when the restored experiment adds them back. Plain data only: it is pickled with the experiment."""
+
+    def __init__(self, spec: SearchSpec, cells: str) -> None:
+        super().__init__(
+            time_attr="round",
+            max_t=spec.config.federation.rounds,
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+        )
+        self.spec = spec
+        self.cells = cells
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if trial.status != Trial.TERMINATED:  # a new trial, or one a restore runs again
+            return
+        from fedsim.report.records import read_run_table
+
+        bracket = self._trial_info[trial.trial_id]  # ASHA's bookkeeping (Ray 2.60): trial id -> its bracket
+        tracker = MetricTracker(self.spec.metric, self.spec.mode)
+        table = read_run_table(Path(self.cells) / trial.trial_id, "rounds") or {}
+        for values in zip(*table.values(), strict=True):
+            row = dict(zip(table, values, strict=True))
+            value = tracker.update(row)
+            if value is not None and row["round"] < self._max_t:
+                bracket.on_result(trial, row["round"], self._metric_op * value)
+
+
+def _scheduler(spec: SearchSpec, cells: str) -> Any:
+    return ResumableASHA(spec, cells) if spec.scheduler == "asha" else FIFOScheduler()
+
+
+@contextmanager
+def _tune_env() -> Iterator[None]:
+    """Environment Tune's driver reads while it runs: frequent experiment-state saves, and only the JSON and CSV
+    result loggers (no TensorBoardX warning; fedsim writes its own TensorBoard files)."""
+    wanted = {"TUNE_GLOBAL_CHECKPOINT_S": str(STATE_PERIOD_S), "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update({k: v for k, v in wanted.items() if before[k] is None})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def run_tune(spec: SearchSpec, out: Path, max_concurrent: int | str, log: Any = print) -> None:
+    """Run (or continue) the search ``spec`` into the local folder ``out`` on Ray Tune; returns when every trial
+    has ended or the experiment was interrupted (Ctrl-C). Starts a local Ray or joins a cluster as
+    :func:`fedsim.runtime.cluster.connect` decides (``runtime.address`` of the base config). Each trial holds the
+    CPUs its run needs; ``max_concurrent`` ("auto": as many as fit) caps the trials at once."""
+    out = Path(out).resolve()
+    experiment = out / EXPERIMENT
+    cpus = cell_cpus(spec.config)
+    connection = connect(spec.config.runtime.address, cpus_needed=cpus)
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, spec=spec, cells=str(out / CELLS_DIR), cwd=os.getcwd()), {"cpu": cpus}
+        )
+        with _tune_env():
+            if tune.Tuner.can_restore(str(experiment)):
+                log(f"search: continuing the Tune experiment in {experiment}")
+                tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
+            else:
+                concurrent = None if max_concurrent == "auto" else int(max_concurrent)
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space={k: tune_domain(d) for k, d in spec.space.items()},
+                    tune_config=tune.TuneConfig(
+                        metric=spec.metric,
+                        mode=spec.mode,
+                        num_samples=spec.samples,
+                        search_alg=_searcher(spec, concurrent),
+                        scheduler=_scheduler(spec, str(out / CELLS_DIR)),
+                        reuse_actors=True,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=EXPERIMENT,
+                        storage_path=str(out),
+                        verbose=0,
+                        callbacks=[RecordTrials(str(out), spec), JsonLoggerCallback(), CSVLoggerCallback()],
+                    ),
+                )
+            with warnings.catch_warnings():  # Optuna, when a restored trial that was running reports round 1 again
+                warnings.filterwarnings("ignore", message="The reported value is ignored", category=UserWarning)
+                tuner.fit()
+    finally:
+        disconnect(connection)
