@@ -20,6 +20,8 @@ from fedsim.report.plots_adapters import choice_plots, similarity_plots
 from fedsim.report.records import COMPLETE, load_records, read_run_table
 from fedsim.report.tables import results_table, runs_table
 
+STOPPED = "stopped"  # a search trial its scheduler stopped early (fedsim.sweep.search_run)
+
 SECTIONS = (
     ("accuracy", "Accuracy vs round"),
     ("epsilon", "Privacy spent vs round"),
@@ -76,7 +78,11 @@ def _inputs_lines(inputs: Sequence[Path], records: Sequence[dict[str, Any]]) -> 
     for raw in inputs:
         rows = [r for r in records if r["source"] == str(Path(raw))]
         done = sum(r["status"] == COMPLETE for r in rows)
-        if (Path(raw) / "sweep.parquet").is_file():
+        stopped = sum(r["status"] == STOPPED for r in rows)
+        if any(r.get("search_metric") for r in rows):  # a search's trials
+            what = f"search: {len(rows)} trials, {done} complete, {stopped} stopped early, "
+            what += f"{len(rows) - done - stopped} not complete"
+        elif (Path(raw) / "sweep.parquet").is_file():
             what = f"sweep: {len(rows)} cells, {done} complete, {len(rows) - done} not complete"
         else:
             what = "run"
@@ -118,6 +124,8 @@ def render(
         lines += ["## Not complete", ""]
         for r in failed:
             error = " ".join(str(r.get("error") or "no summary.json (no error recorded)").split())
+            if r["status"] == STOPPED:
+                error = f"stopped early by the search's scheduler after round {r.get('stopped_at_round')}"
             lines.append(f"- `{r['cell']}` ({r['status']}, `{r['path']}`): {error[:300]}")
         lines.append("")
     return "\n".join(lines)
