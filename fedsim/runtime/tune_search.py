@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -34,6 +35,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from fedsim.config.schema import Config
 from fedsim.runtime.cluster import connect, disconnect
 from fedsim.runtime.sweep_pool import cell_cpus
 from fedsim.sweep.runner import CELLS_DIR
@@ -57,6 +59,16 @@ def tune_domain(dist: Distribution) -> Any:
     if dist.kind == "randint":
         return tune.randint(a[0], a[1] + 1)
     return tune.choice(list(a))
+
+
+def trial_resources(cfg: Config, node_ip: str, cluster_gpus: float) -> dict[str, float]:
+    """What one trial holds: its run's CPUs (workers x cpus_per_worker) and GPUs (workers x gpus_per_worker; auto:
+    one GPU when the cluster has any), and a sliver of the driver's node (``node:<ip>``): trials write their run
+    folders on the node where the search's sweep.parquet is kept."""
+    rt = cfg.runtime
+    workers = 1 if rt.workers == "auto" else rt.workers
+    gpus = (1.0 if cluster_gpus else 0.0) if rt.gpus_per_worker == "auto" else workers * rt.gpus_per_worker
+    return {"cpu": cell_cpus(cfg), "gpu": float(gpus), f"node:{node_ip}": 0.001}
 
 
 def run_trial(params: dict[str, Any], spec: SearchSpec, cells: str, cwd: str) -> None:
@@ -205,15 +217,15 @@ def _tune_env() -> Iterator[None]:
 def run_tune(spec: SearchSpec, out: Path, max_concurrent: int | str, log: Any = print) -> None:
     """Run (or continue) the search ``spec`` into the local folder ``out`` on Ray Tune; returns when every trial
     has ended or the experiment was interrupted (Ctrl-C). Starts a local Ray or joins a cluster as
-    :func:`fedsim.runtime.cluster.connect` decides (``runtime.address`` of the base config). Each trial holds the
-    CPUs its run needs; ``max_concurrent`` ("auto": as many as fit) caps the trials at once."""
+    :func:`fedsim.runtime.cluster.connect` decides (``runtime.address`` of the base config). Each trial holds
+    :func:`trial_resources` on this node; ``max_concurrent`` ("auto": as many as fit) caps the trials at once."""
     out = Path(out).resolve()
     experiment = out / EXPERIMENT
-    cpus = cell_cpus(spec.config)
-    connection = connect(spec.config.runtime.address, cpus_needed=cpus)
+    connection = connect(spec.config.runtime.address, cpus_needed=cell_cpus(spec.config))
     try:
+        need = trial_resources(spec.config, ray.util.get_node_ip_address(), ray.cluster_resources().get("GPU", 0))
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec, cells=str(out / CELLS_DIR), cwd=os.getcwd()), {"cpu": cpus}
+            tune.with_parameters(run_trial, spec=spec, cells=str(out / CELLS_DIR), cwd=os.getcwd()), need
         )
         with _tune_env():
             if tune.Tuner.can_restore(str(experiment)):

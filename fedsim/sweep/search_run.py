@@ -137,6 +137,14 @@ def check_same_search(out: Path, spec: SearchSpec) -> None:
         )
 
 
+def write_search_file(out: Path, spec: SearchSpec) -> None:
+    """``out/search.json``: the search's settings and its trials' shared config (what :func:`check_same_search`
+    compares a rerun against); kept when it exists."""
+    path = Path(out) / SEARCH_FILE
+    if not path.is_file():
+        path.write_text(json.dumps({"search": spec.fingerprint(), "config": shared_config(spec)}, indent=1) + "\n")
+
+
 def _summary(name: str, spec: SearchSpec, rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
     count = {s: sum(r["status"] == s for r in rows) for s in (COMPLETE, STOPPED, FAILED, UNFINISHED)}
     lines = [
@@ -173,9 +181,7 @@ def run_search(
     folder = loc.local
     check_same_search(folder, spec)
     folder.mkdir(parents=True, exist_ok=True)
-    search_file = folder / SEARCH_FILE
-    if not search_file.is_file():
-        search_file.write_text(json.dumps({"search": spec.fingerprint(), "config": shared_config(spec)}, indent=1))
+    write_search_file(folder, spec)
     log(
         f"search {sweep.name}: {spec.algorithm}, {spec.samples} trials, {spec.metric} ({spec.mode}), scheduler "
         f"{spec.scheduler} -> {folder}"

@@ -11,8 +11,9 @@ import pytest
 
 import fedsim.sweep.search as search_mod
 from fedsim.cli import main
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, UserError
 from fedsim.sweep.search import Distribution, MetricTracker, parse_distribution, quote_distributions, trial_config
+from fedsim.sweep.search_run import check_same_search, write_search_file
 from fedsim.sweep.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +198,22 @@ def test_the_readme_search_example_loads(tmp_path):
     spec = load_sweep(_write(tmp_path, match.group(1)))
     assert spec.name == "lr-search" and spec.search is not None and spec.search.samples == 20
     assert set(spec.search.space) == {"federation.lr", "lora.r"}
+
+
+def test_a_rerun_must_give_the_same_search(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = load_sweep(_write(tmp_path, BLOCK)).search
+    check_same_search(out, spec)  # a new folder
+    write_search_file(out, spec)
+    check_same_search(out, spec)
+    other_cpus = BLOCK.replace("set: {federation.rounds: 4}", "set: {federation.rounds: 4, runtime.cpus_per_worker: 2}")
+    check_same_search(out, load_sweep(_write(tmp_path, other_cpus)).search)  # runtime.* does not count
+    for changed in (BLOCK.replace("samples: 5", "samples: 6"), BLOCK.replace("rounds: 4", "rounds: 5")):
+        with pytest.raises(UserError, match="holds a search with other settings or another config"):
+            check_same_search(out, load_sweep(_write(tmp_path, changed)).search)
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "sweep.parquet").write_bytes(b"")
+    with pytest.raises(UserError, match="holds a grid sweep, not a search"):
+        check_same_search(grid, spec)
