@@ -30,6 +30,7 @@ from peft import PeftModel
 from fedsim.config.schema import FederationConfig, PrivacyConfig
 from fedsim.data.federated import LMData
 from fedsim.model.adapters import adapter_keys, parameters_for, set_trainable
+from fedsim.model.train_mode import set_train_mode
 from fedsim.privacy.dpsgd import (
     clear_dp_buffers,
     expected_batch_size,
@@ -128,8 +129,17 @@ class LocalTrainer:
     (``fedsim.model.adapters.set_state``) before :meth:`train` and reads it afterwards.
     """
 
-    def __init__(self, model: PeftModel, federation: FederationConfig, privacy: PrivacyConfig, seed: int):
+    def __init__(
+        self,
+        model: PeftModel,
+        federation: FederationConfig,
+        privacy: PrivacyConfig,
+        seed: int,
+        *,
+        base_dropout: bool = True,
+    ):
         self.model = model
+        self.base_dropout = base_dropout  # model.base_dropout: false keeps the frozen base in eval mode
         self.federation = federation
         self.privacy = privacy
         self.seed = int(seed)
@@ -236,7 +246,7 @@ class LocalTrainer:
         self.prev_step, self._last_batch = {}, None
         by_key = dict(zip(keys, params, strict=True))
         devices = [device.index or 0] if device.type == "cuda" else []
-        self.model.train()
+        set_train_mode(self.model, self.base_dropout)
         try:
             with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
                 # Opacus' full backward hooks on the first adapted layer (whose input needs no grad): harmless.
