@@ -287,6 +287,22 @@ class LocalTrainer:
             seconds=time.perf_counter() - start,
         )
 
+    def adopt_signals(
+        self,
+        keys: Sequence[str],
+        last_grads: dict[str, torch.Tensor],
+        prev_grads: dict[str, torch.Tensor],
+        prev_step: dict[str, torch.Tensor],
+        last_batch: tuple[torch.Tensor, ...] | None,
+    ) -> None:
+        """Take over what :meth:`train` leaves for a method's signals, for a client trained elsewhere
+        (:mod:`fedsim.client.batched_trainer`) whose trained tensors ``keys`` the caller has put into this model:
+        :attr:`last_grads`, :attr:`prev_grads`, :attr:`prev_step` and the last non-empty batch for
+        :meth:`raw_loss` (None: it had none). KeyError for unknown keys."""
+        self.last_grads, self.prev_grads, self.prev_step = last_grads, prev_grads, prev_step
+        by_key = dict(zip(keys, parameters_for(self.model, keys), strict=True))
+        self._last_batch = (by_key, last_batch) if last_batch is not None else None
+
     @torch.no_grad()
     def raw_loss(self, offsets: dict[str, torch.Tensor]) -> float:
         """Mean loss (cross-entropy, or the causal-LM response loss) of the last non-empty training batch at
