@@ -189,8 +189,9 @@ class ClientWorker:
         return [out for out in outputs if out is not None]
 
     def _adopt(self, pre: _Pre, start: AdapterState, res: ClientTrained) -> ClientOutput:
-        """:meth:`_finish` for a client trained in a pass: its trained tensors and signal state put into the model
-        and trainer first when its method asks for raw losses (which evaluate the model)."""
+        """:meth:`_finish` for a client trained in a pass: first its last gradients (and last batch) go to the
+        trainer, where the method's signals read them, and its start + trained tensors into the model when the
+        method asks for raw losses (which evaluate the model)."""
         keys = pre.task.plan.trained
         if self.method.needs_raw_loss(pre.task.round):
             set_state(self.model, {**start, **res.trained})
