@@ -35,7 +35,6 @@ from fedsim.client.multi_adapter import Group, MultiAdapter
 from fedsim.client.trainer import LocalTrainer, TrainOutcome, batch_schedule, causal_lm_forward
 from fedsim.model.adapters import set_trainable
 from fedsim.model.train_mode import set_train_mode
-from fedsim.privacy.dpsgd import clear_dp_buffers, expected_batch_size, set_empty_grad_samples
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.types import AdapterState
 
@@ -105,6 +104,8 @@ class BatchedTrainer:
         ``steps`` overrides ``federation.local_steps`` (the timing probe). Raises ValueError for an empty ``keys``,
         KeyError when a start state lacks an adapter key. The model's own
         adapter tensors are not changed; it is left in eval mode with no gradient state."""
+        from fedsim.privacy.dpsgd import clear_dp_buffers  # Opacus' module: imported where it is used
+
         started = time.perf_counter()
         keys = list(keys)
         if not keys:
@@ -175,6 +176,8 @@ class BatchedTrainer:
         self, params: list[torch.Tensor], run: _Run, noise_multiplier: float | None, round: int
     ) -> torch.optim.Optimizer:
         """The client's optimizer, built as :meth:`LocalTrainer.train` builds it."""
+        from fedsim.privacy.dpsgd import expected_batch_size
+
         tr = self.trainer
         optimizer = tr._optimizer(params)
         if not tr.dp:
@@ -187,6 +190,8 @@ class BatchedTrainer:
 
     def _step(self, i: int, keys: list[str], active: list[_Run], round: int) -> None:
         """Local step ``i`` of the ``active`` clients: one fused forward/backward, then each client's own step."""
+        from fedsim.privacy.dpsgd import set_empty_grad_samples
+
         for run in active:
             run.optimizer.zero_grad(set_to_none=True)
             if len(run.schedule[i]) == 0:

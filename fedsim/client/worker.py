@@ -10,12 +10,11 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fedsim.client.batched_trainer import BatchedTrainer, ClientInput, ClientTrained
 from fedsim.client.trainer import LocalTrainer, TrainOutcome
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
@@ -36,6 +35,9 @@ from fedsim.types import (
     SignalContext,
     state_bytes,
 )
+
+if TYPE_CHECKING:  # the batched trainer is imported by train_many, the first time a worker trains K clients
+    from fedsim.client.batched_trainer import BatchedTrainer, ClientTrained
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ class ClientWorker:
         that client alone (up to float rounding; ``seconds`` is its share of the pass). ``global_state``: one
         state for all tasks, or one per task. Never raises for client errors; raises ValueError when the tasks are
         not of one round with one trained set, or the lists differ in length."""
+        from fedsim.client.batched_trainer import BatchedTrainer, ClientInput
+
         tasks = list(tasks)
         globals_ = list(global_state) if isinstance(global_state, (list, tuple)) else [global_state] * len(tasks)
         if not len(globals_) == len(kepts) == len(ledgers) == len(tasks):
