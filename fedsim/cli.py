@@ -206,7 +206,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     for name, c in caps.items():
         other = [w for w, on in (("signals", c.signals), ("per-layer choices", c.per_layer_choices),
                                  ("keeps client state", c.keeps_client_state),
-                                 ("folds into base", c.folds_into_base)) if on]  # fmt: skip
+                                 ("folds into base", c.folds_into_base),
+                                 ("one client per pass", not c.batches)) if on]  # fmt: skip
         print(
             f"{name.ljust(width)}  {','.join(sorted(c.privacy_modes)).ljust(19)}  "
             f"{','.join(sorted(c.variants)).ljust(17)}  {('linear' if c.linear else 'buffered').ljust(11)}  "

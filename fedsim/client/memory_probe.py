@@ -1,8 +1,10 @@
 """One probe client's GPU memory, for ``runtime.gpus_per_worker: auto`` (see :mod:`fedsim.runtime.gpu_share`).
 
 The probe builds a worker on the GPU exactly as a run's worker does and trains the largest client once from the
-initial adapter (round 1's plan). Nothing it computes leaves the probe: no upload, no kept state, no ledger is
-stored, so it spends no privacy budget of any client and changes no result; only the peak memory comes back.
+initial adapter (round 1's plan); with ``runtime.clients_per_pass`` K > 1 (``auto``: the largest K it may pick) the
+K largest clients together, as the run's worker will. Nothing it computes leaves the probe: no upload, no kept
+state, no ledger is stored, so it spends no privacy budget of any client and changes no result; only the peak
+memory comes back.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ class MemoryProbe:
     client_id: int  # the client trained (the largest)
 
 
+def _probe_pass_size(cfg: Config) -> int:
+    """Clients trained together in the probe: ``runtime.clients_per_pass``, or for ``auto`` the most the timing
+    probe may choose (16, at most a round's cohort), 1 when batching is not possible."""
+    from fedsim.client.pass_probe import CANDIDATES
+    from fedsim.config.batching import batching_blockers
+
+    k = cfg.runtime.clients_per_pass
+    if k == "auto":
+        return 1 if batching_blockers(cfg) else min(max(CANDIDATES), cfg.federation.clients_per_round)
+    return int(k)
+
+
 def probe_client_memory(
     cfg: Config,
     blueprint: BaseBlueprint,
@@ -53,7 +67,16 @@ def probe_client_memory(
     fields = {}
     if cfg.privacy.mode == "sample":  # memory depends on the expected batch, not on sigma
         fields = {"noise_multiplier": 1.0, "sample_rate": poisson_rate(cfg.federation.batch_size, sizes[cid])}
-    worker.train(ClientTask(1, cid, plan, **fields), initial_state, None, None)
+    k = _probe_pass_size(cfg)
+    if k == 1:
+        worker.train(ClientTask(1, cid, plan, **fields), initial_state, None, None)
+    else:  # runtime.clients_per_pass: the k largest clients trained together, as a run's worker will
+        ids = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))[:k]
+        if cfg.privacy.mode == "sample":
+            tasks = [ClientTask(1, c, plan, 1.0, poisson_rate(cfg.federation.batch_size, sizes[c])) for c in ids]
+        else:
+            tasks = [ClientTask(1, c, plan) for c in ids]
+        worker.train_many(tasks, initial_state, [None] * k, [None] * k)
     torch.cuda.synchronize(0)
     peak = int(torch.cuda.max_memory_reserved(0))
     total = int(torch.cuda.get_device_properties(0).total_memory)

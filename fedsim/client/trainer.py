@@ -30,6 +30,7 @@ from peft import PeftModel
 from fedsim.config.schema import FederationConfig, PrivacyConfig
 from fedsim.data.federated import LMData
 from fedsim.model.adapters import adapter_keys, parameters_for, set_trainable
+from fedsim.model.train_mode import set_train_mode
 from fedsim.privacy.dpsgd import (
     clear_dp_buffers,
     expected_batch_size,
@@ -128,8 +129,17 @@ class LocalTrainer:
     (``fedsim.model.adapters.set_state``) before :meth:`train` and reads it afterwards.
     """
 
-    def __init__(self, model: PeftModel, federation: FederationConfig, privacy: PrivacyConfig, seed: int):
+    def __init__(
+        self,
+        model: PeftModel,
+        federation: FederationConfig,
+        privacy: PrivacyConfig,
+        seed: int,
+        *,
+        base_dropout: bool = True,
+    ):
         self.model = model
+        self.base_dropout = base_dropout  # model.base_dropout: false keeps the frozen base in eval mode
         self.federation = federation
         self.privacy = privacy
         self.seed = int(seed)
@@ -236,7 +246,7 @@ class LocalTrainer:
         self.prev_step, self._last_batch = {}, None
         by_key = dict(zip(keys, params, strict=True))
         devices = [device.index or 0] if device.type == "cuda" else []
-        self.model.train()
+        set_train_mode(self.model, self.base_dropout)
         try:
             with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
                 # Opacus' full backward hooks on the first adapted layer (whose input needs no grad): harmless.
@@ -276,6 +286,22 @@ class LocalTrainer:
             train_loss=float(np.mean(losses)) if losses else math.nan,
             seconds=time.perf_counter() - start,
         )
+
+    def adopt_signals(
+        self,
+        keys: Sequence[str],
+        last_grads: dict[str, torch.Tensor],
+        prev_grads: dict[str, torch.Tensor],
+        prev_step: dict[str, torch.Tensor],
+        last_batch: tuple[torch.Tensor, ...] | None,
+    ) -> None:
+        """Take over what :meth:`train` leaves for a method's signals, for a client trained elsewhere
+        (:mod:`fedsim.client.batched_trainer`) whose trained tensors ``keys`` the caller has put into this model:
+        :attr:`last_grads`, :attr:`prev_grads`, :attr:`prev_step` and the last non-empty batch for
+        :meth:`raw_loss` (None: it had none). KeyError for unknown keys."""
+        self.last_grads, self.prev_grads, self.prev_step = last_grads, prev_grads, prev_step
+        by_key = dict(zip(keys, parameters_for(self.model, keys), strict=True))
+        self._last_batch = (by_key, last_batch) if last_batch is not None else None
 
     @torch.no_grad()
     def raw_loss(self, offsets: dict[str, torch.Tensor]) -> float:

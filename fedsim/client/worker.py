@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fedsim.client.trainer import LocalTrainer
+from fedsim.client.trainer import LocalTrainer, TrainOutcome
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
 from fedsim.methods.base import make_method
@@ -34,6 +36,9 @@ from fedsim.types import (
     state_bytes,
 )
 
+if TYPE_CHECKING:  # the batched trainer is imported by train_many, the first time a worker trains K clients
+    from fedsim.client.batched_trainer import BatchedTrainer, ClientTrained
+
 
 @dataclass(frozen=True)
 class ClientOutput:
@@ -43,6 +48,20 @@ class ClientOutput:
     upload: ClientUpdate | None
     keep: AdapterState | None
     ledger: dict | None = None  # the client's updated PrivacyLedger (JSON) when the privacy mechanism keeps one
+
+
+@dataclass
+class _Pre:
+    """A client about to train (from :meth:`ClientWorker._begin`): task, start time, its shard's row indices, bytes
+    down, the fixed fields of its result row, its open ledger and the seconds its preparation took."""
+
+    task: ClientTask
+    t0: float
+    idx: np.ndarray
+    down: int
+    base: dict[str, Any]
+    ledger: Any
+    elapsed: float
 
 
 class ClientWorker:
@@ -68,7 +87,10 @@ class ClientWorker:
         self.device = torch.device("cuda" if (gpus == "auto" or gpus > 0) and torch.cuda.is_available() else "cpu")
         self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task).to(self.device)
         self.method = make_method(cfg)
-        self.trainer = LocalTrainer(self.model, cfg.federation, cfg.privacy, cfg.seed)
+        self.trainer = LocalTrainer(
+            self.model, cfg.federation, cfg.privacy, cfg.seed, base_dropout=cfg.model.base_dropout
+        )
+        self._batched: BatchedTrainer | None = None  # built on the first train_many
         self._w0: dict[str, torch.Tensor] = {}  # original base weights of layers that received a residual
         self._applied: dict[str, torch.Tensor] = {}  # residual currently folded into each base weight
 
@@ -104,10 +126,90 @@ class ClientWorker:
         ``privacy.epsilon``) does not train (status ``budget_exhausted``); DP-SGD's noise multiplier; what is
         uploaded (client-level DP: the clipped delta of the shared tensors); the ledger charged for the steps taken.
         """
-        plan, cid, privacy = task.plan, task.client_id, self.privacy
+        pre = self._begin(task, global_state, ledger_json)
+        if isinstance(pre, ClientOutput):
+            return pre
+        try:
+            start = self.method.client_start(global_state, kept, task.plan)
+            self._load(start)
+            ids, mask, labels = self.data.client_arrays(pre.idx)
+            outcome = self.trainer.train(
+                task.plan.trained,
+                ids,
+                mask,
+                labels,
+                round=task.round,
+                client_id=task.client_id,
+                noise_multiplier=self.privacy.dpsgd_noise(task),
+            )
+            after = get_state(self.model, task.plan.trained)
+        except Exception as exc:  # a failing client is reported and left out of the aggregate
+            return self._failed(pre, exc)
+        return self._finish(pre, start, after, outcome)
+
+    def train_many(
+        self,
+        tasks: Sequence[ClientTask],
+        global_state: AdapterState | Sequence[AdapterState],
+        kepts: Sequence[AdapterState | None],
+        ledgers: Sequence[dict | None],
+    ) -> list[ClientOutput]:
+        """Train several clients of one round TOGETHER (``runtime.clients_per_pass``; see
+        :mod:`fedsim.client.batched_trainer`); one output per task, in order, each equal to what :meth:`train` gives
+        that client alone (up to float rounding; ``seconds`` is its share of the pass). ``global_state``: one
+        state for all tasks, or one per task. Never raises for client errors; raises ValueError when the tasks are
+        not of one round with one trained set, or the lists differ in length."""
+        from fedsim.client.batched_trainer import BatchedTrainer, ClientInput
+
+        tasks = list(tasks)
+        globals_ = list(global_state) if isinstance(global_state, (list, tuple)) else [global_state] * len(tasks)
+        if not len(globals_) == len(kepts) == len(ledgers) == len(tasks):
+            raise ValueError("train_many needs one global state (or one per task), kept state and ledger per task")
+        if len({(t.round, tuple(t.plan.trained)) for t in tasks}) > 1:
+            raise ValueError("train_many trains clients of one round with one trained set together")
+        outputs: list[ClientOutput | None] = [None] * len(tasks)
+        todo: list[tuple[int, _Pre, AdapterState, ClientInput]] = []
+        for i, (task, g, kept, ledger) in enumerate(zip(tasks, globals_, kepts, ledgers, strict=True)):
+            pre = self._begin(task, g, ledger)
+            if isinstance(pre, ClientOutput):
+                outputs[i] = pre
+                continue
+            try:
+                start = self.method.client_start(g, kept, task.plan)
+                ids, mask, labels = self.data.client_arrays(pre.idx)
+                noise = self.privacy.dpsgd_noise(task)
+                todo.append((i, pre, start, ClientInput(task.client_id, start, ids, mask, labels, noise)))
+            except Exception as exc:
+                outputs[i] = self._failed(pre, exc)
+        if todo:
+            try:
+                if self._batched is None:
+                    self._batched = BatchedTrainer(self.trainer)
+                trained = self._batched.train(tasks[0].plan.trained, [c for *_, c in todo], tasks[0].round)
+            except Exception as exc:  # the pass itself failed: every client of it is a failed row
+                trained = [exc] * len(todo)
+            for (i, pre, start, _), res in zip(todo, trained, strict=True):
+                outputs[i] = self._failed(pre, res) if isinstance(res, Exception) else self._adopt(pre, start, res)
+        return [out for out in outputs if out is not None]
+
+    def _adopt(self, pre: _Pre, start: AdapterState, res: ClientTrained) -> ClientOutput:
+        """:meth:`_finish` for a client trained in a pass: first its last gradients (and last batch) go to the
+        trainer, where the method's signals read them, and its start + trained tensors into the model when the
+        method asks for raw losses (which evaluate the model)."""
+        keys = pre.task.plan.trained
+        if self.method.needs_raw_loss(pre.task.round):
+            set_state(self.model, {**start, **res.trained})
+        self.trainer.adopt_signals(keys, res.last_grads, res.prev_grads, res.prev_step, res.last_batch)
+        pre.t0 = time.perf_counter() - pre.elapsed - res.outcome.seconds  # its own work + its share of the pass
+        return self._finish(pre, start, res.trained, res.outcome)
+
+    def _begin(self, task: ClientTask, global_state: AdapterState, ledger_json: dict | None) -> _Pre | ClientOutput:
+        """What every client's training starts with: its row metadata, bytes down, ledger; the final output
+        instead when the privacy mechanism finds the client exhausted."""
         t0 = time.perf_counter()
+        cid, privacy = task.client_id, self.privacy
         idx = self.data.client_train[cid]
-        down = state_bytes({k: global_state[k] for k in self.method.broadcast_keys(plan) if k in global_state})
+        down = state_bytes({k: global_state[k] for k in self.method.broadcast_keys(task.plan) if k in global_state})
         base = {
             "round": task.round,
             "client_id": cid,
@@ -127,46 +229,40 @@ class ClientWorker:
                 epsilon=privacy.epsilon_of(ledger),
             )
             return ClientOutput(result, None, None, None)
-        try:
-            start = self.method.client_start(global_state, kept, plan)
-            self._load(start)
-            ids, mask, labels = self.data.client_arrays(idx)
-            outcome = self.trainer.train(
-                plan.trained,
-                ids,
-                mask,
-                labels,
-                round=task.round,
-                client_id=cid,
-                noise_multiplier=privacy.dpsgd_noise(task),
-            )
-            after = get_state(self.model, plan.trained)
-        except Exception as exc:  # a failing client is reported and left out of the aggregate
-            result = ClientResult(
-                **base,
-                steps=0,
-                train_loss=float("nan"),
-                seconds=time.perf_counter() - t0,
-                status="failed",
-                bytes_down=down,
-                error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}",
-            )
-            return ClientOutput(result, None, None, None)
+        return _Pre(task, t0, idx, down, base, ledger, time.perf_counter() - t0)
+
+    def _failed(self, pre: _Pre, exc: BaseException) -> ClientOutput:
+        """A client whose training raised: a ``failed`` row, nothing uploaded, kept or charged."""
+        result = ClientResult(
+            **pre.base,
+            steps=0,
+            train_loss=float("nan"),
+            seconds=time.perf_counter() - pre.t0,
+            status="failed",
+            bytes_down=pre.down,
+            error=f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc, limit=3))}",
+        )
+        return ClientOutput(result, None, None, None)
+
+    def _finish(self, pre: _Pre, start: AdapterState, after: AdapterState, outcome: TrainOutcome) -> ClientOutput:
+        """A trained client's output: the privatised upload and weight, the ledger charged for the steps taken, the
+        kept tensors, the method's signals (from the trainer's last gradients)."""
+        task, privacy, plan = pre.task, self.privacy, pre.task.plan
         upload_t, weight = privacy.upload(
             {k: start[k] for k in plan.uploaded}, {k: after[k] for k in plan.uploaded}, self._weight(outcome.examples)
         )
-        ledger = privacy.charge(ledger, task, outcome.steps)  # only the steps really taken
+        ledger = privacy.charge(pre.ledger, task, outcome.steps)  # only the steps really taken
         keep = {k: after[k] for k in plan.kept} or None
-        signals = self.method.client_signal(plan, self.trainer.last_grads, self._signal_context(task, len(idx)))
-        upload = ClientUpdate(cid, weight, upload_t, signals) if upload_t else None
+        signals = self.method.client_signal(plan, self.trainer.last_grads, self._signal_context(task, len(pre.idx)))
+        upload = ClientUpdate(task.client_id, weight, upload_t, signals) if upload_t else None
         result = ClientResult(
-            **base,
+            **pre.base,
             steps=outcome.steps,
             train_loss=outcome.train_loss,
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - pre.t0,
             status="ok",
             bytes_up=state_bytes(upload_t) + 4 * len(signals),  # signals travel as float32
-            bytes_down=down,
+            bytes_down=pre.down,
             epsilon=privacy.epsilon_of(ledger),
         )
         return ClientOutput(result, upload, keep, ledger.to_json() if ledger is not None else None)

@@ -304,7 +304,9 @@ class ZeroClientWorker(ClientWorker):
                 p.data = p.data.to(self.device)
         self.compute = PartitionedCompute(self.model)
         self.method = make_method(cfg)
-        self.trainer = ZeroTrainer(self.model, self.compute, cfg.federation, cfg.privacy, cfg.seed)
+        self.trainer = ZeroTrainer(
+            self.model, self.compute, cfg.federation, cfg.privacy, cfg.seed, base_dropout=cfg.model.base_dropout
+        )
         self._w0 = {}
         self._applied = {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from fedsim.config.batching import clients_per_pass_problems
 from fedsim.config.fields import _Bad, _convert, _get, _leaves, _show, _suggest
 from fedsim.config.schema import Config
 from fedsim.privacy.checks import delta_problem
@@ -187,6 +188,7 @@ def validate(cfg: Config) -> list[str]:
         "0 for CPU only, 0.25 for a quarter GPU, auto to size the share from a probe client",
     )
     need("runtime.eval_batch_size", rt.eval_batch_size >= 1, ">= 1", "e.g. 64")
+    problems.extend(clients_per_pass_problems(cfg))
     need("runtime.checkpoint_every", rt.checkpoint_every >= 0, ">= 0", "e.g. 1; 0 = first and last round only")
     need("runtime.max_failed_fraction", 0.0 <= rt.max_failed_fraction <= 1.0, "in [0, 1]", "e.g. 0.5")
     need(

@@ -36,6 +36,13 @@ class ModelConfig:
         "folder (docs/extending.md).",
     )
     dtype: str = _f("float32", "Parameter dtype of the frozen base model.", ("float32", "bfloat16"))
+    base_dropout: bool = _f(
+        True,
+        "Dropout inside the frozen base during local training (e.g. BERT's hidden and attention dropout, and the "
+        "dropout of a trained classification head), as a PEFT training loop has it. false runs the base "
+        "deterministically (evaluation mode) while the adapter trains; lora.dropout still applies. "
+        "runtime.clients_per_pass > 1 needs false (one fused pass cannot draw the base's dropout per client).",
+    )
 
 
 @dataclass(frozen=True)
@@ -293,6 +300,15 @@ class RuntimeConfig:
         "Empty = join the job's cluster under `ray job submit` (RAY_ADDRESS), else start a local Ray; "
         "'auto', 'host:port' (the head's GCS) or 'ray://host:port' (Ray Client) = join that cluster. "
         "Not the http:// dashboard address.",
+    )
+    clients_per_pass: int | Literal["auto"] = _f(
+        1,
+        "Clients a worker trains together (K): their batches are concatenated, the frozen base runs once per local "
+        "step, each adapted layer applies each row's own client's factors, and each client keeps its own optimizer, "
+        "DP-SGD clipping and noise, so every client's result equals its one-at-a-time training (up to float "
+        "rounding). > 1 needs model.base_dropout: false, lora.dropout: 0, lora.variant lora or rslora, a method "
+        "that does not fold residuals into the base, and runtime.zero.stage 0. auto = pick K from a short timing "
+        "probe on a worker at the start (1 when one of those does not hold, said on stderr).",
     )
     eval_batch_size: int = _f(64, "Evaluation batch size (also the fixed evaluation chunk).")
     checkpoint_every: int = _f(

@@ -62,6 +62,9 @@ class Capabilities:
     #: the server folds a dense residual into the frozen base weights (FedEx-LoRA, FLoRA): every worker must hold
     #: the whole base weight it adds the residual to, which a ZeRO-3 partitioned base (``runtime.zero``) does not
     folds_into_base: bool = False
+    #: a worker may train several of its clients together in one fused pass (``runtime.clients_per_pass > 1``):
+    #: false when clients differ in more than their adapter tensors (a residual folded into each client's base)
+    batches: bool = True
 
     def problems(self, cfg: Config, others: Mapping[str, Capabilities] | None = None) -> list[str]:
         """Why ``cfg`` asks for something this method does not support (one line per problem, naming the key);
@@ -110,6 +113,7 @@ class Capabilities:
             "per_layer_choices": self.per_layer_choices,
             "keeps_client_state": self.keeps_client_state,
             "folds_into_base": self.folds_into_base,
+            "batches": self.batches,
         }
 
 

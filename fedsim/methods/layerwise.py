@@ -58,7 +58,7 @@ class FoldingMethod(LayerwiseMethod):
     hand. Abstract: subclasses give ``aggregate_layer``. Raises ValueError at construction for a LoRA variant
     without a scale (:func:`~fedsim.model.scale.lora_scale`)."""
 
-    capabilities = dataclasses.replace(PRODUCT_AGGREGATION, folds_into_base=True)
+    capabilities = dataclasses.replace(PRODUCT_AGGREGATION, folds_into_base=True, batches=False)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)

@@ -41,6 +41,7 @@ from fedsim.seeding import derive_seed
 from fedsim.types import AdapterState, state_bytes
 
 __all__ = [
+    "adapter_key",
     "adapter_keys",
     "attach_adapter",
     "export_peft",
@@ -135,6 +136,12 @@ def _canonical(name: str) -> str | None:
         module, param = name.split(_HEAD_MARK, 1)
         return f"{HEAD_PREFIX}{module}.{param}"
     return None
+
+
+def adapter_key(parameter_name: str) -> str | None:
+    """The canonical key of the PEFT parameter named ``parameter_name`` (as in ``model.named_parameters()``), or
+    None if it is not an adapter tensor."""
+    return _canonical(parameter_name)
 
 
 def _params(model: PeftModel) -> dict[str, torch.nn.Parameter]:

@@ -127,6 +127,38 @@ class WorkerBase:
             self._results.setdefault(task.round, []).append(out.result)
         return out.result
 
+    def train_many(self, shared: Shared, tasks: list[ClientTask], global_state: AdapterState) -> list[ClientResult]:
+        """:meth:`train` for several clients of one round trained together (``runtime.clients_per_pass``; see
+        :meth:`ClientWorker.train_many`): states and ledgers as of the start of the round, kept states and ledgers
+        to the store, uploads into this worker's partial sum. Returns the clients' results in task order."""
+        for task in tasks:
+            self._started[task.round] = self._started.get(task.round, 0) + 1
+            _maybe_die(task.round, self._started[task.round])
+        worker = self._attach(shared)
+        got = ray.get([self.store.get_client.remote(t.client_id, bool(t.plan.kept), round=t.round) for t in tasks])
+        starts = [_maybe_poison(t, global_state) for t in tasks]
+        outs = worker.train_many(tasks, starts, [kept for kept, _ in got], [ledger for _, ledger in got])
+        puts = [
+            self.store.put_client.remote(t.client_id, out.keep, out.ledger, round=t.round)
+            for t, out in zip(tasks, outs, strict=True)
+            if out.keep is not None or out.ledger is not None
+        ]
+        ray.get(puts)
+        for task, out in zip(tasks, outs, strict=True):
+            if out.upload is not None:
+                if task.round not in self._partials:
+                    self._partials[task.round] = new_partial(self.cfg, worker.method, task.round)
+                self._partials[task.round].add(out.upload, out.keep)
+                self._results.setdefault(task.round, []).append(out.result)
+        return [out.result for out in outs]
+
+    def probe_pass(self, shared: Shared, limit: int) -> tuple[int, dict[int, float]]:
+        """``runtime.clients_per_pass: auto``: the timing probe on this worker
+        (:func:`fedsim.client.pass_probe.probe_clients_per_pass`; changes no state)."""
+        from fedsim.client.pass_probe import probe_clients_per_pass
+
+        return probe_clients_per_pass(self._attach(shared), limit)
+
     def flush(self, round: int) -> list[ClientResult]:
         """Send this worker's partial sum of ``round`` to the server (one message) and forget it; returns the
         results of the clients it carried (none after a restart: those uploads are lost; the driver re-runs them).

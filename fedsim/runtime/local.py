@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fedsim.client.pass_probe import probe_clients_per_pass, resolve_clients_per_pass
 from fedsim.client.worker import ClientWorker
 from fedsim.runtime.backend import RunSetup
 from fedsim.server.checkpoint import Checkpoint
@@ -21,6 +22,10 @@ class LocalBackend:
         self.server = ParameterServer(cfg, setup.initial_state, setup.privacy)
         self.store = ClientStore(*setup.client_store_args())
         self.worker = ClientWorker(0, cfg, setup.blueprint, setup.data, setup.privacy)
+        #: clients trained together per call (runtime.clients_per_pass; auto: probed on this worker)
+        self.clients_per_pass = resolve_clients_per_pass(
+            cfg, 1, lambda limit: probe_clients_per_pass(self.worker, limit)
+        )
 
     def plan(self, round: int) -> RoundPlan:
         return self.server.plan(round)
@@ -28,13 +33,18 @@ class LocalBackend:
     def train(self, tasks: Sequence[ClientTask]) -> list[ClientResult]:
         results = []
         g = self.server.global_state()
-        for task in sorted(tasks, key=lambda t: t.client_id):
-            kept, ledger = self.store.get_client(task.client_id, tensors=bool(task.plan.kept), round=task.round)
-            out = self.worker.train(task, g, kept, ledger)
-            self.store.put_client(task.client_id, out.keep, out.ledger, round=task.round)
-            if out.upload is not None:
-                self.server.receive(out.upload, round=task.round, kept=out.keep)
-            results.append(out.result)
+        ordered, k = sorted(tasks, key=lambda t: t.client_id), self.clients_per_pass
+        for chunk in (ordered[i : i + k] for i in range(0, len(ordered), k)):  # k clients per call, in id order
+            got = [self.store.get_client(t.client_id, tensors=bool(t.plan.kept), round=t.round) for t in chunk]
+            if k == 1:
+                outs = [self.worker.train(chunk[0], g, *got[0])]
+            else:
+                outs = self.worker.train_many(chunk, g, [kept for kept, _ in got], [ledger for _, ledger in got])
+            for task, out in zip(chunk, outs, strict=True):
+                self.store.put_client(task.client_id, out.keep, out.ledger, round=task.round)
+                if out.upload is not None:
+                    self.server.receive(out.upload, round=task.round, kept=out.keep)
+                results.append(out.result)
         return results
 
     def aggregate(self, round: int) -> AggregateInfo:
@@ -70,7 +80,8 @@ class LocalBackend:
         self.store.restore(ckpt.client_states, ckpt.ledgers)
 
     def describe(self) -> str:
-        return "local backend (1 in-process worker)"
+        k = self.clients_per_pass
+        return f"local backend (1 in-process worker{f', {k} clients per pass' if k > 1 else ''})"
 
     @property
     def worker_count(self) -> int:

@@ -55,6 +55,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from fedsim.client.pass_probe import resolve_clients_per_pass
 from fedsim.errors import RunStopped, UserError
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
@@ -107,6 +108,7 @@ class RayBackend:
         self._groups: list[Any] = []  # placement groups, removed at shutdown
         self._zero_actors: list[Any] = []  # every rank actor of the ZeRO groups (runtime.zero.stage > 0)
         self._growing: list[Any] = []  # the workers of the newest growth group
+        self._k = 1  # clients per train call (runtime.clients_per_pass; auto: probed on a worker in _start)
         self._next_id = 0
         self._requested = False  # request_resources was called (cleared at shutdown)
         self.server: Any = None
@@ -158,13 +160,16 @@ class RayBackend:
         if not group.wait(rt.placement_timeout_s):
             raise UserError(self._no_room(count, kind))
         ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
+        self._k = resolve_clients_per_pass(
+            self._cfg, count, lambda limit: ray.get(self.workers[0].probe_pass.remote(self.shared, limit))
+        )
         nodes = set(self.worker_nodes())
         how = f"auto: {count} now, up to {self._limit}" if self._auto else str(count)
         if rt.zero.stage > 0:
             how += f" ZeRO-{rt.zero.stage} group(s) of {rt.zero.ranks} ranks,"
         self._desc = (
             f"ray backend ({how} workers x {bundle_text(self._bundle)}; placement {rt.placement} over "
-            f"{len(nodes)} node(s))"
+            f"{len(nodes)} node(s){f'; {self._k} clients per pass' if self._k > 1 else ''})"
         )
 
     def _no_room(self, count: int, kind: ClusterKind) -> str:
@@ -365,16 +370,18 @@ class RayBackend:
         by_id = {t.client_id: t for t in tasks}
         results: dict[int, ClientResult] = {}
         deaths: dict[int, str] = {}
-        todo = list(by_id)
+        todo, k = list(by_id), self._k
         for _ in range(CLIENT_ATTEMPTS):
             order = [by_id[c] for c in largest_first(todo, self.sizes)]
-            for task, res in self._dispatch(order, lambda w, t: w.train.remote(self.shared, t, g)):
-                if isinstance(res, ray.exceptions.RayActorError):  # its worker died under it
-                    deaths[task.client_id] = str(res)
-                elif isinstance(res, Exception):
-                    results[task.client_id] = self._failed(task, str(res))
-                else:
-                    results[task.client_id] = res
+            chunks = [order[i : i + k] for i in range(0, len(order), k)]  # k clients per call (clients_per_pass)
+            for chunk, res in self._dispatch(chunks, self._submit_train(g)):
+                for task, one in zip(chunk, res if isinstance(res, list) else [res] * len(chunk), strict=True):
+                    if isinstance(one, ray.exceptions.RayActorError):  # its worker died under it (the whole chunk)
+                        deaths[task.client_id] = str(one)
+                    elif isinstance(one, Exception):
+                        results[task.client_id] = self._failed(task, str(one))
+                    else:
+                        results[task.client_id] = one
             for res in self._flush(round):  # also the results of calls that failed after the client trained
                 results[res.client_id] = res
             received = set(ray.get(self.server.received_ids.remote(round)))
@@ -391,6 +398,13 @@ class RayBackend:
         for c in todo:
             results[c] = self._failed(by_id[c], f"worker processes died {CLIENT_ATTEMPTS} times: {deaths.get(c, '?')}")
         return [results[c] for c in sorted(results)]
+
+    def _submit_train(self, g: Any) -> Callable[[Any, list[ClientTask]], Any]:
+        """How a chunk of clients goes to a worker: one client with ``train`` (its result), several with
+        ``train_many`` (a list of results)."""
+        if self._k == 1:
+            return lambda w, chunk: w.train.remote(self.shared, chunk[0], g)
+        return lambda w, chunk: w.train_many.remote(self.shared, chunk, g)
 
     def _failed(self, task: ClientTask, error: str) -> ClientResult:
         return ClientResult(
