@@ -20,8 +20,8 @@ from fedsim.methods.base import make_method
 from fedsim.model.adapters import attach_adapter, get_state, set_state
 from fedsim.model.build import BaseBlueprint, model_from_blueprint
 from fedsim.model.keys import is_residual, layer_of
-from fedsim.privacy.dpsgd import expected_batch_size
 from fedsim.privacy.mechanism import NoPrivacy, PrivacyMechanism
+from fedsim.privacy.sampling import expected_batch_size
 from fedsim.types import (
     AdapterState,
     ClientResult,
