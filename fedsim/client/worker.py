@@ -68,7 +68,9 @@ class ClientWorker:
         self.device = torch.device("cuda" if (gpus == "auto" or gpus > 0) and torch.cuda.is_available() else "cpu")
         self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task).to(self.device)
         self.method = make_method(cfg)
-        self.trainer = LocalTrainer(self.model, cfg.federation, cfg.privacy, cfg.seed)
+        # gradient copies only for a method whose client signals read them
+        keep = self.method.capabilities.signals
+        self.trainer = LocalTrainer(self.model, cfg.federation, cfg.privacy, cfg.seed, keep_gradients=keep)
         self._w0: dict[str, torch.Tensor] = {}  # original base weights of layers that received a residual
         self._applied: dict[str, torch.Tensor] = {}  # residual currently folded into each base weight
 
