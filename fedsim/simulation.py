@@ -187,10 +187,12 @@ def run_simulation(
             trained = (r["client_id"] for r in tables.clients if r["status"] == "ok")
             state = dataclasses.replace(RunState.from_json(ckpt.driver, trained), round=ckpt.round)
             privacy.load_state(state.privacy)
-        else:
+        elif rt.checkpoint_every:  # the checkpoint before round 1 carries the initial evaluation
             state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
-            if rt.checkpoint_every:  # 0: only after the last round (a resume without a checkpoint starts over)
-                checkpoint(0)
+            checkpoint(0)
+        # checkpoint_every 0: no checkpoint before round 1 (a resume without one starts over), and the initial
+        # evaluation runs once round 1 has trained, before its aggregation (same global state and plan, so the
+        # same result): the first clients train sooner
         sync()
         resumed_from = state.round if resume else None
         events = RoundEvents(out_dir, first_round=state.round + 1)  # tb/: TensorBoard scalars of rounds.parquet
@@ -213,6 +215,8 @@ def run_simulation(
                         f"{(failed[0].error or '').strip().splitlines()[0] if failed[0].error else '?'}. Fix the "
                         f"cause, then `fedsim resume {where}` continues from {newest.name if newest else 'the start'}"
                     )
+                if not state.initial_eval:  # checkpoint_every 0 (see above); the global state is still round 1's
+                    state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
                 info = backend.aggregate(t)
                 trained = state.trained_with(results)
 

@@ -130,3 +130,9 @@ def test_checkpoint_every_0_writes_only_the_last_round_and_a_resume_starts_over(
     assert main(["resume", str(stopped)]) == 0
     assert _metrics(stopped) == _metrics(full)
     assert json.loads((stopped / "summary.json").read_text())["resumed_from_round"] == 0
+    # without a checkpoint before round 1 the initial evaluation runs after round 1's training: the same result
+    every = tmp_path / "every"
+    run_simulation(_cfg("runtime.checkpoint_every=1", "federation.rounds=3"), every, progress=False)
+    a, b, c = (json.loads((d / "summary.json").read_text()) for d in (full, stopped, every))
+    for key in ("initial_eval_accuracy", "initial_eval_loss", "final_eval_loss", "epsilon"):
+        assert a[key] == b[key] == c[key], key
