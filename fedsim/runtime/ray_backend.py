@@ -105,11 +105,11 @@ class RayBackend:
     @classmethod
     def begin(cls, cfg: Config, privacy: PrivacyMechanism, run_dir: Path | None) -> RayBackend:
         """The start-up steps that need only the config, run while the caller builds the data and base model: start
-        (or join) Ray and, unless ``runtime.gpus_per_worker: auto`` (the share comes
-        from a probe client) or ZeRO groups (``runtime.zero.stage > 0``), place the workers and create their actors,
-        whose processes then import torch, transformers and PEFT (seconds each) before any data exists. Their models
-        are built by :meth:`complete`, which the caller must call next (or :meth:`shutdown`). Raises UserError when
-        the cluster cannot hold the workers, after releasing whatever it started."""
+        (or join) Ray and, unless ``runtime.gpus_per_worker: auto`` (the share comes from a probe client) or ZeRO
+        groups (``runtime.zero.stage > 0``), place the workers and create their actors, whose processes then import
+        torch, transformers and PEFT (seconds each) before any data exists. Their models are built by
+        :meth:`complete`, which the caller must call next (or :meth:`shutdown`). Raises UserError when the cluster
+        cannot hold the workers, after releasing whatever it started."""
         backend = cls.__new__(cls)
         backend._begin(cfg, privacy, run_dir)
         return backend
