@@ -1,16 +1,15 @@
 """THE driver: one federated run, read top to bottom. No Ray import here (the backend owns it).
 
-config -> backend starts (Ray, worker processes) WHILE a helper thread builds data -> base model + initial adapter
+config -> backend starts (Ray, worker processes) -> data, base model + initial adapter (while the workers import)
 -> backend completes (server, workers' models) -> per round: plan, cohort, train, aggregate, evaluate, record
 -> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/, tb/), mirrored to a URI when asked
 
 Start-up overlaps: the backend's first half needs only the config (:func:`fedsim.runtime.backend.start_backend`: on
-Ray it starts the cluster and the worker actors, whose processes import torch, transformers and PEFT), so it runs on
-this thread while a helper thread imports the model libraries, reads and tokenises the data and builds the base
-model (:func:`build_inputs`); the backend is completed with what that produced. Ray must be started from the main
-thread (the processes it starts are tied to the thread that started them), hence this split. Module-level imports
-here are light (no PEFT / transformers): a script that imports this module reaches :func:`run_simulation`, and so
-Ray's start, seconds earlier.
+Ray it starts the cluster and creates the worker actors, whose processes then import torch, transformers and PEFT),
+so it comes first; this process then imports the model libraries, reads and tokenises the data and builds the base
+model (:func:`build_inputs`) while the workers import, and the backend is completed with what that produced.
+Module-level imports here are light (no PEFT / transformers): a script that imports this module reaches
+:func:`run_simulation`, and so Ray's start, seconds earlier.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,24 +137,18 @@ def run_simulation(
 
         check_cluster(cfg.runtime.address, cfg.runtime)
 
-    # 1-3. The backend starts on this thread (Ray and the worker processes need only the config) while a helper
-    # thread builds the data and base model (build_inputs); then the backend completes with them. Input errors
-    # surface before anything is trained or written (the half-started backend is shut down first).
+    # 1-3. The backend starts with what needs only the config (on Ray: Ray itself and the worker actors, which
+    # return at once and import torch / transformers / PEFT in their own processes); meanwhile this process builds
+    # the data and base model (build_inputs); then the backend completes with them. Input errors surface before
+    # anything is trained or written (the half-started backend is shut down first).
     from fedsim.runtime.backend import RunSetup, start_backend
 
-    mechanism = make_mechanism(cfg)  # from the config alone (build_inputs' tracker makes the same one)
-    with ThreadPoolExecutor(1, thread_name_prefix="fedsim-inputs") as pool:
-        building = pool.submit(build_inputs, cfg)
-        try:
-            starting = start_backend(cfg, mechanism, out_dir)
-        except BaseException:
-            building.result()  # an input error is the one to report; else the backend's
-            raise
-        try:
-            inputs = building.result()
-        except BaseException:
-            starting.shutdown()
-            raise
+    starting = start_backend(cfg, make_mechanism(cfg), out_dir)  # the mechanism needs only the config
+    try:
+        inputs = build_inputs(cfg)
+    except BaseException:
+        starting.shutdown()
+        raise
     data, privacy, adapted = inputs.data, inputs.privacy, inputs.adapted
     setup = RunSetup(cfg, inputs.blueprint, data, inputs.initial_state, privacy.mechanism, run_dir=out_dir)
     backend = starting.complete(setup)

@@ -104,9 +104,9 @@ class _LocalStart:
 def start_backend(cfg: Config, privacy: PrivacyMechanism, run_dir: Path | None) -> BackendStart:
     """Begin starting the backend ``runtime.backend`` names with what needs only the config: for ``ray``, Ray itself
     and the worker actors, whose processes import torch / transformers / PEFT while the caller builds the data and
-    model (:meth:`fedsim.runtime.ray_backend.RayBackend.begin`). Must be called from the main thread (Ray's
-    processes are tied to the thread that starts them). Raises UserError when the cluster cannot hold the workers.
-    Ray is imported only for ``ray``."""
+    model (:meth:`fedsim.runtime.ray_backend.RayBackend.begin`); returns once they are created. Call it from the
+    main thread (Ray ties the processes it starts to the thread that starts them). Raises UserError when the
+    cluster cannot hold the workers. Ray is imported only for ``ray``."""
     if cfg.runtime.backend == "local":
         return _LocalStart()
     from fedsim.runtime.ray_backend import RayBackend
