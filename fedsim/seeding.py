@@ -6,9 +6,12 @@ This is what makes results independent of the worker count and of the backend.
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def derive_seed(seed: int, purpose: str, *parts: int) -> int:
@@ -24,6 +27,10 @@ def numpy_rng(seed: int, purpose: str, *parts: int) -> np.random.Generator:
 
 
 def torch_generator(seed: int, purpose: str, *parts: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` (torch is imported here: the data layer and the
+    config checks use this module without it)."""
+    import torch
+
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, purpose, *parts))
     return g

@@ -1,8 +1,15 @@
 """THE driver: one federated run, read top to bottom. No Ray import here (the backend owns it).
 
-config -> data -> base model + initial adapter -> backend (server + workers)
--> per round: plan, cohort, train, aggregate, evaluate, record
+config -> backend starts (Ray, worker processes) -> data, base model + initial adapter (while the workers import)
+-> backend completes (server, workers' models) -> per round: plan, cohort, train, aggregate, evaluate, record
 -> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/, tb/), mirrored to a URI when asked
+
+Start-up overlaps: the backend's first half needs only the config (:func:`fedsim.runtime.backend.start_backend`: on
+Ray it starts the cluster and creates the worker actors, whose processes then import torch, transformers and PEFT),
+so it comes first; this process then imports the model libraries, reads and tokenises the data and builds the base
+model (:func:`build_inputs`) while the workers import, and the backend is completed with what that produced.
+Module-level imports here are light (no PEFT / transformers): a script that imports this module reaches
+:func:`run_simulation`, and so Ray's start, seconds earlier.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,18 +34,19 @@ from fedsim.methods.base import get_method
 from fedsim.metrics.console import RoundProgress
 from fedsim.metrics.tables import MetricTables, round_row, summarise_eval, worker_busy_frac
 from fedsim.metrics.tensorboard import RoundEvents
-from fedsim.model.adapters import attach_adapter, get_state
-from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer, resolve_model_config
-from fedsim.model.export import export_adapter
+from fedsim.model.build import BaseBlueprint, blueprint_of, build_base_model, build_tokenizer, resolve_model_config
+from fedsim.privacy.mechanism import make_mechanism
 from fedsim.privacy.tracker import PrivacyTracker
 from fedsim.run_state import RunState
 from fedsim.seeding import numpy_rng
 from fedsim.server.checkpoint import latest_checkpoint_dir, read_checkpoint, write_checkpoint
 from fedsim.server.client_store import SPILL_DIR
 from fedsim.server.cohort import sample_cohort
-from fedsim.types import ClientTask, EvalTask
+from fedsim.types import AdapterState, ClientTask, EvalTask
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+
     from fedsim.runtime.backend import Backend
     from fedsim.storage import RunMirror
 
@@ -55,6 +64,39 @@ def eval_tasks(data: FederatedData, chunk: int, local_clients: int, seed: int) -
     for cid in with_holdout:
         tasks.append(EvalTask(f"client:{cid}", tuple(int(i) for i in data.client_holdout[cid]), client_id=cid))
     return tasks
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What the run is built from, made by :func:`build_inputs`: the tokenised data, the calibrated privacy tracker,
+    the base model's blueprint, the driver's adapted model (for the PEFT export) and the initial adapter state."""
+
+    data: FederatedData
+    privacy: PrivacyTracker
+    blueprint: BaseBlueprint
+    adapted: PeftModel
+    initial_state: AdapterState
+
+
+def build_inputs(cfg: Config) -> RunInputs:
+    """Read, split and tokenise the data; calibrate the privacy; build the frozen base model (shipped to the workers
+    as a blueprint) and the shared initial adapter. Imports PEFT (seconds). Raises DataError / ConfigError / UserError
+    for bad input, before anything is trained or written."""
+    from fedsim.model.adapters import attach_adapter, get_state
+
+    # 1. Data: read, split, tokenise once.
+    dataset = load_source(cfg.data, cfg.seed, cfg.task.kind)
+    model_cfg = resolve_model_config(cfg.model, cfg.task.kind)  # a user model builder: the folder it writes
+    tokenizer = build_tokenizer(model_cfg, dataset.texts)
+    data = build_federated_data(cfg, dataset, tokenizer)
+    del dataset  # the raw texts (population-sized) are not needed once tokenised
+    privacy = PrivacyTracker(cfg, [int(n) for n in data.client_sizes])  # the privacy mechanism, calibrated once
+
+    # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
+    base = build_base_model(model_cfg, data.num_labels, tokenizer, cfg.seed, cfg.task.kind)
+    blueprint = blueprint_of(base)
+    adapted = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task)
+    return RunInputs(data, privacy, blueprint, adapted, get_state(adapted))
 
 
 def initial_evaluation(backend: Backend, tasks: list[EvalTask]) -> dict[str, float | None]:
@@ -97,20 +139,21 @@ def run_simulation(
 
         check_cluster(cfg.runtime.address, cfg.runtime)
 
-    # 1. Data: read, split, tokenise once. Data errors surface here, before anything is written.
-    dataset = load_source(cfg.data, cfg.seed, cfg.task.kind)
-    model_cfg = resolve_model_config(cfg.model, cfg.task.kind)  # a user model builder: the folder it writes
-    tokenizer = build_tokenizer(model_cfg, dataset.texts)
-    data = build_federated_data(cfg, dataset, tokenizer)
-    del dataset  # the raw texts (population-sized) are not needed once tokenised
-    sizes = [len(ix) for ix in data.client_train]
-    privacy = PrivacyTracker(cfg, sizes)  # the privacy mechanism, calibrated once
+    # 1-3. The backend starts with what needs only the config (on Ray: Ray itself and the worker actors, which
+    # return at once and import torch / transformers / PEFT in their own processes); meanwhile this process builds
+    # the data and base model (build_inputs); then the backend completes with them. Input errors surface before
+    # anything is trained or written (the half-started backend is shut down first).
+    from fedsim.runtime.backend import RunSetup, start_backend
 
-    # 2. The frozen base model (built once, shipped to workers) and the shared initial adapter.
-    base = build_base_model(model_cfg, data.num_labels, tokenizer, cfg.seed, cfg.task.kind)
-    blueprint = blueprint_of(base)
-    adapted = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task)
-    initial_state = get_state(adapted)
+    starting = start_backend(cfg, make_mechanism(cfg), out_dir)  # the mechanism needs only the config
+    try:
+        inputs = build_inputs(cfg)
+    except BaseException:
+        starting.shutdown()
+        raise
+    data, privacy, adapted = inputs.data, inputs.privacy, inputs.adapted
+    setup = RunSetup(cfg, inputs.blueprint, data, inputs.initial_state, privacy.mechanism, run_dir=out_dir)
+    backend = starting.complete(setup)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -119,10 +162,6 @@ def run_simulation(
     for caveat in caveats:
         print(f"WARNING (privacy): {caveat}", file=sys.stderr)
 
-    # 3. Server + workers.
-    from fedsim.runtime.backend import RunSetup, make_backend
-
-    backend = make_backend(RunSetup(cfg, blueprint, data, initial_state, privacy.mechanism, run_dir=out_dir))
     tables = MetricTables(out_dir)
     fed, rt = cfg.federation, cfg.runtime
     tasks_eval = eval_tasks(data, rt.eval_batch_size, fed.local_eval_clients, cfg.seed)
@@ -142,9 +181,12 @@ def run_simulation(
             trained = (r["client_id"] for r in tables.clients if r["status"] == "ok")
             state = dataclasses.replace(RunState.from_json(ckpt.driver, trained), round=ckpt.round)
             privacy.load_state(state.privacy)
-        else:
+        elif rt.checkpoint_every:  # the checkpoint before round 1 carries the initial evaluation
             state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
             checkpoint(0)
+        # checkpoint_every 0: no checkpoint before round 1 (a resume without one starts over), and the initial
+        # evaluation runs once round 1 has trained, before its aggregation (same global state and plan, so the
+        # same result): the first clients train sooner
         sync()
         resumed_from = state.round if resume else None
         events = RoundEvents(out_dir, first_round=state.round + 1)  # tb/: TensorBoard scalars of rounds.parquet
@@ -167,6 +209,8 @@ def run_simulation(
                         f"{(failed[0].error or '').strip().splitlines()[0] if failed[0].error else '?'}. Fix the "
                         f"cause, then `fedsim resume {where}` continues from {newest.name if newest else 'the start'}"
                     )
+                if not state.initial_eval:  # checkpoint_every 0 (see above); the global state is still round 1's
+                    state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
                 info = backend.aggregate(t)
                 trained = state.trained_with(results)
 
@@ -195,6 +239,8 @@ def run_simulation(
                     on_round(row)
 
         # 7. Final adapter in PEFT format + summary.
+        from fedsim.model.export import export_adapter
+
         final_state = backend.global_state()
         export_adapter(adapted, final_state, out_dir / "adapter")
         if inspect is not None:

@@ -114,3 +114,25 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(tmp
     full = tmp_path / "full"
     run_simulation(_cfg("runtime.checkpoint_every=2"), full, progress=False)
     assert _metrics(out) == _metrics(full)
+
+
+def test_checkpoint_every_0_writes_only_the_last_round_and_a_resume_starts_over(tmp_path):
+    """runtime.checkpoint_every: 0 writes no checkpoint before round 1 (none until the last round); a run stopped
+    before then resumes from the start and still equals the uninterrupted run."""
+    cfg = _cfg("runtime.checkpoint_every=0", "federation.rounds=3")
+    full = tmp_path / "full"
+    run_simulation(cfg, full, progress=False)
+    assert sorted(p.name for p in (full / "checkpoints").glob("round-*")) == ["round-000003"]
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full, stopped)
+    (stopped / "summary.json").unlink()  # as if killed during round 3: rounds 1-2 recorded, no checkpoint yet
+    shutil.rmtree(stopped / "checkpoints")
+    assert main(["resume", str(stopped)]) == 0
+    assert _metrics(stopped) == _metrics(full)
+    assert json.loads((stopped / "summary.json").read_text())["resumed_from_round"] == 0
+    # without a checkpoint before round 1 the initial evaluation runs after round 1's training: the same result
+    every = tmp_path / "every"
+    run_simulation(_cfg("runtime.checkpoint_every=1", "federation.rounds=3"), every, progress=False)
+    a, b, c = (json.loads((d / "summary.json").read_text()) for d in (full, stopped, every))
+    for key in ("initial_eval_accuracy", "initial_eval_loss", "final_eval_loss", "epsilon"):
+        assert a[key] == b[key] == c[key], key

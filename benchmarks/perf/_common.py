@@ -1,5 +1,6 @@
-"""Shared helpers of the perf benchmarks (overhead.py, vs_flower.py, scale.py): run environment, the MiniLM job,
-the hand-written local training loop, a float64 FedAvg, Markdown tables and the run-directory tables.
+"""Shared helpers of the perf benchmarks (overhead.py, vs_flower.py, scale.py, startup.py): run environment, the
+MiniLM job, the small-BERT many-client job, the hand-written local training loop, a float64 FedAvg, Markdown tables,
+the run-directory tables and ``--fedsim-set`` overrides.
 
 Importable from fedsim's venv and from the Flower venv that vs_flower.py makes (torch, numpy and fedsim's
 torch-level modules only; pyarrow and the data layer are imported inside the functions that need them).
@@ -89,6 +90,108 @@ def minilm_job(
     if dp:
         job.update({"privacy.noise_multiplier": noise_multiplier, "privacy.clip": clip, "privacy.epsilon": None})
     return job
+
+
+def small_bert_folder(hidden: int = 64, layers: int = 2) -> Path:
+    """A BERT classifier of ``hidden`` units and ``layers`` layers (2 heads, intermediate 4 x hidden, 2 labels) with
+    seeded random weights and the bundled MiniLM's tokenizer, written once to ``.cache/bert-h<hidden>-l<layers>/``
+    (fedsim's ``model.name`` takes the folder). Needs fedsim's venv (transformers and the [demo] extra)."""
+    folder = ROOT / ".cache" / f"bert-h{hidden}-l{layers}"
+    if (folder / "config.json").is_file():
+        return folder
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from fedsim.model.build import _minilm_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_folder())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=512,
+        num_labels=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)  # complete or absent
+    return folder
+
+
+def small_job(
+    *,
+    clients: int = 100,
+    examples_per_client: int = 64,
+    test_examples: int = 640,
+    cohort: int = 10,
+    rounds: int = 5,
+    local_steps: int = 10,
+    batch_size: int = 16,
+    max_length: int = 32,
+    workers: int = 2,
+    threads: int = 1,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    checkpoint_every: int = 0,
+) -> dict[str, Any]:
+    """The fedsim config (dotted keys) of the small many-client job: a ``layers``-layer BERT of ``hidden`` units
+    (:func:`small_bert_folder`) + LoRA r=8, alpha=16 on query/value + trained head, FedAvg-LoRA, synthetic texts in
+    iid shards of exactly ``examples_per_client`` per client, a fixed global test set evaluated after the last round
+    only, plain SGD, no DP, Ray backend with ``workers`` workers of ``threads`` CPU(s)."""
+    total = clients * examples_per_client + test_examples
+    return {
+        "seed": seed,
+        "model.name": str(small_bert_folder(hidden, layers)),
+        "lora.r": 8,
+        "lora.alpha": 16.0,
+        "lora.dropout": 0.0,
+        "lora.train_head": True,
+        "data.source": "synthetic",
+        "data.synthetic_examples": total,
+        "data.synthetic_classes": 2,
+        "data.max_length": max_length,
+        "data.test_fraction": test_examples / total,
+        "data.personal_fraction": 0.0,
+        "data.partition.kind": "iid",
+        "federation.clients": clients,
+        "federation.clients_per_round": cohort,
+        "federation.rounds": rounds,
+        "federation.local_steps": local_steps,
+        "federation.batch_size": batch_size,
+        "federation.lr": 0.5,
+        "federation.optimizer": "sgd",
+        "federation.eval_every": rounds,
+        "method.name": "fedavg_lora",
+        "privacy.mode": "none",
+        "runtime.backend": "ray",
+        "runtime.workers": workers,
+        "runtime.cpus_per_worker": float(threads),
+        "runtime.checkpoint_every": checkpoint_every,
+    }
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``--fedsim-set KEY=VALUE`` items -> {dotted key: value}; values are read as YAML scalars (``2`` -> 2,
+    ``null`` -> None, ``true`` -> True). Raises SystemExit naming the item without ``=``."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--fedsim-set: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def local_train(

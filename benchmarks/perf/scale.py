@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=32, help="tokens per example (synthetic texts have <= 22)")
     ap.add_argument("--method", default="fedsa_lora", help="fedsa_lora keeps every participant's B in the store")
     ap.add_argument("--workers", type=int, default=2, help="runtime.workers (1 CPU each)")
-    ap.add_argument("--checkpoint-every", type=int, default=0, help="runtime.checkpoint_every (0: first and last)")
+    ap.add_argument("--checkpoint-every", type=int, default=0, help="runtime.checkpoint_every (0: the last round only)")
     ap.add_argument("--store-mb", type=float, default=None, help="runtime.client_store.memory_mb (default: fedsim's)")
     ap.add_argument("--interval", type=float, default=0.2, help="memory sampling period in seconds")
     ap.add_argument("--out", type=Path, default=None, help="run directories (default: a folder under .cache/)")

@@ -1,38 +1,50 @@
-"""The same federated job in Flower's simulation engine and in fedsim, one after the other: wall times and ratio.
+"""The same federated jobs in Flower's simulation engine and in fedsim, one after the other: wall times and ratios.
 
-The job (``_common.minilm_job``): bundled MiniLM + LoRA r=8, alpha=16 on query/value + trained head, FedAvg over
-all adapter tensors weighted by examples, BBC News in iid shards, ``--clients`` clients, ``--cohort`` per round,
-``--local-steps`` plain-SGD steps of ``--batch-size`` per client, ``--rounds`` rounds, ``--workers`` parallel
-client executors of ``--threads`` CPU(s) each (fedsim: ClientWorker actors; Flower: ClientApp actors via
-``client_resources``), one evaluation on the global test set after the last round, no DP.
+Two jobs (``--jobs``, default both), each run by every side in a fresh subprocess:
 
-This script (in fedsim's venv) first exports the job: the tokenised data and client shards (``.npz``) and the
-frozen base model (safetensors + JSON) that fedsim's own builders make, so both sides train on identical inputs.
+* ``minilm`` (``_common.minilm_job``): bundled MiniLM + LoRA r=8, alpha=16 on query/value + trained head, FedAvg over
+  all adapter tensors weighted by examples, BBC News in iid shards, ``--clients`` clients, ``--cohort`` per round,
+  ``--local-steps`` plain-SGD steps of ``--batch-size`` per client, ``--rounds`` rounds.
+* ``small`` (``_common.small_job``): a 2-layer BERT of hidden size 64 (random weights, MiniLM's tokenizer), the same
+  LoRA / FedAvg / SGD, 100 clients of 64 synthetic examples, 10 per round, 20 rounds of 10 steps of 16, 32 tokens:
+  little compute per client, many clients, where start-up and per-round framework costs show.
+
+Both: ``--workers`` parallel client executors of ``--threads`` CPU(s) each (fedsim: ClientWorker actors; Flower:
+ClientApp actors via ``client_resources``), one evaluation on the global test set after the last round, no DP.
+
+This script (in fedsim's venv) first exports each job: the tokenised data and client shards (``.npz``) and the
+frozen base model (safetensors + JSON) that fedsim's own builders make, so every side trains on identical inputs.
 Then, each in a fresh subprocess:
 
-* fedsim: ``run_simulation`` (Ray backend, ``runtime.checkpoint_every = 0`` unless ``--fedsim-checkpoint-every``).
-* Flower: ``flwr.simulation.run_simulation`` with a ``ServerApp`` running the message-API ``FedAvg`` strategy and a
-  ``ClientApp`` whose train handler loads the global arrays into a MiniLM+LoRA model (fedsim's
-  ``model_from_blueprint`` + ``attach_adapter``), runs the same batches (fedsim's ``batch_schedule`` and seeds)
-  with the same hand-written loop as the bare loop of overhead.py, and replies with the arrays and
-  ``num-examples``. The model and data are cached per Ray actor process (kind to Flower: its tutorials rebuild
-  the model in every message; ``--flower-rebuild`` does that). Flower samples its cohort itself (random), fedsim
-  by its seeded sampler: with equal-size iid shards every client costs the same.
+* fedsim: ``run_simulation`` (Ray backend, ``runtime.checkpoint_every = 0`` unless ``--fedsim-checkpoint-every``;
+  ``--fedsim-set KEY=VALUE`` overrides any key of fedsim's side, e.g. ``runtime.clients_per_pass=4``).
+* Flower (``--flower-variants``, default both): ``flwr.simulation.run_simulation`` with a ``ServerApp`` running the
+  message-API ``FedAvg`` strategy and a ``ClientApp`` whose train handler loads the global arrays into a
+  MiniLM/BERT+LoRA model (fedsim's ``model_from_blueprint`` + ``attach_adapter``), runs the same batches (fedsim's
+  ``batch_schedule`` and seeds) with the same hand-written loop as the bare loop of overhead.py, and replies with the
+  arrays and ``num-examples``. ``tutorial``: the handler builds the model and loads the client's data in every
+  message, as Flower's tutorials write a ClientApp (``Net()`` / ``from_pretrained`` and ``load_data(partition_id)``
+  inside ``train``); ``cached``: model and data are built once per Ray actor process and reused (kinder to Flower
+  than its tutorials). Flower samples its cohort itself (random), fedsim by its seeded sampler: with equal-size iid
+  shards every client costs the same.
 
 Flower runs from its own virtual environment ``.cache/flower-venv`` (git-ignored), which this script creates on
 first use with ``pip install "torch==<fedsim's>" "flwr[simulation]==<--flwr-version>"`` and fedsim's versions of
 transformers, peft, opacus, safetensors and numpy. flwr 1.42.0 (the newest) needs certifi>=2026.10.19, which the
 package index here does not have, hence the default 1.41.0 (it pins ray 2.55.1; fedsim's venv has its own Ray).
 
-Reported per framework: the subprocess's wall time (interpreter start to exit: imports, Ray start, model build,
-rounds, shutdown: the like-for-like number), the federated loop (fedsim: the sum of rounds.parquet ``wall_s``;
-Flower: ``strategy.start``; start-up falls differently: fedsim's workers build their model when they start, partly
-before round 1, Flower's actors on their first message, inside the loop) and the steady-state median seconds of
-rounds 2..R-1 (fedsim: ``wall_s``; Flower: time between its ``evaluate_fn`` calls, which come after every round;
-needs ``--rounds`` >= 3), with Flower / fedsim ratios (> 1: fedsim is faster). With ``--cohort`` = ``--clients``
-both sides do the same computation and the final adapters are compared.
+Reported per side: the subprocess's wall time (interpreter start to exit: imports, Ray start, model build,
+rounds, shutdown: the like-for-like number); the time to the first trained client (from the subprocess's launch to
+the end of the first client's local training: Flower, its first train handler returning; fedsim, its first
+``train`` call finishing in a worker, from Ray's task events); the federated loop (fedsim: the sum of rounds.parquet
+``wall_s``; Flower: ``strategy.start``; start-up falls differently: fedsim's workers build their model when they
+start, before round 1, Flower's actors on their first message, inside the loop) and the steady-state median seconds
+of rounds 2..R-1 (fedsim: ``wall_s``; Flower: time between its ``evaluate_fn`` calls, which come after every round;
+needs ``--rounds`` >= 3), with Flower / fedsim ratios (> 1: fedsim is faster). With a cohort of every client the
+sides do the same computation and the final adapters are compared.
 
-    python benchmarks/perf/vs_flower.py                      # the measured setting (idle machine)
+    python benchmarks/perf/vs_flower.py                      # both jobs, both Flower variants (idle machine)
+    python benchmarks/perf/vs_flower.py --jobs small --fedsim-set runtime.clients_per_pass=4
     python benchmarks/perf/vs_flower.py --quick              # smoke test
 """
 
@@ -54,11 +66,24 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import ROOT, local_train, markdown_table, max_abs_diff, minilm_job, read_table, set_run_env  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT,
+    local_train,
+    markdown_table,
+    max_abs_diff,
+    minilm_job,
+    parse_sets,
+    read_table,
+    set_run_env,
+    small_job,
+)
 
 FLOWER_VENV = ROOT / ".cache" / "flower-venv"
 PROBE = "import flwr, ray, torch, transformers, peft, opacus, safetensors, numpy; print(flwr.__version__)"
 _CACHE: dict[str, Any] = {}  # per process (each Flower ClientApp actor keeps its model and data here)
+T0_ENV = "VS_FLOWER_T0"  # the side's launch time (time.time()), set by the parent
+MARKS_ENV = "VS_FLOWER_MARKS"  # Flower: file the train handler appends its finish times to
+SETS_FILE = "fedsim-set.json"  # --fedsim-set overrides (fedsim's side only)
 
 
 # ----------------------------------------------------------------------------------------------- the Flower venv
@@ -85,7 +110,9 @@ def ensure_flower_venv(venv: Path, flwr_version: str) -> Path:
 
 
 def export_job(job: dict[str, Any], job_dir: Path) -> None:
-    """Build data and base model with fedsim's builders; write job.json, data.npz, base.safetensors, base.json."""
+    """Build data and base model with fedsim's builders; write job.json, data.npz (token ids, labels, shards),
+    texts.json and tokenizer/ (for the tutorial-style Flower client, which tokenises in its handler),
+    base.safetensors and base.json."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -100,16 +127,17 @@ def export_job(job: dict[str, Any], job_dir: Path) -> None:
     data = build_federated_data(cfg, dataset, tokenizer)
     bp = blueprint_of(build_base_model(cfg.model, data.num_labels, tokenizer, cfg.seed))
     job_dir.mkdir(parents=True, exist_ok=True)
-    sizes = np.asarray([len(c) for c in data.client_train], dtype=np.int64)
     np.savez(
         job_dir / "data.npz",
         input_ids=data.input_ids,
         attention_mask=data.attention_mask,
         labels=data.labels,
         test_indices=data.test_indices,
-        client_offsets=np.concatenate([[0], np.cumsum(sizes)]),
-        client_flat=np.concatenate(data.client_train),
+        client_offsets=np.asarray(data.client_train.offsets),
+        client_flat=np.asarray(data.client_train.flat),
     )
+    (job_dir / "texts.json").write_text(json.dumps(list(dataset.texts)))  # raw texts, row-aligned
+    tokenizer.save_pretrained(str(job_dir / "tokenizer"))
     save_file({k: v.contiguous() for k, v in bp.weights.items()}, str(job_dir / "base.safetensors"))
     (job_dir / "base.json").write_text(json.dumps({"config": bp.config, "family": bp.family}, default=str))
     (job_dir / "job.json").write_text(json.dumps(job, indent=2))
@@ -118,27 +146,37 @@ def export_job(job: dict[str, Any], job_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------- the Flower side
 
 
-def _model_and_data(job_dir: str, rebuild: bool = False) -> dict[str, Any]:
-    """This process's MiniLM+LoRA model, data tensors and job (built once per process unless ``rebuild``)."""
-    if job_dir in _CACHE and not rebuild:
-        return _CACHE[job_dir]
-    import numpy as np
+def _model(root: Path, job: dict[str, Any]) -> Any:
+    """A fresh MiniLM/BERT + LoRA model from the exported blueprint files, every adapter tensor trainable."""
     import torch
     from safetensors.torch import load_file
 
     from fedsim.config.schema import LoraConfig
-    from fedsim.model.adapters import adapter_keys, attach_adapter, parameters_for, set_trainable
+    from fedsim.model.adapters import adapter_keys, attach_adapter, set_trainable
     from fedsim.model.build import BaseBlueprint, model_from_blueprint
 
-    root = Path(job_dir)
-    job = json.loads((root / "job.json").read_text())
-    meta = json.loads((root / "base.json").read_text())
     torch.set_num_threads(int(job["runtime.cpus_per_worker"]))
+    meta = json.loads((root / "base.json").read_text())
     bp = BaseBlueprint(config=meta["config"], weights=load_file(str(root / "base.safetensors")), family=meta["family"])
     lora = LoraConfig(r=job["lora.r"], alpha=job["lora.alpha"], dropout=job["lora.dropout"])
     model = attach_adapter(model_from_blueprint(bp), lora, bp.family, job["seed"])
+    set_trainable(model, adapter_keys(model))
+    return model
+
+
+def _model_and_data(job_dir: str) -> dict[str, Any]:
+    """This process's model, data tensors and job, built once per process (the cached variant, the ServerApp)."""
+    if job_dir in _CACHE:
+        return _CACHE[job_dir]
+    import numpy as np
+    import torch
+
+    from fedsim.model.adapters import adapter_keys, parameters_for
+
+    root = Path(job_dir)
+    job = json.loads((root / "job.json").read_text())
+    model = _model(root, job)
     keys = adapter_keys(model)
-    set_trainable(model, keys)
     with np.load(root / "data.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     entry = {
@@ -153,8 +191,49 @@ def _model_and_data(job_dir: str, rebuild: bool = False) -> dict[str, Any]:
     return entry
 
 
+def _tutorial_client(job_dir: str, cid: int) -> dict[str, Any]:
+    """What a Flower tutorial's train handler builds in every message: the model (``Net()`` / ``from_pretrained``)
+    and the client's data (``load_data(partition_id)``: its rows of the dataset, which the tutorials keep in a
+    module-level FederatedDataset, tokenised with a tokenizer loaded there). Gives the same token ids as fedsim's
+    export (same tokenizer and padding), so the computation is the same."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from fedsim.model.adapters import adapter_keys, parameters_for
+
+    root = Path(job_dir)
+    if "raw" not in _CACHE:  # the raw dataset and the partitioning, loaded once per process (FederatedDataset)
+        with np.load(root / "data.npz", allow_pickle=False) as z:
+            parts = {k: z[k] for k in ("labels", "client_offsets", "client_flat")}
+        _CACHE["raw"] = (json.loads((root / "texts.json").read_text()), parts)
+    texts, parts = _CACHE["raw"]
+    job = json.loads((root / "job.json").read_text())
+    model = _model(root, job)
+    keys = adapter_keys(model)
+    off = parts["client_offsets"]
+    rows = parts["client_flat"][off[cid] : off[cid + 1]]
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    enc = tokenizer(
+        [texts[i] for i in rows],
+        padding="max_length",
+        truncation=True,
+        max_length=job["data.max_length"],
+        return_tensors="pt",
+    )
+    labels = torch.as_tensor(parts["labels"][rows], dtype=torch.long)
+    return {
+        "job": job,
+        "model": model,
+        "keys": keys,
+        "params": parameters_for(model, keys),
+        "data": (enc["input_ids"].long(), enc["attention_mask"].long(), labels),
+    }
+
+
 def flower_train(msg: Any, context: Any) -> Any:
-    """ClientApp train handler: global arrays in, the same local SGD steps as fedsim's trainer, arrays out."""
+    """ClientApp train handler: global arrays in, the same local SGD steps as fedsim's trainer, arrays out (and
+    its finish time appended to the marks file)."""
     import torch
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
@@ -162,15 +241,19 @@ def flower_train(msg: Any, context: Any) -> Any:
     from fedsim.model.adapters import get_state, set_state
     from fedsim.seeding import derive_seed, torch_generator
 
-    w = _model_and_data(os.environ["VS_FLOWER_JOB"], rebuild=os.environ.get("VS_FLOWER_REBUILD") == "1")
-    job, model, keys, params = w["job"], w["model"], w["keys"], w["params"]
     cid = int(context.node_config["partition-id"])
+    if os.environ.get("VS_FLOWER_REBUILD") == "1":  # as the tutorials: model and data built in the handler
+        w = _tutorial_client(os.environ["VS_FLOWER_JOB"], cid)
+        ids, mask, labels = w["data"]
+    else:
+        w = _model_and_data(os.environ["VS_FLOWER_JOB"])
+        off = w["arrays"]["client_offsets"]
+        idx = torch.as_tensor(w["arrays"]["client_flat"][off[cid] : off[cid + 1]], dtype=torch.long)
+        ids, mask, labels = (x[idx] for x in w["tensors"])
+    job, model, keys, params = w["job"], w["model"], w["keys"], w["params"]
     rnd = int(msg.content["config"]["server-round"])
     set_state(model, dict(msg.content["arrays"].to_torch_state_dict()))
-    off = w["arrays"]["client_offsets"]
-    idx = torch.as_tensor(w["arrays"]["client_flat"][off[cid] : off[cid + 1]], dtype=torch.long)
-    ids, mask, labels = (x[idx] for x in w["tensors"])
-    seed, n = job["seed"], len(idx)
+    seed, n = job["seed"], len(labels)
     batches = batch_schedule(
         n,
         job["federation.batch_size"],
@@ -184,6 +267,8 @@ def flower_train(msg: Any, context: Any) -> Any:
     model.eval()
     for p in params:
         p.grad = None
+    with open(os.environ[MARKS_ENV], "a") as marks:  # one short line per call: appends do not interleave
+        marks.write(f"{time.time()!r}\n")
     metrics = MetricRecord({"num-examples": n, "train_loss": sum(losses) / max(len(losses), 1)})
     content = RecordDict({"arrays": ArrayRecord(get_state(model, keys)), "metrics": metrics})
     return Message(content=content, reply_to=msg)
@@ -291,18 +376,32 @@ def flower_side(job_dir: Path, result_path: Path) -> int:
 def fedsim_side(job_dir: Path, result_path: Path) -> int:
     """Run the job with fedsim; write {loop_s, eval} and the final state next to ``result_path``."""
     from safetensors.torch import save_file
+    from startup import actor_events
 
     from fedsim.config.load import config_from_dict
     from fedsim.simulation import run_simulation
 
-    cfg = config_from_dict(json.loads((job_dir / "job.json").read_text()))
+    job = json.loads((job_dir / "job.json").read_text())
+    job.update(json.loads((job_dir / SETS_FILE).read_text()) if (job_dir / SETS_FILE).is_file() else {})
+    cfg = config_from_dict(job)
     run_dir = result_path.parent / "fedsim-run"
     box: dict[str, Any] = {}
-    run_simulation(cfg, run_dir, label="vs_flower", progress=False, inspect=lambda b: box.update(g=b.global_state()))
+    t0 = float(os.environ[T0_ENV])
+
+    def inspect(backend: Any) -> None:
+        box["g"] = backend.global_state()
+        box["first_client_s"] = actor_events(t0).get("first_client")
+
+    run_simulation(cfg, run_dir, label="vs_flower", progress=False, inspect=inspect)
     save_file({k: v.contiguous() for k, v in box["g"].items()}, str(result_path.with_suffix(".safetensors")))
     rounds = read_table(run_dir / "rounds.parquet")
     ev = {"eval_loss": rounds[-1]["eval_loss"], "eval_accuracy": rounds[-1]["eval_accuracy"]}
-    out = {"loop_s": sum(r["wall_s"] for r in rounds), "round_s": [r["wall_s"] for r in rounds], "eval": ev}
+    out = {
+        "loop_s": sum(r["wall_s"] for r in rounds),
+        "round_s": [r["wall_s"] for r in rounds],
+        "eval": ev,
+        "first_client_s": box["first_client_s"],
+    }
     result_path.write_text(json.dumps(out, indent=2))
     return 0
 
@@ -317,124 +416,181 @@ def steady(round_s: list[float]) -> str:
 
 
 def run_side(python: str, side: str, job_dir: Path, work: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
-    """One side in a fresh subprocess (own session; killed with its Ray processes after ``timeout`` seconds);
-    its result JSON plus the subprocess wall time."""
+    """One side (``flower-cached``, ``flower-tutorial`` or ``fedsim``) in a fresh subprocess (own session; killed
+    with its Ray processes after ``timeout`` seconds); its result JSON plus the subprocess wall time and, for
+    Flower, the time to its first trained client (from the marks its handler wrote)."""
     result = work / f"{side}.json"
+    marks = work / f"{side}.marks"
+    marks.unlink(missing_ok=True)
     code = f"import sys, vs_flower; sys.exit(vs_flower.side_main({side!r}, {str(job_dir)!r}, {str(result)!r}))"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([python, "-c", code], env=env, cwd=str(HERE), start_new_session=True)
+    t0 = time.time()
+    side_env = {
+        **env,
+        T0_ENV: repr(t0),
+        MARKS_ENV: str(marks),
+        "VS_FLOWER_REBUILD": str(int(side == "flower-tutorial")),
+    }
+    proc = subprocess.Popen([python, "-c", code], env=side_env, cwd=str(HERE), start_new_session=True)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the session holds this side's Ray processes too
         proc.wait()
         raise SystemExit(f"the {side} side ran past --timeout {timeout:.0f} s and was stopped") from None
-    wall = time.perf_counter() - t0
+    wall = time.time() - t0
     if rc != 0:
         raise SystemExit(f"the {side} side failed (exit {rc}); see its output above")
     out = json.loads(result.read_text())
     out["wall_s"] = wall
+    if side.startswith("flower"):
+        times = [float(x) for x in marks.read_text().split()] if marks.is_file() else []
+        out["first_client_s"] = min(times) - t0 if times else None
     return out
 
 
 def side_main(side: str, job_dir: str, result: str) -> int:
     set_run_env()
-    run = flower_side if side == "flower" else fedsim_side
+    run = flower_side if side.startswith("flower") else fedsim_side
     return run(Path(job_dir), Path(result))
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
+
+def report(res: dict[str, dict[str, Any]], rounds: int) -> str:
+    """The Markdown table of one job: a row per side, then Flower / fedsim ratios per Flower variant."""
+    names = {"flower-cached": "Flower (model cached per actor)", "flower-tutorial": "Flower (as its tutorials)"}
+    rows = []
+    for side, r in res.items():
+        first = r.get("first_client_s")
+        rows.append(
+            [
+                names.get(side, side),
+                f"{r['wall_s']:.1f}",
+                "n/a" if first is None else f"{first:.1f}",
+                f"{r['loop_s']:.1f}",
+                f"{r['loop_s'] / rounds:.2f}",
+                steady(r["round_s"]),
+                f"{r['eval']['eval_accuracy']:.3f}",
+            ]
+        )
+    fs = res["fedsim"]
+    for side, r in res.items():
+        if side == "fedsim":
+            continue
+        fl_st, fs_st = steady(r["round_s"]), steady(fs["round_s"])
+        rows.append(
+            [
+                f"{names.get(side, side)} / fedsim",
+                _ratio(r["wall_s"], fs["wall_s"]),
+                _ratio(r.get("first_client_s"), fs.get("first_client_s")),
+                _ratio(r["loop_s"], fs["loop_s"]),
+                "",
+                _ratio(float(fl_st), float(fs_st)) if "n/a" not in (fl_st, fs_st) else "n/a",
+                "",
+            ]
+        )
+    headers = [
+        "",
+        "process wall s",
+        "first client trained s",
+        "federated loop s",
+        "loop s / round",
+        "s / round (2..R-1)",
+        "final accuracy",
+    ]
+    return markdown_table(headers, rows, (1, 2, 3, 4, 5, 6))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clients", type=int, default=20)
-    ap.add_argument("--cohort", type=int, default=10, help="clients per round")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-steps", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    ap.add_argument("--jobs", nargs="+", default=["minilm", "small"], choices=["minilm", "small"])
+    ap.add_argument("--clients", type=int, default=20, help="minilm job: clients")
+    ap.add_argument("--cohort", type=int, default=10, help="minilm job: clients per round")
+    ap.add_argument("--rounds", type=int, default=5, help="minilm job: rounds")
+    ap.add_argument("--local-steps", type=int, default=5, help="minilm job: SGD steps per client")
+    ap.add_argument("--batch-size", type=int, default=16, help="minilm job: batch size")
+    ap.add_argument("--max-length", type=int, default=64, help="minilm job: tokens per example")
+    ap.add_argument("--small-rounds", type=int, default=20, help="small job: rounds (100 clients, 10 per round)")
     ap.add_argument("--workers", type=int, default=2, help="parallel client executors (Ray actors) on each side")
     ap.add_argument("--threads", type=int, default=1, help="CPUs (and torch threads) per executor")
     ap.add_argument("--fedsim-checkpoint-every", type=int, default=0, help="runtime.checkpoint_every of fedsim")
-    ap.add_argument("--flower-rebuild", action="store_true", help="Flower builds the model in every message")
+    ap.add_argument(
+        "--fedsim-set", action="append", default=[], metavar="KEY=VALUE", help="override a key of fedsim's side"
+    )
+    ap.add_argument(
+        "--flower-variants",
+        nargs="+",
+        default=["tutorial", "cached"],
+        choices=["tutorial", "cached"],
+        help="tutorial: the ClientApp builds model and data in every message; cached: once per actor",
+    )
     ap.add_argument("--flwr-version", default="1.41.0", help="flwr[simulation] version for the Flower venv")
     ap.add_argument("--venv", type=Path, default=FLOWER_VENV, help="the Flower venv (created if missing)")
     ap.add_argument("--order", choices=["flower-first", "fedsim-first"], default="flower-first")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds each side may run before it is stopped")
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: a folder under .cache/)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: 2 clients, 2 rounds, 1 step of batch 4")
+    ap.add_argument("--quick", action="store_true", help="smoke test: minilm job, 2 clients, 2 rounds, 1 step")
     if ap.parse_args(argv).quick:  # smaller defaults; options given explicitly still win
-        ap.set_defaults(clients=2, cohort=2, rounds=2, local_steps=1, batch_size=4, max_length=32)
+        ap.set_defaults(
+            jobs=["minilm"], clients=2, cohort=2, rounds=2, local_steps=1, batch_size=4, max_length=32, small_rounds=2
+        )
     args = ap.parse_args(argv)
+    sets = parse_sets(args.fedsim_set)
     env = set_run_env()
     flower_py = ensure_flower_venv(args.venv, args.flwr_version)
     (ROOT / ".cache").mkdir(exist_ok=True)
-    work = args.out or Path(tempfile.mkdtemp(prefix="fedsim-vs-flower-", dir=ROOT / ".cache"))
-    job = minilm_job(
-        clients=args.clients,
-        cohort=args.cohort,
-        rounds=args.rounds,
-        local_steps=args.local_steps,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        workers=args.workers,
-        threads=args.threads,
-        checkpoint_every=args.fedsim_checkpoint_every,
-    )
-    export_job(job, work / "job")
-    env = {
-        **env,
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
-        "VS_FLOWER_REBUILD": str(int(args.flower_rebuild)),
-    }
+    work_root = args.out or Path(tempfile.mkdtemp(prefix="fedsim-vs-flower-", dir=ROOT / ".cache"))
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
     fl_version = subprocess.run([str(flower_py), "-c", PROBE], capture_output=True, text=True).stdout.strip()
-    print(
-        f"MiniLM + LoRA r=8 + head, FedAvg, BBC News iid: {args.clients} clients, cohort {args.cohort}, {args.rounds} "
-        f"rounds x {args.local_steps} SGD steps of batch {args.batch_size}, {args.max_length} tokens; {args.workers} "
-        f"executor(s) x {args.threads} CPU each side; flwr {fl_version}, fedsim checkpoint_every "
-        f"{args.fedsim_checkpoint_every}, Flower model {'rebuilt per message' if args.flower_rebuild else 'cached'}.\n",
-        flush=True,
-    )
-    sides = [("flower", str(flower_py)), ("fedsim", sys.executable)]
-    if args.order == "fedsim-first":
-        sides.reverse()
-    res = {side: run_side(py, side, work / "job", work, env, args.timeout) for side, py in sides}
-    fl, fs = res["flower"], res["fedsim"]
-    rows = [
-        [
-            name,
-            f"{r['wall_s']:.1f}",
-            f"{r['loop_s']:.1f}",
-            f"{r['loop_s'] / args.rounds:.2f}",
-            steady(r["round_s"]),
-            f"{r['eval']['eval_accuracy']:.3f}",
-        ]
-        for name, r in (("Flower", fl), ("fedsim", fs))
-    ]
-    fl_st, fs_st = steady(fl["round_s"]), steady(fs["round_s"])
-    steady_ratio = f"{float(fl_st) / float(fs_st):.2f}x" if fs_st != "n/a" else ""
-    rows.append(
-        [
-            "Flower / fedsim",
-            f"{fl['wall_s'] / fs['wall_s']:.2f}x",
-            f"{fl['loop_s'] / fs['loop_s']:.2f}x",
-            "",
-            steady_ratio,
-            "",
-        ]
-    )
-    print(
-        "\n"
-        + markdown_table(
-            ["", "process wall s", "federated loop s", "loop s / round", "s / round (2..R-1)", "final accuracy"],
-            rows,
-            (1, 2, 3, 4, 5),
+    common = {"workers": args.workers, "threads": args.threads, "checkpoint_every": args.fedsim_checkpoint_every}
+    for name in args.jobs:
+        if name == "minilm":
+            job = minilm_job(
+                clients=args.clients,
+                cohort=args.cohort,
+                rounds=args.rounds,
+                local_steps=args.local_steps,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                **common,
+            )
+            what = (
+                f"MiniLM + LoRA r=8 + head, FedAvg, BBC News iid: {args.clients} clients, cohort {args.cohort}, "
+                f"{args.rounds} rounds x {args.local_steps} SGD steps of batch {args.batch_size}, {args.max_length} "
+                "tokens"
+            )
+        else:
+            job = small_job(rounds=args.small_rounds, **common)
+            what = (
+                f"BERT 2 layers x 64 + LoRA r=8 + head, FedAvg, synthetic iid: {job['federation.clients']} clients x "
+                f"64 examples, cohort {job['federation.clients_per_round']}, {args.small_rounds} rounds x "
+                f"{job['federation.local_steps']} SGD steps of batch {job['federation.batch_size']}, "
+                f"{job['data.max_length']} tokens"
+            )
+        work = work_root / name
+        export_job(job, work / "job")
+        (work / "job" / SETS_FILE).write_text(json.dumps(sets))
+        print(
+            f"\n## {name}: {what}; {args.workers} executor(s) x {args.threads} CPU each side; flwr {fl_version}, "
+            f"fedsim checkpoint_every {args.fedsim_checkpoint_every}, fedsim overrides {sets or 'none'}.\n",
+            flush=True,
         )
-    )
-    if args.cohort == args.clients:
-        from safetensors.torch import load_file
+        sides = [(f"flower-{v}", str(flower_py)) for v in args.flower_variants] + [("fedsim", sys.executable)]
+        if args.order == "fedsim-first":
+            sides = sides[-1:] + sides[:-1]
+        res = {side: run_side(py, side, work / "job", work, env, args.timeout) for side, py in sides}
+        res = {"fedsim": res["fedsim"], **{k: v for k, v in res.items() if k != "fedsim"}}
+        print("\n" + report(res, job["federation.rounds"]))
+        if job["federation.clients_per_round"] == job["federation.clients"]:
+            from safetensors.torch import load_file
 
-        diff = max_abs_diff(load_file(str(work / "flower.safetensors")), load_file(str(work / "fedsim.safetensors")))
-        print(f"\nfinal adapters, max abs difference Flower vs fedsim (same computation): {diff:.2e}")
-    print(f"\nwork folder: {work}")
+            mine = load_file(str(work / "fedsim.safetensors"))
+            for side in (k for k in res if k != "fedsim"):
+                diff = max_abs_diff(load_file(str(work / f"{side}.safetensors")), mine)
+                print(f"\nfinal adapters, max abs difference {side} vs fedsim (same computation): {diff:.2e}")
+    print(f"\nwork folder: {work_root}")
     return 0
 
 

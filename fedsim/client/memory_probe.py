@@ -18,8 +18,8 @@ from fedsim.client.worker import ClientWorker
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
 from fedsim.model.build import BaseBlueprint
-from fedsim.privacy.dpsgd import poisson_rate
 from fedsim.privacy.mechanism import PrivacyMechanism
+from fedsim.privacy.sampling import poisson_rate
 from fedsim.server.parameter_server import ParameterServer
 from fedsim.types import AdapterState, ClientTask
 

@@ -31,15 +31,7 @@ from fedsim.config.schema import FederationConfig, PrivacyConfig
 from fedsim.data.federated import LMData
 from fedsim.model.adapters import adapter_keys, parameters_for, set_trainable
 from fedsim.model.train_mode import set_train_mode
-from fedsim.privacy.dpsgd import (
-    clear_dp_buffers,
-    expected_batch_size,
-    make_dp_optimizer,
-    poisson_indices,
-    poisson_rate,
-    set_empty_grad_samples,
-    wrap_for_dp,
-)
+from fedsim.privacy.sampling import expected_batch_size, poisson_indices, poisson_rate, set_empty_grad_samples
 from fedsim.seeding import derive_seed, torch_generator
 
 
@@ -127,6 +119,10 @@ class LocalTrainer:
 
     Per client only ``requires_grad`` and the optimizer's parameter list change. The caller sets the adapter state
     (``fedsim.model.adapters.set_state``) before :meth:`train` and reads it afterwards.
+
+    ``keep_gradients``: keep copies of the last two steps' gradients and of the step before the last
+    (:attr:`last_grads`, :attr:`prev_grads`, :attr:`prev_step`: what a method's client signals read); False (a
+    method without signals) leaves them empty and saves the copies.
     """
 
     def __init__(
@@ -137,6 +133,7 @@ class LocalTrainer:
         seed: int,
         *,
         base_dropout: bool = True,
+        keep_gradients: bool = True,
     ):
         self.model = model
         self.base_dropout = base_dropout  # model.base_dropout: false keeps the frozen base in eval mode
@@ -144,17 +141,36 @@ class LocalTrainer:
         self.privacy = privacy
         self.seed = int(seed)
         self.dp = privacy.mode == "sample"
+        self.keep_gradients = keep_gradients
         self._all_keys = adapter_keys(model)
+        # every tensor that may ever be trained, and (under DP) every module Opacus hooks: what the per-client
+        # clean-up visits (it never walks the whole model)
+        self._adapter_params = parameters_for(model, self._all_keys)
+        self._hooked: list[torch.nn.Module] = []
         self.last_grads: dict[str, torch.Tensor] = {}  # the (privatised, under DP) gradients of the last step
         self.prev_grads: dict[str, torch.Tensor] = {}  # ... of the step before (empty with fewer than 2 steps)
         self.prev_step: dict[str, torch.Tensor] = {}  # parameter change made by the step before the last one
         # (key -> trained parameter, (ids, mask, labels)) of the last non-empty batch, for raw_loss
         self._last_batch: tuple[dict[str, torch.nn.Parameter], tuple[torch.Tensor, ...]] | None = None
         if self.dp:
+            from fedsim.privacy.dpsgd import dp_hooked_modules, wrap_for_dp  # Opacus: imported only under DP
+
             set_trainable(model, self._all_keys)  # hooks for every adapter tensor, whatever a client trains later
             self._forward_module: torch.nn.Module = wrap_for_dp(model)
+            self._hooked = dp_hooked_modules(self._forward_module)
         else:
             self._forward_module = model
+
+    def _clear(self) -> None:
+        """Drop every gradient, per-example gradient and stored activation (between clients: nothing of one
+        client's data reaches the next one)."""
+        if not self.dp:
+            for p in self._adapter_params:
+                p.grad = None
+            return
+        from fedsim.privacy.dpsgd import clear_dp_state
+
+        clear_dp_state(self._adapter_params, self._hooked)
 
     @property
     def device(self) -> torch.device:
@@ -182,6 +198,8 @@ class LocalTrainer:
         self, optimizer: torch.optim.Optimizer, sigma: float, expected: int, generator: torch.Generator
     ) -> torch.optim.Optimizer:
         """The DP-SGD optimizer around ``optimizer`` (:func:`fedsim.privacy.dpsgd.make_dp_optimizer`)."""
+        from fedsim.privacy.dpsgd import make_dp_optimizer
+
         return make_dp_optimizer(optimizer, sigma, self.privacy.clip, expected, generator)
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -209,7 +227,8 @@ class LocalTrainer:
         ``noise_multiplier`` (e.g. one calibrated per client) overrides ``privacy.noise_multiplier``. Afterwards
         :attr:`last_grads` holds the last step's gradients of the trainable tensors (privatised under DP),
         :attr:`prev_grads` those of the step before and :attr:`prev_step` the change that step made to the tensors
-        (both empty with fewer than two steps); :meth:`raw_loss` evaluates the last non-empty batch.
+        (both empty with fewer than two steps; all three empty unless ``keep_gradients``); :meth:`raw_loss`
+        evaluates the last non-empty batch.
         Raises KeyError for unknown keys, ValueError for an empty trainable set or mismatched array lengths.
         """
         start = time.perf_counter()
@@ -226,7 +245,7 @@ class LocalTrainer:
 
         set_trainable(self.model, keys)
         params = parameters_for(self.model, keys)
-        clear_dp_buffers(self.model)
+        self._clear()
         optimizer = self._optimizer(params)
         if self.dp:
             noise_gen = torch.Generator(device=device)
@@ -265,10 +284,10 @@ class LocalTrainer:
                                 f"{i + 1}; lower federation.lr (or check this client's data)"
                             )
                         self._last_batch = (by_key, batch)
-                    second_last = i == len(batches) - 2
+                    second_last = self.keep_gradients and i == len(batches) - 2
                     before = [p.detach().clone() for p in params] if second_last else []
                     optimizer.step()
-                    if i >= len(batches) - 2:  # gradients are read AFTER step(): privatised under DP
+                    if self.keep_gradients and i >= len(batches) - 2:  # read AFTER step(): privatised under DP
                         grads.append(
                             {k: p.grad.detach().to("cpu", copy=True) for k, p in by_key.items() if p.grad is not None}
                         )
@@ -278,7 +297,7 @@ class LocalTrainer:
             self.last_grads = grads[-1] if grads else {}
             self.prev_grads = grads[-2] if len(grads) == 2 else {}
         finally:
-            clear_dp_buffers(self.model)
+            self._clear()
             self.model.eval()
         return TrainOutcome(
             steps=len(batches),

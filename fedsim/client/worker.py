@@ -22,8 +22,8 @@ from fedsim.methods.base import make_method
 from fedsim.model.adapters import attach_adapter, get_state, set_state
 from fedsim.model.build import BaseBlueprint, model_from_blueprint
 from fedsim.model.keys import is_residual, layer_of
-from fedsim.privacy.dpsgd import expected_batch_size
 from fedsim.privacy.mechanism import NoPrivacy, PrivacyMechanism
+from fedsim.privacy.sampling import expected_batch_size
 from fedsim.types import (
     AdapterState,
     ClientResult,
@@ -87,8 +87,15 @@ class ClientWorker:
         self.device = torch.device("cuda" if (gpus == "auto" or gpus > 0) and torch.cuda.is_available() else "cpu")
         self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task).to(self.device)
         self.method = make_method(cfg)
+        # gradient copies only for a method whose client signals read them
+        keep = self.method.capabilities.signals
         self.trainer = LocalTrainer(
-            self.model, cfg.federation, cfg.privacy, cfg.seed, base_dropout=cfg.model.base_dropout
+            self.model,
+            cfg.federation,
+            cfg.privacy,
+            cfg.seed,
+            base_dropout=cfg.model.base_dropout,
+            keep_gradients=keep,
         )
         self._batched: BatchedTrainer | None = None  # built on the first train_many
         self._w0: dict[str, torch.Tensor] = {}  # original base weights of layers that received a residual

@@ -189,7 +189,7 @@ def validate(cfg: Config) -> list[str]:
     )
     need("runtime.eval_batch_size", rt.eval_batch_size >= 1, ">= 1", "e.g. 64")
     problems.extend(clients_per_pass_problems(cfg))
-    need("runtime.checkpoint_every", rt.checkpoint_every >= 0, ">= 0", "e.g. 1; 0 = first and last round only")
+    need("runtime.checkpoint_every", rt.checkpoint_every >= 0, ">= 0", "e.g. 1; 0 = after the last round only")
     need("runtime.max_failed_fraction", 0.0 <= rt.max_failed_fraction <= 1.0, "in [0, 1]", "e.g. 0.5")
     need(
         "runtime.client_store.memory_mb",

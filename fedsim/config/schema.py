@@ -314,7 +314,8 @@ class RuntimeConfig:
     checkpoint_every: int = _f(
         1,
         "Write <out>/checkpoints/ every this many rounds (and before round 1 and after the last); `fedsim resume "
-        "<out>` continues from the newest. 0 = only before round 1 and after the last round.",
+        "<out>` continues from the newest. 0 = only after the last round (a stopped run then resumes from the "
+        "start).",
     )
     max_failed_fraction: float = _f(
         0.5,

@@ -19,9 +19,9 @@ reference answers, and the tokenizer (to decode greedy answers on the workers).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -33,6 +33,78 @@ from fedsim.errors import DataError
 from fedsim.seeding import numpy_rng
 
 QUIET_BELOW = 20_000  # no datasets progress bar when tokenising fewer texts than this
+
+
+@dataclass(frozen=True, eq=False)
+class ClientShards(Sequence[np.ndarray]):
+    """Every client's row indices as ONE flat int64 array and an offsets array: client ``k``'s rows are
+    ``flat[offsets[k]:offsets[k + 1]]``. A read-only sequence of per-client arrays (``shards[k]`` is a view, no
+    copy), so ``data.client_train[k]``, ``len`` and iteration work as on a tuple of arrays; it pickles as two arrays
+    (cheap in Ray's object store, which hands numpy buffers to the workers zero-copy) instead of one small array
+    object per client, which at 100,000 clients cost every worker hundreds of MB.
+    """
+
+    flat: np.ndarray  # [total] int64, read-only
+    offsets: np.ndarray  # [clients + 1] int64, offsets[0] == 0, non-decreasing, offsets[-1] == len(flat)
+
+    def __post_init__(self) -> None:
+        offsets = np.asarray(self.offsets, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(self.flat):
+            raise ValueError(f"offsets must run from 0 to len(flat) = {len(self.flat)}")
+        if np.any(np.diff(offsets) < 0):
+            raise ValueError("offsets must be non-decreasing")
+        for name, arr in (("flat", np.asarray(self.flat, dtype=np.int64)), ("offsets", offsets)):
+            arr.flags.writeable = False  # shared by every view handed out
+            object.__setattr__(self, name, arr)
+
+    @classmethod
+    def from_arrays(cls, arrays: Sequence[np.ndarray]) -> ClientShards:
+        """The shards of ``arrays`` (one index array per client, in client order)."""
+        sizes = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        flat = np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]) if len(arrays) else np.zeros(0)
+        return cls(flat.astype(np.int64, copy=False), offsets)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Each client's number of rows, ``[clients]`` int64."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @overload
+    def __getitem__(self, k: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> tuple[np.ndarray, ...]: ...
+
+    def __getitem__(self, k: int | slice) -> np.ndarray | tuple[np.ndarray, ...]:
+        if isinstance(k, slice):
+            return tuple(self[i] for i in range(*k.indices(len(self))))
+        n = len(self)
+        i = int(k)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"client {k} out of range (0..{n - 1})")
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        flat, offsets = self.flat, self.offsets
+        for i in range(len(self)):
+            yield flat[offsets[i] : offsets[i + 1]]
+
+    def __add__(self, other: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """``shards + other``: a tuple of both's arrays (as with the tuple of arrays this class replaces)."""
+        return (*self, *other)
+
+    def __radd__(self, other: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        return (*other, *self)
+
+    def __repr__(self) -> str:
+        return f"ClientShards({len(self)} clients, {len(self.flat)} rows)"
 
 
 @dataclass(frozen=True)
@@ -55,7 +127,8 @@ class FederatedData:
     """Tokenised examples plus the split: ``test_indices`` / ``client_train[k]`` / ``client_holdout[k]``.
 
     All index arrays are sorted int64 rows of ``input_ids``; the test split, every client's train
-    shard and every client's holdout are pairwise disjoint and together cover all ``N`` rows.
+    shard and every client's holdout are pairwise disjoint and together cover all ``N`` rows. ``client_train`` and
+    ``client_holdout`` are :class:`ClientShards` (read-only per-client views of one flat array each).
     """
 
     input_ids: np.ndarray  # [N, L] int32 (read-only view of the tokenised Arrow table)
@@ -63,9 +136,20 @@ class FederatedData:
     labels: np.ndarray  # [N] int64
     label_names: tuple[str, ...]
     test_indices: np.ndarray
-    client_train: tuple[np.ndarray, ...]
-    client_holdout: tuple[np.ndarray, ...]
+    client_train: ClientShards
+    client_holdout: ClientShards
     lm: LMData | None = None  # task.kind causal_lm only
+
+    def __post_init__(self) -> None:
+        for name in ("client_train", "client_holdout"):  # a tuple / list of arrays is accepted and converted
+            shards = getattr(self, name)
+            if not isinstance(shards, ClientShards):
+                object.__setattr__(self, name, ClientShards.from_arrays(shards))
+
+    @property
+    def client_sizes(self) -> np.ndarray:
+        """Each client's number of training examples, ``[clients]`` int64."""
+        return self.client_train.sizes
 
     @property
     def num_labels(self) -> int:
@@ -234,7 +318,7 @@ def build_federated_data(cfg: Config, dataset: TextDataset | InstructDataset, to
         labels=labels,
         label_names=tuple(dataset.label_names),
         test_indices=test,
-        client_train=tuple(client_train),
-        client_holdout=tuple(client_holdout),
+        client_train=ClientShards.from_arrays(client_train),
+        client_holdout=ClientShards.from_arrays(client_holdout),
         lm=lm,
     )

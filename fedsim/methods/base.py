@@ -53,7 +53,7 @@ class Capabilities:
     #: calls :meth:`Method.aggregate_sums`. ``False``: the method gets the buffered uploads in ``aggregate``.
     linear: bool = True
     #: clients upload scalar signals besides tensors (:meth:`Method.client_signal`; only from privatised
-    #: gradients, so only with sample-level DP or none)
+    #: gradients, so only with sample-level DP or none). Workers keep the last steps' gradients only for these.
     signals: bool = False
     #: the plan chooses per layer and round which factor is trained (AS-LoRA); the roles table shows the choices
     per_layer_choices: bool = False
@@ -246,6 +246,11 @@ def registration_problems(cls: type[Method]) -> list[str]:
         )
     if "client" in caps.privacy_modes and (not caps.linear or caps.signals):
         out.append("declares privacy mode 'client' but client-level DP needs a linear method without signals")
+    if cls.client_signal is not Method.client_signal and not caps.signals:
+        out.append(
+            "overrides client_signal without declaring Capabilities(signals=True) (the workers keep the gradients "
+            "that signals read only for methods that declare them)"
+        )
     if cls.role is Method.role and cls.plan is Method.plan:
         out.append("defines neither role nor plan")
     unknown = (caps.privacy_modes - PRIVACY_MODES) | (caps.variants - LORA_VARIANTS)

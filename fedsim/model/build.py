@@ -23,26 +23,16 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    RobertaConfig,
-)
+from typing import TYPE_CHECKING, Any
 
 from fedsim.config.schema import ModelConfig
 from fedsim.errors import UserError
 from fedsim.seeding import derive_seed
+
+if TYPE_CHECKING:  # torch and transformers are imported by the functions that build (seconds of import): the
+    # config checks use the name checks of this module without them
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 TINY_MODELS = ("tiny-bert", "tiny-roberta", "tiny-llama")
 SMOLLM2 = "smollm2-135m"
@@ -74,7 +64,13 @@ _MODEL_TYPE_FAMILY = {
 }
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 VOCAB_CAP = 2048
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    """``model.dtype`` (float32 | bfloat16) -> the torch dtype."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 @dataclass(frozen=True)
@@ -278,12 +274,14 @@ def model_family(name_or_config: str | PretrainedConfig | Mapping[str, Any]) -> 
     if isinstance(name_or_config, str):
         if name_or_config in _REGISTRY_FAMILY:
             return _REGISTRY_FAMILY[name_or_config]
+        from transformers import AutoConfig
+
         source = _source(name_or_config)
         model_type = AutoConfig.from_pretrained(source, **_gguf_kwargs(name_or_config)).model_type
-    elif isinstance(name_or_config, PretrainedConfig):
-        model_type = name_or_config.model_type
-    else:
+    elif isinstance(name_or_config, Mapping):
         model_type = str(name_or_config.get("model_type", ""))
+    else:  # an HF PretrainedConfig
+        model_type = name_or_config.model_type
     family = _MODEL_TYPE_FAMILY.get(model_type)
     if family is None:
         raise UserError(
@@ -299,6 +297,7 @@ def model_family(name_or_config: str | PretrainedConfig | Mapping[str, Any]) -> 
 def _word_level_tokenizer(texts: Sequence[str]) -> PreTrainedTokenizerFast:
     """Deterministic word-level tokenizer: specials, then words by descending count then alphabetically."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     normalizer = normalizers.Lowercase()
     pre = pre_tokenizers.BertPreTokenizer()
@@ -338,6 +337,8 @@ def build_tokenizer(cfg: ModelConfig, texts: Sequence[str]) -> PreTrainedTokeniz
 
     Raises UserError if the bundled MiniLM / SmolLM2 is missing or the folder / hub id cannot be loaded.
     """
+    from transformers import AutoTokenizer
+
     if cfg.name in TINY_MODELS:
         tok = _word_level_tokenizer(texts)
         tok.eos_token = "[SEP]"
@@ -359,6 +360,8 @@ def build_tokenizer(cfg: ModelConfig, texts: Sequence[str]) -> PreTrainedTokeniz
 
 
 def _tiny_config(name: str, vocab_size: int, pad_id: int, num_labels: int) -> PretrainedConfig:
+    from transformers import BertConfig, LlamaConfig, RobertaConfig
+
     common: dict[str, Any] = {"vocab_size": vocab_size, "pad_token_id": pad_id, "num_labels": num_labels}
     if name == "tiny-bert":
         return BertConfig(
@@ -431,9 +434,12 @@ def build_base_model(
     seeded random head. Random draws come from ``derive_seed(seed, "base")`` under ``fork_rng``.
     Raises UserError if the model cannot be loaded (for causal_lm: naming task.kind when it has no causal-LM head).
     """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     if task == "causal_lm":
         return _build_causal_lm(cfg, tokenizer, seed)
-    dtype = _DTYPES[cfg.dtype]
+    dtype = _dtype(cfg.dtype)
     pad_id = tokenizer.pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "base"))
@@ -460,7 +466,10 @@ def build_base_model(
 
 def _build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     """The frozen causal LM: tiny-llama (random, seeded), SmolLM2 (GGUF, dequantised) or a local folder."""
-    dtype = _DTYPES[cfg.dtype]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = _dtype(cfg.dtype)
     pad_id = tokenizer.pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "base"))
@@ -506,16 +515,36 @@ def blueprint_of(model: PreTrainedModel) -> BaseBlueprint:
     return BaseBlueprint(config=config, weights=weights, family=model_family(model.config), task=task, tied=tuple(tied))
 
 
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """transformers' ``no_init_weights`` (skip the random init of weights that are loaded right after; a second
+    or more per worker for a MiniLM-sized model), or nothing where this transformers has no such switch."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            yield
+            return
+    with no_init_weights():
+        yield
+
+
 def model_from_blueprint(bp: BaseBlueprint) -> PreTrainedModel:
-    """Rebuild the identical frozen base model (``from_config`` + strict ``load_state_dict``), on CPU, eval().
+    """Rebuild the identical frozen base model (``from_config`` without its random init + strict
+    ``load_state_dict``), on CPU, eval().
 
     Tied weights (``bp.tied``) are re-tied, not loaded. Raises RuntimeError if any other weight is missing or
     unexpected."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
     config_dict = dict(bp.config)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     dtype = next(iter(bp.weights.values())).dtype if bp.weights else torch.float32
     auto = AutoModelForCausalLM if bp.task == "causal_lm" else AutoModelForSequenceClassification
-    with torch.random.fork_rng(devices=[]):  # from_config draws an init we overwrite; keep global RNG intact
+    with torch.random.fork_rng(devices=[]), _no_init():  # every weight is loaded below: no random init to draw
         model = auto.from_config(config)
     model = model.to(dtype)
     result = model.load_state_dict(bp.weights, strict=not bp.tied)

@@ -20,13 +20,15 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedsim.errors import ConfigError
 from fedsim.privacy.checks import delta_problem
+
+if TYPE_CHECKING:
+    from opacus.accountants import PRVAccountant, RDPAccountant
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -95,6 +97,22 @@ class PrivacyLedger:
         return cls(accountant, tuple(rows))
 
 
+def _accountant(name: str) -> RDPAccountant | PRVAccountant:
+    """A fresh Opacus accountant (``rdp`` or ``prv``). Opacus is imported here, on first use: its import also loads
+    scipy and torch.distributed (seconds), which a process that never accounts (a run without DP) skips."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if name == "rdp" else PRVAccountant()
+
+
+def get_noise_multiplier(**kwargs: Any) -> float:
+    """Opacus' ``get_noise_multiplier`` (its binary search over sigma), imported on first use (see
+    :func:`_accountant`)."""
+    from opacus.accountants.utils import get_noise_multiplier as search
+
+    return search(**kwargs)
+
+
 @lru_cache(maxsize=4096)
 def epsilon_for(accountant: str, history: History, delta: float) -> float:
     """Epsilon at ``delta`` of the composed DP-SGD steps in ``history`` (cached on the exact arguments).
@@ -112,10 +130,10 @@ def epsilon_for(accountant: str, history: History, delta: float) -> float:
     if any(s == 0 for s, _, _ in entries):
         return math.inf
     if accountant == "rdp":
-        return _opacus_epsilon(RDPAccountant(), entries, delta)
-    eps = _opacus_epsilon(PRVAccountant(), entries, delta, eps_error=_PRV_EPS_ERROR)
+        return _opacus_epsilon(_accountant("rdp"), entries, delta)
+    eps = _opacus_epsilon(_accountant("prv"), entries, delta, eps_error=_PRV_EPS_ERROR)
     if math.isfinite(eps) and _prv_eps_error(eps) < _PRV_EPS_ERROR:
-        eps = min(eps, _opacus_epsilon(PRVAccountant(), entries, delta, eps_error=_prv_eps_error(eps)))
+        eps = min(eps, _opacus_epsilon(_accountant("prv"), entries, delta, eps_error=_prv_eps_error(eps)))
     return eps
 
 
@@ -235,6 +253,8 @@ def _epsilon_floor(accountant: str, delta: float, target: float) -> float:
     """Epsilon the accountant reports as sigma -> inf: RDP's conversion term at zero RDP; PRV's absolute error."""
     if accountant == "prv":
         return 2 * _prv_eps_error(target)  # margin: near the error floor the search would only crawl
+    from opacus.accountants import RDPAccountant
+
     a = np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
     return float(np.min(-(np.log(delta) + np.log(a)) / (a - 1) + np.log((a - 1) / a)))
 

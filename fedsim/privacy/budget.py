@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.privacy.accounting import calibrate_noise
-from fedsim.privacy.dpsgd import poisson_rate
+from fedsim.privacy.sampling import poisson_rate
 
 
 @dataclass(frozen=True)

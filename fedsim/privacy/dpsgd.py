@@ -1,18 +1,27 @@
 """Opacus glue for sample-level DP-SGD: per-example gradient hooks, the DP optimizer, Poisson sampling.
 
-No accounting here (see ``fedsim.privacy.accounting``). The model is wrapped ONCE per worker; which tensors are
-trained (and clipped) is decided per client by ``requires_grad`` and by the optimizer's parameter list:
-clipping is over the optimizer's parameters only.
+No accounting here (see ``fedsim.privacy.accounting``); the sampling arithmetic lives in
+:mod:`fedsim.privacy.sampling` (no Opacus import) and is re-exported here. The model is wrapped ONCE per worker;
+which tensors are trained (and clipped) is decided per client by ``requires_grad`` and by the optimizer's
+parameter list: clipping is over the optimizer's parameters only.
 VeRA layers (``lora.variant: vera``) are served by :mod:`fedsim.privacy.vera_grad_sampler`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.module_utils import requires_grad, trainable_parameters
 
+from fedsim.privacy.sampling import (  # re-exported: they were defined here
+    expected_batch_size,
+    poisson_indices,
+    poisson_rate,
+    set_empty_grad_samples,
+)
 from fedsim.privacy.vera_grad_sampler import (
     check_vera_layer,
     install_input_capture,
@@ -20,6 +29,18 @@ from fedsim.privacy.vera_grad_sampler import (
     pop_captured_input,
     vera_trains,
 )
+
+__all__ = [
+    "clear_dp_buffers",
+    "clear_dp_state",
+    "dp_hooked_modules",
+    "expected_batch_size",
+    "make_dp_optimizer",
+    "poisson_indices",
+    "poisson_rate",
+    "set_empty_grad_samples",
+    "wrap_for_dp",
+]
 
 
 def _trains(module: torch.nn.Module) -> bool:
@@ -102,39 +123,17 @@ def make_dp_optimizer(
     )
 
 
-def poisson_rate(batch_size: int, n: int) -> float:
-    """THE per-step sampling rate of a client with ``n`` examples: q = min(1, batch_size / n) (0 if n == 0).
-
-    Sampling (trainer), calibration and accounting (privacy.budget) all use this one function, so the rate
-    a client is sampled at is the rate its epsilon is computed for."""
-    return min(1.0, batch_size / n) if n > 0 else 0.0
+def dp_hooked_modules(gsm: GradSampleModule) -> list[torch.nn.Module]:
+    """The modules of ``gsm``'s model that carry Opacus hooks (and so may hold activations); call right after
+    :func:`wrap_for_dp`, while every tensor that may ever be trained still requires grad."""
+    return list(gsm.iterate_submodules(gsm._module))
 
 
-def expected_batch_size(batch_size: int, n: int) -> int:
-    """q * n = min(batch_size, n): the denominator of the DP-SGD average (batch_size for an empty shard)."""
-    return min(batch_size, n) if n > 0 else batch_size
-
-
-def poisson_indices(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices in ``[0, n)`` kept independently with probability ``sample_rate`` (sorted, int64, may be empty)."""
-    if not 0.0 <= sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
-    draws = torch.rand(n, generator=generator)
-    return torch.nonzero(draws < sample_rate, as_tuple=False).flatten()
-
-
-def set_empty_grad_samples(params: list[torch.nn.Parameter]) -> None:
-    """Mark an empty Poisson batch: zero per-example gradients, so a DPOptimizer step adds noise only."""
+def clear_dp_state(params: Iterable[torch.nn.Parameter], modules: Iterable[torch.nn.Module]) -> None:
+    """:func:`clear_dp_buffers` restricted to ``params`` (every parameter that may have been trained) and
+    ``modules`` (every module that may hold activations: :func:`dp_hooked_modules`): the per-client clean-up of a
+    worker, which knows both once and does not walk the whole model."""
     for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-
-
-def clear_dp_buffers(model: torch.nn.Module) -> None:
-    """Drop every per-example gradient, summed gradient, gradient and stale activation in ``model``.
-
-    Use between clients so nothing of one client's data reaches the next one.
-    """
-    for p in model.parameters():
         p.grad = None
         if hasattr(p, "grad_sample"):
             p.grad_sample = None
@@ -144,9 +143,17 @@ def clear_dp_buffers(model: torch.nn.Module) -> None:
             del p._current_grad_sample
         if hasattr(p, "_forward_counter"):
             p._forward_counter = 0
-    for m in model.modules():
+    for m in modules:
         if hasattr(m, "activations"):
             m.activations = []
         if hasattr(m, "max_batch_len"):
             del m.max_batch_len
         pop_captured_input(m)
+
+
+def clear_dp_buffers(model: torch.nn.Module) -> None:
+    """Drop every per-example gradient, summed gradient, gradient and stale activation in ``model``.
+
+    Use between clients so nothing of one client's data reaches the next one.
+    """
+    clear_dp_state(model.parameters(), model.modules())

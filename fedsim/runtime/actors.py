@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
 
-from fedsim.client.worker import ClientWorker
 from fedsim.config.schema import Config
 from fedsim.methods.partial_sum import PartialSum
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.server.client_store import ClientStore
 from fedsim.server.parameter_server import ParameterServer, new_partial
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
+
+if TYPE_CHECKING:
+    from fedsim.client.worker import ClientWorker
 
 ParameterServerActor = ray.remote(num_cpus=0)(ParameterServer)
 ClientStoreActor = ray.remote(num_cpus=0)(ClientStore)
@@ -43,6 +45,18 @@ FAULT_ENV = "FEDSIM_FAULT_KILL_WORKER"
 #: training loss is NaN and the trainer raises (the client must come back ``failed`` and stay out of the aggregate).
 FAULT_NAN_ENV = "FEDSIM_FAULT_NAN_CLIENT"
 FAULT_ENVS = (FAULT_ENV, FAULT_NAN_ENV)
+
+
+def import_worker_modules(cfg: Config) -> None:
+    """Import what building and training a worker's model needs (torch, transformers, PEFT; Opacus under DP).
+
+    A worker actor calls this in its constructor: the Ray backend creates the workers before the driver has built
+    the data and the model (:meth:`fedsim.runtime.ray_backend.RayBackend.begin`), so these seconds of imports run
+    while the driver works. This module itself does not import them: the driver imports it to create the actors."""
+    import fedsim.client.worker  # noqa: F401
+
+    if cfg.privacy.mode == "sample":
+        import fedsim.privacy.dpsgd  # noqa: F401
 
 
 def _maybe_die(round: int, nth: int) -> None:
@@ -96,6 +110,7 @@ class WorkerBase:
         self._partials: dict[int, PartialSum] = {}  # round -> this worker's not yet flushed uploads
         self._results: dict[int, list[ClientResult]] = {}  # round -> results of the clients in that partial sum
         self._started: dict[int, int] = {}  # round -> clients started (fault injection)
+        import_worker_modules(cfg)  # now, while the driver builds the data and model (see the function)
 
     def _attach(self, shared: Shared) -> ClientWorker:
         """The ClientWorker, built on first use in this process from the blueprint and data in shared memory."""
@@ -106,6 +121,8 @@ class WorkerBase:
 
     def _build(self, shared: Shared) -> ClientWorker:
         """The worker's model, from the blueprint and data in shared memory."""
+        from fedsim.client.worker import ClientWorker
+
         blueprint, data = ray.get([shared.blueprint, shared.data])
         return ClientWorker(self.worker_id, self.cfg, blueprint, data, self.privacy)
 

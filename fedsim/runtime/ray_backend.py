@@ -49,14 +49,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from fedsim.client.pass_probe import resolve_clients_per_pass
+from fedsim.config.schema import Config
 from fedsim.errors import RunStopped, UserError
+from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
 from fedsim.runtime.cluster import ClusterKind, connect, disconnect
@@ -95,52 +97,84 @@ class _Down:
 class RayBackend:
     def __init__(self, setup: RunSetup) -> None:
         """Start (or join) Ray, the server and store actors and the first workers; raises UserError when the
-        cluster cannot hold them (see the module docstring), after releasing whatever it started."""
-        cfg, rt = setup.cfg, setup.cfg.runtime
-        self._cfg, self._privacy, self._run_dir = cfg, setup.privacy, setup.run_dir
+        cluster cannot hold them (see the module docstring), after releasing whatever it started. The same as
+        :meth:`begin` followed by :meth:`complete`."""
+        self._begin(setup.cfg, setup.privacy, setup.run_dir)
+        self.complete(setup)
+
+    @classmethod
+    def begin(cls, cfg: Config, privacy: PrivacyMechanism, run_dir: Path | None) -> RayBackend:
+        """The start-up steps that need only the config, run while the caller builds the data and base model: start
+        (or join) Ray and, unless ``runtime.gpus_per_worker: auto`` (the share comes from a probe client) or ZeRO
+        groups (``runtime.zero.stage > 0``), place the workers and create their actors, whose processes then import
+        torch, transformers and PEFT (seconds each) before any data exists. Their models are built by
+        :meth:`complete`, which the caller must call next (or :meth:`shutdown`). Raises UserError when the cluster
+        cannot hold the workers, after releasing whatever it started."""
+        backend = cls.__new__(cls)
+        backend._begin(cfg, privacy, run_dir)
+        return backend
+
+    def _begin(self, cfg: Config, privacy: PrivacyMechanism, run_dir: Path | None) -> None:
+        rt = cfg.runtime
+        self._cfg, self._privacy, self._run_dir = cfg, privacy, run_dir
         self._auto = rt.workers == "auto"
         self._limit = cfg.federation.clients_per_round if self._auto else int(rt.workers)
-        self._bundle: dict[str, float] = {}  # set in _start, once gpus_per_worker: auto is resolved
-        self._plugin_env: dict[str, Any] = {}  # set in _start: ships a user method's module to the actors
-        self.sizes = [len(ix) for ix in setup.data.client_train]
+        self._bundle: dict[str, float] = {}  # set in _place, once gpus_per_worker: auto is resolved
+        self._plugin_env: dict[str, Any] = {}  # set in _place: ships a user method's module to the actors
+        self.sizes: list[int] = []  # set in complete: each client's training examples
         self.workers: list[Any] = []  # every worker not dead for good (up, or down: see self._down)
         self._down: dict[Any, _Down] = {}
         self._groups: list[Any] = []  # placement groups, removed at shutdown
         self._zero_actors: list[Any] = []  # every rank actor of the ZeRO groups (runtime.zero.stage > 0)
         self._growing: list[Any] = []  # the workers of the newest growth group
-        self._k = 1  # clients per train call (runtime.clients_per_pass; auto: probed on a worker in _start)
+        self._k = 1  # clients per train call (runtime.clients_per_pass; auto: probed on a worker in complete)
         self._next_id = 0
         self._requested = False  # request_resources was called (cleared at shutdown)
+        self._placed: tuple[int, ClusterKind, Any] | None = None  # (count, cluster kind, first group) once placed
         self.server: Any = None
         self.store: Any = None
         # start a local Ray or join the cluster (runtime.address, RAY_ADDRESS): fedsim.runtime.cluster decides
         self._connection = connect(rt.address, 0.0 if self._auto else self._limit * rt.cpus_per_worker)
         try:
-            self._start(setup)
+            self._home = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            if rt.gpus_per_worker != "auto" and rt.zero.stage == 0:
+                self._place()
         except BaseException:
             self.shutdown()
             raise
 
-    def _start(self, setup: RunSetup) -> None:
+    def complete(self, setup: RunSetup) -> RayBackend:
+        """Finish the start :meth:`begin` made, now that the data, blueprint and initial adapter exist (``setup``
+        must carry the config, privacy mechanism and run folder given to :meth:`begin`): the parameter server, the
+        workers (placed now if :meth:`begin` could not), their models built. Returns self; raises UserError when
+        the cluster cannot hold the workers, after releasing whatever it started."""
+        try:
+            self._complete(setup)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _complete(self, setup: RunSetup) -> None:
+        if (setup.cfg, setup.privacy, setup.run_dir) != (self._cfg, self._privacy, self._run_dir):
+            raise ValueError("RayBackend.complete: the setup does not match the config given to begin")
+        self.sizes = [int(n) for n in setup.data.client_sizes]
         if self._cfg.runtime.gpus_per_worker == "auto":
             share = resolve_gpu_share(setup)
             self._cfg = dataclasses.replace(
                 self._cfg, runtime=dataclasses.replace(self._cfg.runtime, gpus_per_worker=share)
             )
+        if self._placed is None:
+            self._place()
+        assert self._placed is not None
+        count, kind, group = self._placed
         rt = self._cfg.runtime
-        self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
-        kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
-        if rt.zero.stage > 0 and kind == "fixed":  # ZeRO groups: workers x ranks bundles
-            problem = zero_capacity_problem(rt, node_resources(free=False), self._bundle)
-            if problem:
-                raise UserError(problem)
-        home = ray.get_runtime_context().get_node_id()  # the driver's node: the run folder is there
-        pin = NodeAffinitySchedulingStrategy(home, soft=False)
-        self._plugin_env = plugin_runtime_env(self._cfg.method.name)  # a user method not installed: shipped
+        # the server and store (pinned to the driver's node: the run folder is there) start now, not in begin: the
+        # store creates its spill folder in the run folder, which nothing may touch before the inputs are checked
+        self.store = ClientStoreActor.options(scheduling_strategy=self._home).remote(*setup.client_store_args())
         self.server = ParameterServerActor.options(
-            scheduling_strategy=pin, **({"runtime_env": self._plugin_env} if self._plugin_env else {})
+            scheduling_strategy=self._home, **({"runtime_env": self._plugin_env} if self._plugin_env else {})
         ).remote(self._cfg, setup.initial_state, setup.privacy)
-        self.store = ClientStoreActor.options(scheduling_strategy=pin).remote(*setup.client_store_args())
         # put into the object store once (read from shared memory by every worker on a node); held here for the
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
         # (see fedsim.runtime.actors): Ray cannot restart an actor whose constructor refs are gone.
@@ -150,16 +184,11 @@ class RayBackend:
 
             blueprint = shareable_blueprint(blueprint)
         self.shared = Shared(ray.put(blueprint), ray.put(setup.data), self.server, self.store)
-        count = auto_workers(node_resources(free=True), self._bundle, self._limit) if self._auto else self._limit
-        if self._auto and kind != "fixed":  # tell an autoscaler what the run could use
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[dict(self._bundle) for _ in range(self._limit)])
-            self._requested = True
-        group = self._add_group(count)
         if not group.wait(rt.placement_timeout_s):
             raise UserError(self._no_room(count, kind))
         ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
+        from fedsim.client.pass_probe import resolve_clients_per_pass  # torch & co.: imported once workers exist
+
         self._k = resolve_clients_per_pass(
             self._cfg, count, lambda limit: ray.get(self.workers[0].probe_pass.remote(self.shared, limit))
         )
@@ -171,6 +200,25 @@ class RayBackend:
             f"ray backend ({how} workers x {bundle_text(self._bundle)}; placement {rt.placement} over "
             f"{len(nodes)} node(s){f'; {self._k} clients per pass' if self._k > 1 else ''})"
         )
+
+    def _place(self) -> None:
+        """Refuse a fixed-size cluster that can never hold the workers; create the first placement group and its
+        worker actors (not waited for: they start their processes and import while the caller goes on)."""
+        rt = self._cfg.runtime
+        self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
+        kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
+        if rt.zero.stage > 0 and kind == "fixed":  # ZeRO groups: workers x ranks bundles
+            problem = zero_capacity_problem(rt, node_resources(free=False), self._bundle)
+            if problem:
+                raise UserError(problem)
+        self._plugin_env = plugin_runtime_env(self._cfg.method.name)  # a user method not installed: shipped
+        count = auto_workers(node_resources(free=True), self._bundle, self._limit) if self._auto else self._limit
+        if self._auto and kind != "fixed":  # tell an autoscaler what the run could use
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[dict(self._bundle) for _ in range(self._limit)])
+            self._requested = True
+        self._placed = (count, kind, self._add_group(count))
 
     def _no_room(self, count: int, kind: ClusterKind) -> str:
         rt = self._cfg.runtime

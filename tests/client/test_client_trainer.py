@@ -128,6 +128,26 @@ def test_reused_trainer_equals_fresh_trainer():
 
 
 @pytest.mark.parametrize("mode", ["none", "sample"])
+def test_gradient_copies_only_when_asked_and_training_unchanged(mode):
+    """keep_gradients=False (methods without signals): the same trained tensors, no gradient copies kept, and
+    the per-client clean-up leaves no gradient or Opacus buffer on any tensor."""
+    ids, mask = _data(False)[1:]
+    privacy = _dp() if mode == "sample" else PrivacyConfig()
+    states = []
+    for keep in (True, False):
+        model = _model(train_head=True)
+        trainer = LocalTrainer(model, _fed(), privacy, SEED, keep_gradients=keep)
+        trainer.train(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
+        states.append(get_state(model))
+        kept = (trainer.last_grads, trainer.prev_grads, trainer.prev_step)
+        assert all(len(x) > 0 for x in kept) if keep else all(len(x) == 0 for x in kept)
+        for p in model.parameters():
+            assert p.grad is None and getattr(p, "grad_sample", None) is None and not hasattr(p, "_current_grad_sample")
+        assert all(not getattr(m, "activations", []) for m in model.modules())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("mode", ["none", "sample"])
 def test_a_non_finite_loss_raises_and_the_trainer_serves_the_next_client(mode):
     ids, mask = _data(False)[1:]
     model = _model()

@@ -131,3 +131,27 @@ def test_partition_errors_surface_before_tokenising(dataset):
     cfg = replace(cfg, data=replace(cfg.data, partition=PartitionConfig(kind="label_proportions", proportions=[[1]])))
     with pytest.raises(DataError, match="data.partition.proportions"):
         build_federated_data(cfg, dataset, _ExplodingTokenizer())
+
+
+def test_client_shards_are_read_only_views_of_one_flat_array(dataset, tokenizer):
+    import pickle
+
+    from fedsim.data.federated import ClientShards
+
+    fd = build_federated_data(_cfg(kind="quantity", personal_fraction=0.2), dataset, tokenizer)
+    shards = fd.client_train
+    assert isinstance(shards, ClientShards) and len(shards) == fd.num_clients == 5
+    assert np.array_equal(fd.client_sizes, [len(s) for s in shards]) and fd.client_sizes.sum() == len(shards.flat)
+    assert np.array_equal(shards[-1], shards[4]) and [len(x) for x in shards[1:3]] == [len(shards[1]), len(shards[2])]
+    with pytest.raises(IndexError):
+        shards[5]
+    assert shards[2].base is not None and not shards[2].flags.writeable  # a view: no per-client copy
+    with pytest.raises(ValueError):
+        shards[2][0] = 0
+    back = pickle.loads(pickle.dumps(shards))  # what Ray ships: two arrays, not one object per client
+    assert all(np.array_equal(x, y) for x, y in zip(back, shards, strict=True))
+    assert len(shards + fd.client_holdout) == 10  # tuple-like concatenation, as before
+    rebuilt = ClientShards.from_arrays([np.arange(3), np.zeros(0, np.int64), np.arange(3, 5)])
+    assert [x.tolist() for x in rebuilt] == [[0, 1, 2], [], [3, 4]] and rebuilt.sizes.tolist() == [3, 0, 2]
+    with pytest.raises(ValueError, match="offsets"):
+        ClientShards(np.arange(4), np.asarray([0, 2, 3]))

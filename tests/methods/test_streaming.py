@@ -87,6 +87,20 @@ def test_a_linear_method_that_overrides_only_aggregate_is_refused():
         register_method("custom_not_streamable")(Custom)
 
 
+def test_a_method_with_client_signals_must_declare_them():
+    """Workers keep the gradients signals read only for methods whose capabilities declare signals."""
+
+    class Custom(Method):
+        def role(self, round, key, server_state):
+            return Role.SHARED
+
+        def client_signal(self, plan, grads, context):
+            return {"norm": float(sum(g.norm() for g in grads.values()))}
+
+    with pytest.raises(TypeError, match="signals=True"):
+        register_method("custom_undeclared_signals")(Custom)
+
+
 def _ups(n=4, keys=("enc.0.query.lora_A", "enc.0.query.lora_B", "head.classifier.bias")):
     return [ClientUpdate(c, 1.0 + c, {k: state(100 + c)[k] for k in keys}, {"s": float(c)}) for c in range(n)]
 

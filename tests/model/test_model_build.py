@@ -46,6 +46,9 @@ def test_tiny_model_builds_frozen_and_blueprint_rebuilds_identically(name):
     assert all(t.device.type == "cpu" for t in bp.weights.values())
     rebuilt = model_from_blueprint(bp)
     assert type(rebuilt) is type(model)
+    want = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # non-persistent buffers too
+    got = {**dict(rebuilt.named_parameters()), **dict(rebuilt.named_buffers())}
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert not rebuilt.training and not any(p.requires_grad for p in rebuilt.parameters())
     assert torch.equal(_logits(rebuilt, tok), logits)
 
