@@ -90,7 +90,7 @@ def bare_run(cfg: Config) -> dict[str, Any]:
             seen, uploads = 0, []
             for cid in sample_cohort(seed, t, fed.clients, fed.clients_per_round):
                 set_state(model, global_state)
-                idx = torch.as_tensor(data.client_train[cid], dtype=torch.long)
+                idx = torch.tensor(data.client_train[cid], dtype=torch.long)  # a copy: the shard is a read-only view
                 ids, mask, labels = (x[idx] for x in tensors)
                 n = len(idx)
                 opt: Any = torch.optim.SGD(params, lr=fed.lr)

@@ -103,7 +103,7 @@ def kind_of(proc: Any, root_pid: int) -> str:
         title = " ".join(proc.cmdline()) or proc.name()
     except Exception:
         return "ray system"
-    if "WorkerActor" in title:
+    if "WorkerActor" in title or "WorkerBase" in title:  # the actor class is WorkerBase (ray.remote(WorkerBase))
         return "workers"
     if "ParameterServer" in title:
         return "server"

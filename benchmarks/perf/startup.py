@@ -14,8 +14,9 @@ first ``sample_cohort`` call); the actors' from Ray's own task events (``ray.tim
 each actor's ``__init__`` (its process is up and its class imported), the workers' first ``ready`` (model built)
 and the first ``train`` call that finished (the first trained client, as the driver's Ray sees it).
 
-``--compare PATH`` also runs the fedsim checkout at PATH (e.g. the main branch) with the same job, alternating
-``--repeats`` times, so the two columns share the machine's conditions; the table shows medians.
+``--compare PATH [PATH ...]`` also runs the fedsim checkouts at PATH (e.g. the main branch) with the same job, in
+rotation, ``--repeats`` times each, so the columns share the machine's conditions; the tables show medians (and the
+first-client time's minimum, the least disturbed run on a shared machine).
 
     python benchmarks/perf/startup.py                          # this checkout, 3 runs
     python benchmarks/perf/startup.py --compare ../main        # side by side with another checkout
@@ -190,7 +191,9 @@ def _fmt(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="runs per checkout (alternating); medians are shown")
-    ap.add_argument("--compare", type=Path, default=None, help="another fedsim checkout to run side by side")
+    ap.add_argument(
+        "--compare", type=Path, nargs="+", default=[], metavar="PATH", help="other fedsim checkouts, run alternately"
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--fedsim-set", action="append", default=[], metavar="KEY=VALUE", help="override a job key")
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: a folder under .cache/)")
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     (ROOT / ".cache").mkdir(exist_ok=True)
     work = args.out or Path(tempfile.mkdtemp(prefix="fedsim-startup-", dir=ROOT / ".cache"))
     work.mkdir(parents=True, exist_ok=True)
-    roots = [("this checkout", ROOT)] + ([(f"{args.compare}", args.compare.resolve())] if args.compare else [])
+    roots = [("this checkout", ROOT)] + [(str(path), path.resolve()) for path in args.compare]
     print(
         f"BERT 2x64 + LoRA r=8, FedAvg-LoRA, {job['federation.clients']} clients x 64 synthetic examples, cohort "
         f"{job['federation.clients_per_round']}, {job['federation.rounds']} rounds x {job['federation.local_steps']} "
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in roots}
     for i in range(args.repeats):
-        order = roots if i % 2 == 0 else roots[::-1]
+        order = roots[i % len(roots) :] + roots[: i % len(roots)]  # rotate: each checkout goes first in turn
         for name, root in order:
             runs[name].append(run_once(root, job, work, f"run{i}-{roots.index((name, root))}", env))
             print(f"done: {name}, run {i + 1} ({runs[name][-1]['exit']:.1f} s)", flush=True)
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         drows.append([label, *cells])
     print("\nPhases (seconds; they overlap where the work runs concurrently):\n")
     print(markdown_table(["phase", *names], drows, tuple(range(1, len(names) + 1))))
+    best = [_fmt(min((r["first_client"] for r in runs[n] if "first_client" in r), default=None)) for n in names]
+    print(f"\nfirst client trained, fastest run: {', '.join(f'{n} {b} s' for n, b in zip(names, best, strict=True))}")
     print(f"\nraw marks: {work}/run*.json")
     return 0
 

@@ -232,7 +232,12 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> tuple[np.
             raise ValueError(f"tokenizer returned ragged {name!r}; it must pad to max_length={max_length}")
         return flat.reshape(n, max_length)
 
-    return dense("input_ids"), dense("attention_mask")
+    ids, mask = dense("input_ids"), dense("attention_mask")  # views: they keep ``table``'s buffers alive
+    del ds, out
+    # Arrow's allocator (mimalloc / jemalloc) keeps the pages that the text column and map's batches held: at
+    # 800,000 texts ~350 MB of the driver's RSS for the whole run; give them back to the OS.
+    pa.default_memory_pool().release_unused()
+    return ids, mask
 
 
 def _test_split(labels: np.ndarray, n_cls: int, fraction: float, seed: int) -> np.ndarray:
