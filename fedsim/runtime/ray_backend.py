@@ -522,7 +522,15 @@ class RayBackend:
         while self._down and time.monotonic() < deadline:
             time.sleep(PROBE_INTERVAL_S / 2)
             self._poll()
-        return ray.get([w.node_id.remote() for w in self.workers if w not in self._down])
+        up = [w for w in self.workers if w not in self._down]
+        refs = [w.node_id.remote() for w in up]
+        nodes = []
+        for worker, ref in zip(up, refs, strict=True):
+            try:
+                nodes.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._mark_down(worker)  # restarting (its node lost) since the last call: down until it answers
+        return nodes
 
     @property
     def worker_count(self) -> int:

@@ -72,6 +72,18 @@ def _files(run_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
 
 
+@pytest.fixture(autouse=True)
+def own_ray():
+    """Each search starts its own local Ray (as from a shell): a Ray another test left initialised in this process
+    (the session's ray_cluster) has worker processes without this test's PYTHONPATH and other trials' state."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def test_search_stops_trials_early_records_them_and_resumes_after_a_kill(tmp_path, capsys):
     path = tmp_path / "lr-search.yaml"
     path.write_text(SEARCH)
