@@ -34,7 +34,8 @@ from fedsim.methods.base import get_method
 from fedsim.metrics.console import RoundProgress
 from fedsim.metrics.tables import MetricTables, round_row, summarise_eval, worker_busy_frac
 from fedsim.metrics.tensorboard import RoundEvents
-from fedsim.model.build import BaseBlueprint, blueprint_of, build_base_model, build_tokenizer, resolve_model_config
+from fedsim.model.build import BaseBlueprint, blueprint_of, build_base_model, build_tokenizer
+from fedsim.model.registry import resolve_model_config
 from fedsim.privacy.mechanism import make_mechanism
 from fedsim.privacy.tracker import PrivacyTracker
 from fedsim.run_state import RunState

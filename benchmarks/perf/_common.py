@@ -60,36 +60,25 @@ def minilm_job(
     size up to one example), plain SGD; no personal holdout and evaluation only after the last round, so that
     training dominates. DP: per-example clipping ``clip`` and a FIXED noise multiplier (no calibration).
     """
-    job: dict[str, Any] = {
-        "seed": seed,
+    job = {
         "model.name": "minilm",
-        "lora.r": 8,
-        "lora.alpha": 16.0,
-        "lora.dropout": 0.0,
-        "lora.train_head": True,
         "data.source": source,
         "data.max_length": max_length,
         "data.test_fraction": 0.2,
-        "data.personal_fraction": 0.0,
-        "data.partition.kind": "iid",
-        "federation.clients": clients,
-        "federation.clients_per_round": cohort,
-        "federation.rounds": rounds,
-        "federation.local_steps": local_steps,
-        "federation.batch_size": batch_size,
-        "federation.lr": 0.5,
-        "federation.optimizer": "sgd",
-        "federation.eval_every": rounds,  # the last round is always evaluated; no other
-        "method.name": "fedavg_lora",
         "privacy.mode": "sample" if dp else "none",
+        **_fedavg_sgd(clients, cohort, rounds, local_steps, batch_size, workers, threads, seed, checkpoint_every),
         "runtime.backend": backend,
-        "runtime.workers": workers,
-        "runtime.cpus_per_worker": float(threads),
-        "runtime.checkpoint_every": checkpoint_every,
     }
     if dp:
         job.update({"privacy.noise_multiplier": noise_multiplier, "privacy.clip": clip, "privacy.epsilon": None})
     return job
+
+
+def minilm_job_of(args: Any, **kw: Any) -> dict[str, Any]:
+    """:func:`minilm_job` from a script's arguments ``clients``, ``cohort``, ``rounds``, ``local_steps``,
+    ``batch_size`` and ``max_length``; ``kw`` are the other keywords of :func:`minilm_job`."""
+    shape = ("clients", "cohort", "rounds", "local_steps", "batch_size", "max_length")
+    return minilm_job(**{k: getattr(args, k) for k in shape}, **kw)
 
 
 def small_bert_folder(hidden: int = 64, layers: int = 2) -> Path:
@@ -104,7 +93,7 @@ def small_bert_folder(hidden: int = 64, layers: int = 2) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from fedsim.model.build import _minilm_folder
+    from fedsim.model.registry import _minilm_folder
 
     tokenizer = AutoTokenizer.from_pretrained(_minilm_folder())
     config = BertConfig(
@@ -150,17 +139,37 @@ def small_job(
     only, plain SGD, no DP, Ray backend with ``workers`` workers of ``threads`` CPU(s)."""
     total = clients * examples_per_client + test_examples
     return {
-        "seed": seed,
         "model.name": str(small_bert_folder(hidden, layers)),
-        "lora.r": 8,
-        "lora.alpha": 16.0,
-        "lora.dropout": 0.0,
-        "lora.train_head": True,
         "data.source": "synthetic",
         "data.synthetic_examples": total,
         "data.synthetic_classes": 2,
         "data.max_length": max_length,
         "data.test_fraction": test_examples / total,
+        "privacy.mode": "none",
+        **_fedavg_sgd(clients, cohort, rounds, local_steps, batch_size, workers, threads, seed, checkpoint_every),
+        "runtime.backend": "ray",
+    }
+
+
+def _fedavg_sgd(
+    clients: int,
+    cohort: int,
+    rounds: int,
+    local_steps: int,
+    batch_size: int,
+    workers: int,
+    threads: int,
+    seed: int,
+    checkpoint_every: int,
+) -> dict[str, Any]:
+    """The keys both jobs share: LoRA r=8, alpha=16, no dropout, trained head; iid shards, no personal holdout;
+    FedAvg-LoRA with plain SGD at lr 0.5; evaluation after the last round only; ``workers`` x ``threads`` CPUs."""
+    return {
+        "seed": seed,
+        "lora.r": 8,
+        "lora.alpha": 16.0,
+        "lora.dropout": 0.0,
+        "lora.train_head": True,
         "data.personal_fraction": 0.0,
         "data.partition.kind": "iid",
         "federation.clients": clients,
@@ -170,10 +179,8 @@ def small_job(
         "federation.batch_size": batch_size,
         "federation.lr": 0.5,
         "federation.optimizer": "sgd",
-        "federation.eval_every": rounds,
+        "federation.eval_every": rounds,  # the last round is always evaluated; no other
         "method.name": "fedavg_lora",
-        "privacy.mode": "none",
-        "runtime.backend": "ray",
         "runtime.workers": workers,
         "runtime.cpus_per_worker": float(threads),
         "runtime.checkpoint_every": checkpoint_every,

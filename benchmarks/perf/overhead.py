@@ -43,7 +43,7 @@ from _common import (  # noqa: E402
     local_train,
     markdown_table,
     max_abs_diff,
-    minilm_job,
+    minilm_job_of,
     read_table,
     set_run_env,
 )
@@ -173,13 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     main_rows, split_rows, check_rows = [], [], []
     for mode in args.modes:
         for backend in args.backends:
-            job = minilm_job(
-                clients=args.clients,
-                cohort=args.cohort,
-                rounds=args.rounds,
-                local_steps=args.local_steps,
-                batch_size=args.batch_size,
-                max_length=args.max_length,
+            job = minilm_job_of(
+                args,
                 workers=1,
                 threads=args.threads,
                 backend=backend,

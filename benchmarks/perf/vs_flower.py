@@ -71,7 +71,7 @@ from _common import (  # noqa: E402
     local_train,
     markdown_table,
     max_abs_diff,
-    minilm_job,
+    minilm_job_of,
     parse_sets,
     read_table,
     set_run_env,
@@ -547,15 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"workers": args.workers, "threads": args.threads, "checkpoint_every": args.fedsim_checkpoint_every}
     for name in args.jobs:
         if name == "minilm":
-            job = minilm_job(
-                clients=args.clients,
-                cohort=args.cohort,
-                rounds=args.rounds,
-                local_steps=args.local_steps,
-                batch_size=args.batch_size,
-                max_length=args.max_length,
-                **common,
-            )
+            job = minilm_job_of(args, **common)
             what = (
                 f"MiniLM + LoRA r=8 + head, FedAvg, BBC News iid: {args.clients} clients, cohort {args.cohort}, "
                 f"{args.rounds} rounds x {args.local_steps} SGD steps of batch {args.batch_size}, {args.max_length} "

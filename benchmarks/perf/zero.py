@@ -84,7 +84,8 @@ def llama_1b_folder(cache: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedsim.config.schema import ModelConfig
-    from fedsim.model.build import SMOLLM2, build_tokenizer
+    from fedsim.model.build import build_tokenizer
+    from fedsim.model.registry import SMOLLM2
 
     tok = build_tokenizer(ModelConfig(name=SMOLLM2), [])
     config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **LLAMA_1B)

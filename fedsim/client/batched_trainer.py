@@ -31,8 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedsim.client.causal_lm import causal_lm_forward
 from fedsim.client.multi_adapter import Group, MultiAdapter
-from fedsim.client.trainer import LocalTrainer, TrainOutcome, batch_schedule, causal_lm_forward
+from fedsim.client.trainer import LocalTrainer, TrainOutcome, batch_schedule
 from fedsim.model.adapters import set_trainable
 from fedsim.model.train_mode import set_train_mode
 from fedsim.seeding import derive_seed, torch_generator

@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 from opacus.optimizers import DPOptimizer
 
-from fedsim.client.trainer import LocalTrainer, causal_lm_forward
+from fedsim.client.causal_lm import causal_lm_forward
+from fedsim.client.trainer import LocalTrainer
 from fedsim.client.worker import ClientWorker
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData

@@ -39,7 +39,7 @@ def _external_problems(cfg: Config) -> list[str]:
     the LoRA variant; its own settings), the model name, the data source."""
     from fedsim.data.sources import source_path_problem
     from fedsim.methods.base import all_capabilities, available_methods, get_method
-    from fedsim.model.build import model_name_problem
+    from fedsim.model.registry import model_name_problem
 
     out: list[str] = []
     from fedsim.errors import ConfigError
@@ -73,7 +73,7 @@ def _task_problems(cfg: Config) -> list[str]:
     """task.kind against the model and the data source (causal_lm needs a decoder with a causal-LM head and a
     prompt/response source; the instruct-only sources need causal_lm) and task.max_new_tokens."""
     from fedsim.data.sources import task_source_problem
-    from fedsim.model.build import task_model_problem
+    from fedsim.model.registry import task_model_problem
 
     out: list[str] = []
     if cfg.task.max_new_tokens < 1:

@@ -286,7 +286,9 @@ class RuntimeConfig:
         "spread",
         "How the workers' placement group (one bundle per worker) is laid over the nodes: spread (one worker per "
         "node while nodes are free; losing a node loses few workers) or pack (fill a node before the next: fewer "
-        "nodes, one copy of the model and data per node). Soft: with one node, both put every worker there.",
+        "nodes, one copy of the model and data per node). Soft, best effort (Ray's SPREAD/PACK): with one node, "
+        "both put every worker there; pack may split the workers while a node still releases another run's "
+        "resources.",
         ("spread", "pack"),
     )
     placement_timeout_s: float = _f(

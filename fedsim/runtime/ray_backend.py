@@ -25,13 +25,14 @@ Faults and node loss: a worker process that dies (a crash, or its node lost as i
 by Ray (``max_restarts``; ``__init__`` re-runs with the same plain arguments, in the same bundle; when its node is
 gone Ray reschedules the group's lost bundles together, once some node(s) have room for all of them, e.g. a
 replacement node the autoscaler starts for the pending group; the restarted worker rebuilds its model from the refs
-that come with the calls, see :mod:`fedsim.runtime.actors`). Meanwhile the worker is *down*: the driver
-probes it every :data:`PROBE_INTERVAL_S` seconds (``ready(reset=True)``: whatever it had not flushed is dropped) and
-the round goes on with the workers that answer. Its in-flight client, and the clients whose uploads sat in its
-unflushed partial sum, are re-run on the live workers (up to :data:`CLIENT_ATTEMPTS` times); each re-run starts
-from the client's state and ledger as of the start of the round (the ClientStore is round-versioned) with the same
-seeds, so the round's result equals a fault-free one and no privacy budget is charged twice. A worker that Ray
-reports dead for good (out of restarts) is dropped. A client whose training raises is a ``failed`` row.
+that come with the calls, see :mod:`fedsim.runtime.actors`). Meanwhile the worker is *down* in the
+:class:`fedsim.runtime.worker_pool.WorkerPool`: probed every ``PROBE_INTERVAL_S`` seconds (``ready(reset=True)``:
+whatever it had not flushed is dropped) while the round goes on with the workers that answer. Its in-flight client,
+and the clients whose uploads sat in its unflushed partial sum, are re-run on the live workers (up to
+:data:`CLIENT_ATTEMPTS` times); each re-run starts from the client's state and ledger as of the start of the round
+(the ClientStore is round-versioned) with the same seeds, so the round's result equals a fault-free one and no
+privacy budget is charged twice. A worker that Ray reports dead for good (out of restarts) is dropped. A client
+whose training raises is a ``failed`` row.
 
 A run never waits forever: the first placement group must be placed within ``runtime.placement_timeout_s`` (else
 UserError, exit 2); while at least one worker answers, down workers hold nothing up; when none does, the driver
@@ -45,10 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +55,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from fedsim.config.schema import Config
-from fedsim.errors import RunStopped, UserError
+from fedsim.errors import UserError
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
@@ -70,6 +68,7 @@ from fedsim.runtime.placement import (
     zero_capacity_problem,
 )
 from fedsim.runtime.resources import node_resources, plugin_runtime_env, refuse_if_never_fits, resolve_gpu_share
+from fedsim.runtime.worker_pool import WorkerPool
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
 from fedsim.server.parameter_server import AggregateInfo
@@ -79,19 +78,8 @@ from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, Eva
 WORKER_MAX_RESTARTS = 8
 #: a client is tried this many times when worker processes die under it (then it is a failed row)
 CLIENT_ATTEMPTS = 3
-#: seconds between probes of a worker that Ray is restarting (a call to a restarting actor fails at once)
-PROBE_INTERVAL_S = 0.5
 #: runtime.placement -> Ray placement-group strategy (the soft ones; see the module docstring)
 STRATEGY = {"spread": "SPREAD", "pack": "PACK"}
-
-
-@dataclass
-class _Down:
-    """A worker that failed a call: ``probe`` is its ``ready(reset=True)`` call in flight, or None until
-    ``retry_at`` (monotonic seconds) when the last probe found it still restarting."""
-
-    probe: Any
-    retry_at: float = 0.0
 
 
 class RayBackend:
@@ -122,8 +110,7 @@ class RayBackend:
         self._bundle: dict[str, float] = {}  # set in _place, once gpus_per_worker: auto is resolved
         self._plugin_env: dict[str, Any] = {}  # set in _place: ships a user method's module to the actors
         self.sizes: list[int] = []  # set in complete: each client's training examples
-        self.workers: list[Any] = []  # every worker not dead for good (up, or down: see self._down)
-        self._down: dict[Any, _Down] = {}
+        self.pool = WorkerPool(rt.placement_timeout_s, self._stopped)  # the workers, up or down
         self._groups: list[Any] = []  # placement groups, removed at shutdown
         self._zero_actors: list[Any] = []  # every rank actor of the ZeRO groups (runtime.zero.stage > 0)
         self._growing: list[Any] = []  # the workers of the newest growth group
@@ -184,6 +171,7 @@ class RayBackend:
 
             blueprint = shareable_blueprint(blueprint)
         self.shared = Shared(ray.put(blueprint), ray.put(setup.data), self.server, self.store)
+        self.pool.shared = self.shared
         if not group.wait(rt.placement_timeout_s):
             raise UserError(self._no_room(count, kind))
         ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
@@ -232,8 +220,10 @@ class RayBackend:
             "is still adding nodes"
         )
 
-    def _add_group(self, count: int) -> Any:
-        """A placement group of ``count`` worker bundles and one new worker actor per bundle (not waited for)."""
+    def _add_group(self, count: int, building: bool = False) -> Any:
+        """A placement group of ``count`` worker bundles and one new worker actor per bundle (not waited for);
+        ``building``: they join the pool down and take items once their models are built."""
+        add = self.pool.add_building if building else self.pool.add
         rt = self._cfg.runtime
         env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
         plugin_env = dict(self._plugin_env)
@@ -250,7 +240,7 @@ class RayBackend:
             self._groups.extend(placed.groups)
             self._zero_actors.extend(actors)
             self._next_id += count
-            self.workers.extend(leaders)
+            add(leaders)
             return placed
         group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
         self._groups.append(group)
@@ -266,7 +256,7 @@ class RayBackend:
             for i in range(count)
         ]
         self._next_id += count
-        self.workers.extend(new)
+        add(new)
         return group
 
     def _grow(self) -> None:
@@ -274,115 +264,14 @@ class RayBackend:
         They join the pool as their models are built; nothing waits for them."""
         if not self._auto or len(self.workers) >= self._limit:
             return
-        if any(w in self._down for w in self._growing):  # the last growth is not placed / built yet
+        if any(self.pool.is_down(w) for w in self._growing):  # the last growth is not placed / built yet
             return
         count = growth(node_resources(free=True), self._bundle, len(self.workers), self._limit)
         if count <= 0:
             return
         before = len(self.workers)
-        self._add_group(count)
+        self._add_group(count, building=True)
         self._growing = self.workers[before:]
-        for worker in self._growing:
-            self._down[worker] = _Down(worker.ready.remote(self.shared))
-
-    # --- workers that fail: down, probed, back or dropped ---------------------------------------------------------
-
-    def _mark_down(self, worker: Any) -> None:
-        if worker in self.workers:
-            self._down[worker] = _Down(worker.ready.remote(self.shared, True))
-
-    def _drop(self, worker: Any, why: str = "") -> None:
-        """Forget a worker for good (Ray says it is dead, or it cannot build its model)."""
-        if worker in self.workers:
-            self.workers.remove(worker)
-        self._down.pop(worker, None)
-        if why:
-            print(f"fedsim: a Ray worker was dropped: {why.strip().splitlines()[-1][:300]}", file=sys.stderr)
-        try:
-            ray.kill(worker, no_restart=True)
-        except Exception:
-            pass
-
-    def _answer(self, worker: Any, probe: Any) -> bool:
-        """Handle the finished probe of a down worker; True when the worker is up again."""
-        try:
-            ray.get(probe)
-        except ray.exceptions.ActorDiedError:  # out of restarts (or killed): dead for good
-            self._drop(worker)
-            return False
-        except ray.exceptions.RayActorError:  # still restarting (its bundle may wait for room): ask again later
-            self._down[worker] = _Down(None, time.monotonic() + PROBE_INTERVAL_S)
-            return False
-        except ray.exceptions.RayError as exc:  # it came up but could not build its model
-            self._drop(worker, str(exc))
-            return False
-        self._down.pop(worker, None)
-        return True
-
-    def _probes(self) -> dict[Any, Any]:
-        """probe ref -> worker for every down worker, sending the probes that are due."""
-        now = time.monotonic()
-        for worker, down in self._down.items():
-            if down.probe is None and now >= down.retry_at:
-                down.probe = worker.ready.remote(self.shared, True)
-        return {d.probe: w for w, d in self._down.items() if d.probe is not None}
-
-    def _poll(self) -> None:
-        """Without waiting: bring back the down workers whose probes have answered."""
-        probes = self._probes()
-        if probes:
-            ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=0)
-            for ref in ready:
-                self._answer(probes[ref], ref)
-
-    def _dispatch(self, items: Sequence[Any], submit: Callable[[Any, Any], Any]) -> list[tuple[Any, Any]]:
-        """Hand items to idle workers in the given order; returns (item, result or exception).
-
-        A worker whose call fails because its process died (RayActorError) is down: it gets no new item until a
-        probe answers (Ray restarts it, in its bundle); one that is dead for good is dropped. Raises RunStopped
-        when no worker answers for ``runtime.placement_timeout_s`` seconds, or none is left."""
-        timeout_s = self._cfg.runtime.placement_timeout_s
-        self._poll()
-        queue = list(items)
-        in_flight: dict[Any, tuple[Any, Any]] = {}
-        done: list[tuple[Any, Any]] = []
-        idle = [w for w in self.workers if w not in self._down]
-        stalled: float | None = None
-        while queue or in_flight:
-            while queue and idle:
-                worker = idle.pop(0)
-                item = queue.pop(0)
-                in_flight[submit(worker, item)] = (item, worker)
-            probes = self._probes()
-            if not in_flight:  # work left and no worker up: wait for one, within the timeout
-                if not self.workers:
-                    raise RunStopped(self._stopped("every Ray worker actor died and could not be restarted"))
-                stalled = stalled or time.monotonic()
-                if time.monotonic() - stalled > timeout_s:
-                    raise RunStopped(
-                        self._stopped(f"no Ray worker answered for runtime.placement_timeout_s = {timeout_s:g} s")
-                    )
-            waiting = not in_flight or any(d.probe is None for d in self._down.values())
-            ready, _ = ray.wait([*in_flight, *probes], num_returns=1, timeout=PROBE_INTERVAL_S if waiting else None)
-            for ref in ready:
-                if ref in probes:
-                    if self._answer(probes[ref], ref):
-                        idle.append(probes[ref])
-                        stalled = None
-                    continue
-                item, worker = in_flight.pop(ref)
-                try:
-                    res, alive = ray.get(ref), True
-                except ray.exceptions.RayActorError as exc:
-                    res, alive = exc, False
-                except ray.exceptions.RayError as exc:  # the call raised; the worker is fine
-                    res, alive = exc, True
-                done.append((item, res))
-                if alive:
-                    idle.append(worker)
-                else:
-                    self._mark_down(worker)
-        return done
 
     def _stopped(self, why: str) -> str:
         where = f"`fedsim resume {self._run_dir}`" if self._run_dir else "`fedsim resume`"
@@ -395,14 +284,7 @@ class RayBackend:
         """Every worker that is up sends its partial sum of ``round`` to the server; returns the results of the
         clients whose uploads those carried. A worker whose flush fails is down: what it held is lost (its probe
         drops it, so it never reaches the server later) and the comparison with the server re-runs its clients."""
-        calls = [(w, w.flush.remote(round)) for w in self.workers if w not in self._down]
-        out: list[ClientResult] = []
-        for worker, ref in calls:
-            try:
-                out.extend(ray.get(ref))
-            except ray.exceptions.RayActorError:
-                self._mark_down(worker)
-        return out
+        return [res for _, results in self.pool.call_up(lambda w: w.flush.remote(round)) for res in results]
 
     def plan(self, round: int) -> RoundPlan:
         return ray.get(self.server.plan.remote(round))
@@ -422,7 +304,7 @@ class RayBackend:
         for _ in range(CLIENT_ATTEMPTS):
             order = [by_id[c] for c in largest_first(todo, self.sizes)]
             chunks = [order[i : i + k] for i in range(0, len(order), k)]  # k clients per call (clients_per_pass)
-            for chunk, res in self._dispatch(chunks, self._submit_train(g)):
+            for chunk, res in self.pool.dispatch(chunks, self._submit_train(g)):
                 for task, one in zip(chunk, res if isinstance(res, list) else [res] * len(chunk), strict=True):
                     if isinstance(one, ray.exceptions.RayActorError):  # its worker died under it (the whole chunk)
                         deaths[task.client_id] = str(one)
@@ -477,7 +359,7 @@ class RayBackend:
         todo = list(tasks)
         for attempt in range(CLIENT_ATTEMPTS):
             lost = []
-            for task, res in self._dispatch(todo, lambda w, t: w.evaluate.remote(self.shared, t, g, plan)):
+            for task, res in self.pool.dispatch(todo, lambda w, t: w.evaluate.remote(self.shared, t, g, plan)):
                 if isinstance(res, ray.exceptions.RayActorError) and attempt + 1 < CLIENT_ATTEMPTS:
                     lost.append(task)  # the worker died: evaluate the chunk again elsewhere
                 elif isinstance(res, Exception):
@@ -518,23 +400,17 @@ class RayBackend:
     def worker_nodes(self, settle_s: float = 0.0) -> list[str]:
         """The node id of each worker that is up (for tests and tools), after waiting up to ``settle_s`` seconds
         for down (restarting, joining) workers to come back."""
-        deadline = time.monotonic() + settle_s
-        while self._down and time.monotonic() < deadline:
-            time.sleep(PROBE_INTERVAL_S / 2)
-            self._poll()
-        up = [w for w in self.workers if w not in self._down]
-        refs = [w.node_id.remote() for w in up]
-        nodes = []
-        for worker, ref in zip(up, refs, strict=True):
-            try:
-                nodes.append(ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                self._mark_down(worker)  # restarting (its node lost) since the last call: down until it answers
-        return nodes
+        self.pool.settle(settle_s)
+        return [node for _, node in self.pool.call_up(lambda w: w.node_id.remote())]
 
     @property
     def worker_count(self) -> int:
-        return sum(1 for w in self.workers if w not in self._down)
+        return len(self.pool.up)
+
+    @property
+    def workers(self) -> list[Any]:
+        """Every worker actor not dead for good (up, or down: see :class:`WorkerPool`)."""
+        return self.pool.workers
 
     def shutdown(self) -> None:
         """Kill the actors, remove the placement groups, withdraw the autoscaler request; stop Ray only if this

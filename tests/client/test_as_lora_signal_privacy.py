@@ -16,12 +16,9 @@ from opacus.optimizers import DPOptimizer
 
 from fedsim.client.worker import ClientWorker
 from fedsim.config.load import load_config
-from fedsim.data.federated import build_federated_data
-from fedsim.data.sources import load_source
 from fedsim.methods.base import make_method
-from fedsim.model.adapters import attach_adapter, get_state
-from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
 from fedsim.types import ClientTask
+from tests.client.world import build_world
 
 ROUNDS = 4
 
@@ -47,12 +44,7 @@ def _signals(monkeypatch, reference: bool) -> tuple[dict, dict]:
         "method.as_lora.projection_dim=16",
     ]
     cfg, _ = load_config("tiny", overrides)
-    ds = load_source(cfg.data, cfg.seed)
-    tok = build_tokenizer(cfg.model, ds.texts)
-    data = build_federated_data(cfg, ds, tok)
-    base = build_base_model(cfg.model, data.num_labels, tok, cfg.seed)
-    bp = blueprint_of(base)
-    state = get_state(attach_adapter(base, cfg.lora, bp.family, cfg.seed))
+    bp, data, state = build_world(cfg)
     method = make_method(cfg)
     plan = method.plan(ROUNDS, sorted(state), method.init_server_state(state))
     monkeypatch.setattr(DPOptimizer, "add_noise", _pinned_add_noise)

@@ -14,16 +14,14 @@ import torch
 from fedsim.client.trainer import batch_schedule
 from fedsim.client.worker import ClientOutput, ClientWorker
 from fedsim.config.load import load_config
-from fedsim.data.federated import build_federated_data
-from fedsim.data.sources import load_source
 from fedsim.methods.base import make_method
-from fedsim.model.adapters import attach_adapter, factor_of, get_state
-from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
+from fedsim.model.adapters import factor_of
 from fedsim.privacy.dpsgd import poisson_rate
 from fedsim.privacy.mechanism import make_mechanism
 from fedsim.seeding import torch_generator
 from fedsim.server.cohort import sample_cohort
 from fedsim.types import ClientResult, ClientTask
+from tests.client.world import build_world
 
 BASE = [
     "runtime.backend=local",
@@ -41,12 +39,7 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 @functools.cache
 def _world(overrides: tuple[str, ...]):
     cfg, _ = load_config("tiny", [*BASE, *overrides])
-    ds = load_source(cfg.data, cfg.seed)
-    tok = build_tokenizer(cfg.model, ds.texts)
-    data = build_federated_data(cfg, ds, tok)
-    base = build_base_model(cfg.model, data.num_labels, tok, cfg.seed)
-    bp = blueprint_of(base)
-    state = get_state(attach_adapter(base, cfg.lora, bp.family, cfg.seed))
+    bp, data, state = build_world(cfg)
     g = torch.Generator().manual_seed(3)  # a non-zero B: A gets gradients too
     state = {k: torch.randn(v.shape, generator=g) * 0.3 if factor_of(k) == "B" else v for k, v in state.items()}
     return cfg, bp, data, state

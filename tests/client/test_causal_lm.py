@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedsim.client.trainer import LocalTrainer, causal_lm_forward, causal_lm_losses
+from fedsim.client.causal_lm import causal_lm_forward, causal_lm_losses, prompt_pass
+from fedsim.client.trainer import LocalTrainer
 from fedsim.config.schema import FederationConfig, LoraConfig, ModelConfig, PrivacyConfig
 from fedsim.data.instruct import IGNORE, make_arithmetic, response_labels, tokenize_instruct
 from fedsim.model.adapters import adapter_keys, attach_adapter, parameters_for, set_state
@@ -140,7 +141,7 @@ def test_trainer_trains_the_response_and_evaluates_greedy_answers(setup):
         per, summed, _ = causal_lm_forward(model.eval(), ids_t, mask_t, y)
     assert loss_sum == pytest.approx(float(per.sum()), rel=1e-5) and tok_sum == pytest.approx(float(summed.sum()))
     for s in (slice(0, 5), slice(5, 12)):
-        *_, generated = trainer._prompt_pass(ids_t[s], mask_t[s], y[s], start[s], lm, 3)
+        *_, generated = prompt_pass(model, ids_t[s], mask_t[s], y[s], start[s], lm, 3)
         for row, i in zip(generated, range(s.start, s.stop), strict=True):
             prompt = ids_t[i, mask_t[i] == 1][: int(start[i]) - (L - int(mask_t[i].sum()))][None]
             out = model.generate(

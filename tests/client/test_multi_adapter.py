@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedsim.client.causal_lm import causal_lm_forward
 from fedsim.client.multi_adapter import Group, MultiAdapter
-from fedsim.client.trainer import causal_lm_forward
 from fedsim.config.schema import LoraConfig, ModelConfig
 from fedsim.data.instruct import make_arithmetic, response_labels, tokenize_instruct
 from fedsim.model.adapters import adapter_keys, attach_adapter, get_state, parameters_for, set_state, set_trainable

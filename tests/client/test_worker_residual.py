@@ -6,22 +6,14 @@ import torch
 
 from fedsim.client.worker import ClientWorker
 from fedsim.config.load import load_config
-from fedsim.data.federated import build_federated_data
-from fedsim.data.sources import load_source
-from fedsim.model.adapters import attach_adapter, get_state
-from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
 from fedsim.model.keys import layers_of, residual_key
 from fedsim.types import EvalTask
+from tests.client.world import build_world
 
 
 def test_residual_is_folded_as_w0_plus_total_residual():
     cfg, _ = load_config("tiny", ["runtime.backend=local", "data.synthetic_examples=120"])
-    ds = load_source(cfg.data, cfg.seed)
-    tok = build_tokenizer(cfg.model, ds.texts)
-    data = build_federated_data(cfg, ds, tok)
-    base = build_base_model(cfg.model, data.num_labels, tok, cfg.seed)
-    bp = blueprint_of(base)
-    state = get_state(attach_adapter(base, cfg.lora, bp.family, cfg.seed))
+    bp, data, state = build_world(cfg)
     worker = ClientWorker(0, cfg, bp, data)
     layer = layers_of(sorted(state))[0]
     w0 = worker._base_weight(layer).detach().clone()

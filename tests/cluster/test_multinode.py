@@ -109,23 +109,33 @@ def _run(out: Path, address: str, *overrides: str) -> list[str]:
     return seen["nodes"]
 
 
+def test_pack_puts_both_workers_on_one_node(three_nodes, tmp_path):
+    # First on the module's fresh cluster: Ray's PACK is best effort (it fills the node with the most free room
+    # first, from the GCS's view of free resources), and right after another run's actors and placement group are
+    # released that view can still show both nodes half busy, which splits the bundles (ray-project/ray#59547).
+    # So this checks the strategy the run asked Ray for, and the packing on a cluster nothing else has used.
+    import ray
+
+    cluster, (a, b), _ = three_nodes
+    cfg, _ = load_config("tiny", [*SETTINGS, "runtime.backend=ray", f"runtime.address={cluster.address}",
+                                  "runtime.workers=2", "runtime.placement=pack", "federation.rounds=1"])  # fmt: skip
+    seen: dict[str, object] = {}
+
+    def inspect(backend) -> None:
+        seen["nodes"] = backend.worker_nodes(settle_s=120)
+        seen["strategies"] = [ray.util.placement_group_table(g)["strategy"] for g in backend._groups]
+
+    run_simulation(cfg, tmp_path / "pack", progress=False, inspect=inspect)
+    nodes = seen["nodes"]
+    assert seen["strategies"] == ["PACK"], seen
+    assert len(nodes) == 2 and len(set(nodes)) == 1 and nodes[0] in (a.node_id, b.node_id), seen
+
+
 def test_spread_puts_a_worker_on_each_node_and_the_results_equal_one_process(three_nodes, one_process, tmp_path):
     cluster, (a, b), _ = three_nodes
     nodes = _run(tmp_path / "spread", cluster.address, "runtime.workers=2", "runtime.placement=spread")
     assert sorted(nodes) == sorted([a.node_id, b.node_id])
     assert_same_results(results(tmp_path / "spread"), one_process)
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky since the start-up overlap (the placement group is created right after joining): PACK, a soft "
-    "strategy, sometimes splits the two workers over both nodes right after the spread run; open in issue 15's note",
-)
-def test_pack_puts_both_workers_on_one_node(three_nodes, tmp_path):
-    cluster, (a, b), _ = three_nodes
-    nodes = _run(tmp_path / "pack", cluster.address, "runtime.workers=2", "runtime.placement=pack",
-                 "federation.rounds=1")  # fmt: skip
-    assert len(nodes) == 2 and len(set(nodes)) == 1 and nodes[0] in (a.node_id, b.node_id)
 
 
 def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process, tmp_path):

