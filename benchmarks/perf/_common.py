@@ -214,10 +214,14 @@ def local_train(
     """The bare local loop: one optimiser step per batch (SGD; a DPOptimizer under DP). Returns (steps, examples
     seen, losses). ``ids``/``mask``/``labels`` are the client's tensors, ``batches`` index tensors (fedsim's
     ``batch_schedule``); an empty (Poisson) batch is a noise-only step, marked as fedsim marks it. Dropout draws come
-    from ``torch.manual_seed(dropout_seed)`` inside ``fork_rng``, as in fedsim's trainer.
+    from ``torch.manual_seed(dropout_seed)`` inside ``fork_rng``, as in fedsim's trainer. Each batch is padded to
+    its longest row (the columns no row uses dropped), as fedsim's trainer and Flower's Hugging Face tutorial
+    (``DataCollatorWithPadding``) do.
     """
     import torch
     import torch.nn.functional as F
+
+    from fedsim.client.padding import trim_padding
 
     losses: list[float] = []
     seen = 0
@@ -229,8 +233,9 @@ def local_train(
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
-                logits = forward(input_ids=ids[idx], attention_mask=mask[idx]).logits
-                loss = F.cross_entropy(logits.float(), labels[idx])
+                b_ids, b_mask, b_labels = trim_padding(ids[idx], mask[idx], labels[idx])
+                logits = forward(input_ids=b_ids, attention_mask=b_mask).logits
+                loss = F.cross_entropy(logits.float(), b_labels)
                 loss.backward()
                 losses.append(float(loss.detach()))
                 seen += len(idx)

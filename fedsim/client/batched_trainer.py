@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from fedsim.client.causal_lm import causal_lm_forward
 from fedsim.client.multi_adapter import Group, MultiAdapter
+from fedsim.client.padding import trim_padding
 from fedsim.client.trainer import LocalTrainer, TrainOutcome, batch_schedule
 from fedsim.model.adapters import set_trainable
 from fedsim.model.train_mode import set_train_mode
@@ -224,7 +225,7 @@ class BatchedTrainer:
             batches.append(tuple(t[idx].to(device) for t in run.data))
             groups.append(Group(run.slot, pos, pos + len(idx)))
             pos += len(idx)
-        ids, mask, labels = (torch.cat([b[j] for b in batches]) for j in range(3))
+        ids, mask, labels = trim_padding(*(torch.cat([b[j] for b in batches]) for j in range(3)))
         with self.multi.pass_over(groups, per_example=dp):
             losses = self._group_losses(ids, mask, labels, groups)
             values = torch.stack([loss.detach() for loss in losses]).tolist()
@@ -237,7 +238,7 @@ class BatchedTrainer:
                     )
                     continue
                 run.losses.append(value)
-                run.last_batch = batch
+                run.last_batch = trim_padding(*batch)  # as LocalTrainer keeps it (raw_loss reads it)
                 finite.append(loss)
             if finite:
                 torch.stack(finite).sum().backward()

@@ -7,9 +7,10 @@ slice ``x_k``; as in mLoRA, the frozen base runs once over all rows, each group 
 the forward of every ``nn.Linear`` inside a trained head (PEFT ``modules_to_save``) by ``cat_k(W_k x_k + b_k)``.
 The live PEFT tensors are not used (nor changed) during a pass.
 
-Gradients: each group's computation is one autograd Function. Without DP its backward returns the summed
-gradients of the client's tensors (autograd accumulates them into ``.grad``). With ``per_example`` it instead
-records each example's gradient of the client's TRAINABLE tensors (:mod:`fedsim.privacy.multi_grad_sampler`,
+Gradients: a LoRA layer's computation for all groups is ONE autograd Function (batched matmuls over the stacked
+factors when the groups are of equal size); a head's Linear is one per group. Without DP the backward returns the
+summed gradients of each client's tensors (autograd accumulates them into ``.grad``). With ``per_example`` it
+instead records each example's gradient of the client's TRAINABLE tensors (:mod:`fedsim.privacy.multi_grad_sampler`,
 Opacus' formulas) for :meth:`take_grad_samples`, which the client's own DPOptimizer clips and noises.
 
 Exactness: a row's activations in the frozen base do not depend on the other rows (per-sequence attention,
@@ -33,7 +34,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 from fedsim.model.adapters import ADAPTER, adapter_key, adapter_keys
 from fedsim.model.keys import HEAD_PREFIX
-from fedsim.privacy.multi_grad_sampler import linear_grad_samples
+from fedsim.privacy.multi_grad_sampler import grouped_linear_grad_samples, linear_grad_samples
 
 #: per-example gradients of one step: slot -> key -> [n_k, *shape]
 Samples = dict[int, dict[str, torch.Tensor]]
@@ -59,35 +60,91 @@ def _record(samples: Samples | None, slot: int, key: str, value: torch.Tensor | 
     mine[key] = mine[key] + value if key in mine else value  # a module called twice: the gradients add
 
 
-class _GroupLoRA(torch.autograd.Function):
-    """``s * B (A x)`` for one client's rows; backward: see the module docstring."""
+@dataclass(frozen=True)
+class _LoRARecord:
+    """What a fused LoRA layer's backward needs besides tensors: the groups, where per-example gradients go (None
+    without DP) and the layer's adapter keys."""
+
+    groups: tuple[Group, ...]
+    samples: Samples | None
+    key_a: str
+    key_b: str
+
+
+class _FusedLoRA(torch.autograd.Function):
+    """``s * B_k (A_k x_k)`` for every group k of a fused pass in ONE autograd node (inputs: ``x``, the scaling, the
+    record, then the K groups' A factors and the K groups' B factors). Groups of equal size run as batched matmuls
+    over the stacked factors; unequal ones one after the other. Backward: see the module docstring."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, rec: Any) -> torch.Tensor:
-        h = F.linear(x, a)
+    def forward(ctx: Any, x: torch.Tensor, scaling: float, rec: _LoRARecord, *factors: torch.Tensor) -> torch.Tensor:
+        k = len(rec.groups)
+        a, b = torch.stack(factors[:k]), torch.stack(factors[k:])  # [K, r, in], [K, out, r]
+        if len({g.rows for g in rec.groups}) == 1:
+            xs = x.reshape(k, -1, x.shape[-1])  # group j's rows are the j-th contiguous block
+            h = torch.bmm(xs, a.transpose(1, 2))
+            out = torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
+            h = h.reshape(*x.shape[:-1], a.shape[1])
+        else:
+            h = torch.cat([F.linear(x[g.start : g.stop], a[j]) for j, g in enumerate(rec.groups)])
+            out = torch.cat([F.linear(h[g.start : g.stop], b[j]) for j, g in enumerate(rec.groups)])
         ctx.save_for_backward(x, h, a, b)
         ctx.scaling, ctx.rec = scaling, rec
-        return F.linear(h, b) * scaling
+        return out * scaling
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, h, a, b = ctx.saved_tensors
-        samples, slot, n, key_a, key_b = ctx.rec
+        rec: _LoRARecord = ctx.rec
+        k = len(rec.groups)
+        need = ctx.needs_input_grad
+        need_a, need_b = any(need[3 : 3 + k]), any(need[3 + k :])
         b_back = grad * ctx.scaling  # at lora_B's output
-        h_back = b_back @ b  # at lora_A's output
-        gx = h_back @ a if ctx.needs_input_grad[0] else None
-        ga = gb = None
-        if samples is not None:  # DP: per-example gradients of the trainable factors only
-            if ctx.needs_input_grad[1]:
-                _record(samples, slot, key_a, linear_grad_samples(x, h_back, n)[0])
-            if ctx.needs_input_grad[2]:
-                _record(samples, slot, key_b, linear_grad_samples(h, b_back, n)[0])
+        equal = len({g.rows for g in rec.groups}) == 1
+        if equal:
+            bb = b_back.reshape(k, -1, b_back.shape[-1])
+            h_back = torch.bmm(bb, b).reshape(*h.shape)  # at lora_A's output
         else:
-            if ctx.needs_input_grad[1]:
-                ga = h_back.reshape(-1, h_back.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(h_back.dtype)
-            if ctx.needs_input_grad[2]:
-                gb = b_back.reshape(-1, b_back.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
-        return gx, ga, gb, None, None
+            h_back = torch.cat([b_back[g.start : g.stop] @ b[j] for j, g in enumerate(rec.groups)])
+        gx = None
+        if need[0]:
+            if equal:
+                gx = torch.bmm(h_back.reshape(k, -1, h.shape[-1]), a).reshape(*x.shape)
+            else:
+                gx = torch.cat([h_back[g.start : g.stop] @ a[j] for j, g in enumerate(rec.groups)])
+        ga: list[torch.Tensor | None] = [None] * k
+        gb: list[torch.Tensor | None] = [None] * k
+        if rec.samples is not None:  # DP: per-example gradients of the trainable factors only
+            sizes = tuple(g.rows for g in rec.groups)
+            per_a = grouped_linear_grad_samples(x, h_back, sizes) if need_a else None
+            per_b = grouped_linear_grad_samples(h, b_back, sizes) if need_b else None
+            for j, g in enumerate(rec.groups):
+                if per_a is not None and need[3 + j]:
+                    _record(rec.samples, g.slot, rec.key_a, per_a[g.start : g.stop])
+                if per_b is not None and need[3 + k + j]:
+                    _record(rec.samples, g.slot, rec.key_b, per_b[g.start : g.stop])
+        elif equal:
+            xs = x.reshape(k, -1, x.shape[-1]).to(h_back.dtype)
+            if need_a:
+                ga = list(torch.bmm(h_back.reshape(k, -1, h.shape[-1]).transpose(1, 2), xs).unbind(0))
+            if need_b:
+                gb = list(
+                    torch.bmm(
+                        b_back.reshape(k, -1, b_back.shape[-1]).transpose(1, 2), h.reshape(k, -1, h.shape[-1])
+                    ).unbind(0)
+                )
+        else:
+            for j, g in enumerate(rec.groups):
+                rows = slice(g.start, g.stop)
+                if need_a:
+                    ga[j] = h_back[rows].reshape(-1, h.shape[-1]).t() @ x[rows].reshape(-1, x.shape[-1]).to(
+                        h_back.dtype
+                    )
+                if need_b:
+                    gb[j] = b_back[rows].reshape(-1, b_back.shape[-1]).t() @ h[rows].reshape(-1, h.shape[-1])
+        ga = [v if need[3 + j] else None for j, v in enumerate(ga)]
+        gb = [v if need[3 + k + j] else None for j, v in enumerate(gb)]
+        return (gx, None, None, *ga, *gb)
 
 
 class _GroupDense(torch.autograd.Function):
@@ -233,17 +290,9 @@ class MultiAdapter:
             dtype = result.dtype
             x = layer._cast_input_dtype(x, layer.lora_A[ADAPTER].weight.dtype)
             scaling = layer.scaling[ADAPTER]
-            parts = [
-                _GroupLoRA.apply(
-                    x[g.start : g.stop],
-                    self.tensors[g.slot][key_a],
-                    self.tensors[g.slot][key_b],
-                    scaling,
-                    self._rec(g, key_a, key_b),
-                )
-                for g in self.groups
-            ]
-            return (result + _cat(parts)).to(dtype)
+            rec = _LoRARecord(tuple(self.groups), self._samples, key_a, key_b)
+            factors = [self.tensors[g.slot][key] for key in (key_a, key_b) for g in self.groups]
+            return (result + _FusedLoRA.apply(x, scaling, rec, *factors)).to(dtype)
 
         return forward
 

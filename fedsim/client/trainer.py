@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from fedsim.client.causal_lm import causal_lm_forward, evaluate_lm
+from fedsim.client.padding import trim_padding
 from fedsim.config.schema import FederationConfig, PrivacyConfig
 from fedsim.data.federated import LMData
 from fedsim.model.adapters import adapter_keys, parameters_for, set_trainable
@@ -225,7 +226,7 @@ class LocalTrainer:
                     if len(idx) == 0:
                         set_empty_grad_samples(params)
                     else:
-                        batch = (ids_t[idx].to(device), mask_t[idx].to(device), labels_t[idx].to(device))
+                        batch = tuple(t.to(device) for t in trim_padding(ids_t[idx], mask_t[idx], labels_t[idx]))
                         losses.append(self._backward(batch, params))
                         if not math.isfinite(losses[-1]):  # never let a diverged client reach the aggregate
                             raise FloatingPointError(
@@ -301,9 +302,12 @@ class LocalTrainer:
         device = self.device
         loss_sum, correct, n = 0.0, 0, len(labels)
         for s in range(0, n, batch_size):
-            b_ids = torch.as_tensor(np.asarray(ids[s : s + batch_size]), dtype=torch.long, device=device)
-            b_mask = torch.as_tensor(np.asarray(mask[s : s + batch_size]), dtype=torch.long, device=device)
-            b_y = torch.as_tensor(np.asarray(labels[s : s + batch_size]), dtype=torch.long, device=device)
+            b_ids, b_mask, b_y = (
+                t.to(device)
+                for t in trim_padding(
+                    *(torch.as_tensor(np.asarray(a[s : s + batch_size]), dtype=torch.long) for a in (ids, mask, labels))
+                )
+            )
             logits = self.model(input_ids=b_ids, attention_mask=b_mask).logits.float()
             loss_sum += float(F.cross_entropy(logits, b_y, reduction="sum"))
             correct += int((logits.argmax(-1) == b_y).sum())

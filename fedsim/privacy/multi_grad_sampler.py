@@ -29,3 +29,20 @@ def linear_grad_samples(
     scaled = backprops * n
     d_w = torch.einsum("n...i,n...j->nij", scaled, x.to(scaled.dtype))
     return d_w, (torch.einsum("n...k->nk", scaled) if bias else None)
+
+
+def grouped_linear_grad_samples(x: torch.Tensor, backprops: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Per-example gradients ``[N, out, in]`` of a linear map applied to every row of a fused pass whose rows are
+    consecutive groups of ``sizes`` rows (one per client, each with its OWN weight): row r of group k gets
+    :func:`linear_grad_samples`'s value for that group (backprops scaled by ``sizes[k]``). Raises ValueError when
+    the leading dimensions are not ``sum(sizes)``."""
+    total = sum(sizes)
+    if x.shape[0] != total or backprops.shape[0] != total:
+        raise ValueError(f"per-example gradients of {total} rows from inputs of {x.shape[0]} and {backprops.shape[0]}")
+    if len(set(sizes)) == 1:
+        scaled = backprops * sizes[0]
+    else:
+        counts = torch.tensor(sizes, device=backprops.device)
+        per_row = torch.repeat_interleave(counts, counts).to(backprops.dtype)
+        scaled = backprops * per_row.view(-1, *([1] * (backprops.dim() - 1)))
+    return torch.einsum("n...i,n...j->nij", scaled, x.to(scaled.dtype))
