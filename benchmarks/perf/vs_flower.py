@@ -36,16 +36,16 @@ package index here does not have, hence the default 1.41.0 (it pins ray 2.55.1; 
 Every side pads each batch to its longest row (fedsim's trainer does; Flower's Hugging Face tutorial does it with
 ``DataCollatorWithPadding``; the shared loop here drops the columns no row of the batch uses).
 
-Reported per side: the subprocess's wall time (interpreter start to exit: imports, Ray start, model build,
-rounds, shutdown: the like-for-like number; fedsim's without the ~1 s its measuring hook spends reading Ray's
-timeline and the final state after the run, reported as ``measure_s`` in its result JSON); the time to the first trained client (from the subprocess's launch to
-the end of the first client's local training: Flower, its first train handler returning; fedsim, its first
-``train`` call finishing in a worker, from Ray's task events); the federated loop (fedsim: the sum of rounds.parquet
-``wall_s``; Flower: ``strategy.start``; start-up falls differently: fedsim's workers build their model when they
-start, before round 1, Flower's actors on their first message, inside the loop) and the steady-state median seconds
-of rounds 2..R-1 (fedsim: ``wall_s``; Flower: time between its ``evaluate_fn`` calls, which come after every round;
-needs ``--rounds`` >= 3), with Flower / fedsim ratios (> 1: fedsim is faster). With a cohort of every client the
-sides do the same computation and the final adapters are compared.
+Reported per side: the subprocess's wall time (interpreter start to exit: imports, Ray start, model build, rounds,
+shutdown: the like-for-like number; fedsim's without the ~1 s its measuring hook spends reading Ray's timeline and
+the final state after the run, reported as ``measure_s`` in its result JSON); the time to the first trained client
+(from the subprocess's launch to the end of the first client's local training: Flower, its first train handler
+returning; fedsim, its first ``train`` call finishing in a worker, from Ray's task events); the federated loop
+(fedsim: the sum of rounds.parquet ``wall_s``; Flower: ``strategy.start``; start-up falls differently: fedsim's
+workers build their model when they start, before round 1, Flower's actors on their first message, inside the loop)
+and the steady-state median seconds of rounds 2..R-1 (fedsim: ``wall_s``; Flower: time between its ``evaluate_fn``
+calls, which come after every round; needs ``--rounds`` >= 3), with Flower / fedsim ratios (> 1: fedsim is faster).
+With a cohort of every client the sides do the same computation and the final adapters are compared.
 
     python benchmarks/perf/vs_flower.py                      # both jobs, both Flower variants (idle machine)
     python benchmarks/perf/vs_flower.py --jobs small --fedsim-set runtime.clients_per_pass=4
