@@ -37,6 +37,7 @@ from fedsim.client.padding import trim_padding
 from fedsim.client.trainer import LocalTrainer, TrainOutcome, batch_schedule
 from fedsim.model.adapters import set_trainable
 from fedsim.model.train_mode import set_train_mode
+from fedsim.privacy.sampling import expected_batch_size, set_empty_grad_samples
 from fedsim.seeding import derive_seed, torch_generator
 from fedsim.types import AdapterState
 
@@ -106,8 +107,6 @@ class BatchedTrainer:
         ``steps`` overrides ``federation.local_steps`` (the timing probe). Raises ValueError for an empty ``keys``,
         KeyError when a start state lacks an adapter key. The model's own
         adapter tensors are not changed; it is left in eval mode with no gradient state."""
-        from fedsim.privacy.dpsgd import clear_dp_buffers  # Opacus' module: imported where it is used
-
         started = time.perf_counter()
         keys = list(keys)
         if not keys:
@@ -118,7 +117,7 @@ class BatchedTrainer:
             run.params, run.optimizer = mine, self._optimizer(mine, run, c.noise_multiplier, round)
         model, tr = self.trainer.model, self.trainer
         set_trainable(model, [])  # the live tensors take no part in a fused pass
-        clear_dp_buffers(model)
+        tr._clear()  # as between clients of LocalTrainer (Opacus imported only under DP)
         hooked = tr._forward_module if tr.dp else None
         device = tr.device
         try:
@@ -133,7 +132,7 @@ class BatchedTrainer:
         finally:
             if hooked is not None:
                 hooked.enable_hooks()
-            clear_dp_buffers(model)
+            tr._clear()
             model.eval()
         share = (time.perf_counter() - started) / max(1, len(runs))
         out: list[ClientTrained | Exception] = []
@@ -178,8 +177,6 @@ class BatchedTrainer:
         self, params: list[torch.Tensor], run: _Run, noise_multiplier: float | None, round: int
     ) -> torch.optim.Optimizer:
         """The client's optimizer, built as :meth:`LocalTrainer.train` builds it."""
-        from fedsim.privacy.dpsgd import expected_batch_size
-
         tr = self.trainer
         optimizer = tr._optimizer(params)
         if not tr.dp:
@@ -192,8 +189,6 @@ class BatchedTrainer:
 
     def _step(self, i: int, keys: list[str], active: list[_Run], round: int) -> None:
         """Local step ``i`` of the ``active`` clients: one fused forward/backward, then each client's own step."""
-        from fedsim.privacy.dpsgd import set_empty_grad_samples
-
         for run in active:
             run.optimizer.zero_grad(set_to_none=True)
             if len(run.schedule[i]) == 0:
