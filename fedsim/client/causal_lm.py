@@ -80,7 +80,7 @@ def evaluate_lm(
     batch_size: int,
     max_new_tokens: int,
 ) -> tuple[float, int, int, float, int]:
-    """Causal-LM evaluation of the current model on left-padded rows (eval() mode, no grad): ``(sum over
+    """Causal-LM evaluation of ``model`` on left-padded rows (put in eval() mode; no grad): ``(sum over
     examples of the per-example mean response NLL, exact matches of the greedy answers, count, summed response
     NLL, response tokens)``. The greedy answer is generated from the prompt alone (the row up to
     ``response_start``), at most ``max_new_tokens`` tokens, cut at the end-of-sequence token, decoded with
@@ -91,6 +91,7 @@ def evaluate_lm(
     response loss and the greedy decoding (what ``generate`` would compute, without a second prompt pass)."""
     from fedsim.data.instruct import exact_match
 
+    model.eval()
     device = next(model.parameters()).device
     loss_sum, tok_sum, tokens, correct, n = 0.0, 0.0, 0, 0, len(ids)
     for s in range(0, n, batch_size):

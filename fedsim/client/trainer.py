@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from fedsim.client.causal_lm import causal_lm_forward, evaluate_lm
+from fedsim.client.causal_lm import causal_lm_forward
 from fedsim.client.padding import trim_padding
 from fedsim.config.schema import FederationConfig, PrivacyConfig
-from fedsim.data.federated import LMData
 from fedsim.model.adapters import adapter_keys, parameters_for, set_trainable
 from fedsim.model.train_mode import set_train_mode
 from fedsim.privacy.sampling import expected_batch_size, poisson_indices, poisson_rate, set_empty_grad_samples
@@ -312,18 +311,3 @@ class LocalTrainer:
             loss_sum += float(F.cross_entropy(logits, b_y, reduction="sum"))
             correct += int((logits.argmax(-1) == b_y).sum())
         return loss_sum, correct, n
-
-    def evaluate_lm(
-        self,
-        ids: np.ndarray,
-        mask: np.ndarray,
-        labels: np.ndarray,
-        response_start: np.ndarray,
-        answers: Sequence[str],
-        lm: LMData,
-        batch_size: int,
-        max_new_tokens: int,
-    ) -> tuple[float, int, int, float, int]:
-        """:func:`fedsim.client.causal_lm.evaluate_lm` of the current model (eval() mode, no grad)."""
-        self.model.eval()
-        return evaluate_lm(self.model, ids, mask, labels, response_start, answers, lm, batch_size, max_new_tokens)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fedsim.client.causal_lm import evaluate_lm
 from fedsim.client.trainer import LocalTrainer, TrainOutcome
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
@@ -299,7 +300,8 @@ class ClientWorker:
         ids, mask, labels = self.data.client_arrays(idx)
         lm = self.data.lm
         if lm is not None:
-            loss_sum, correct, count, tok_sum, tokens = self.trainer.evaluate_lm(
+            loss_sum, correct, count, tok_sum, tokens = evaluate_lm(
+                self.trainer.model,
                 ids,
                 mask,
                 labels,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedsim.client.causal_lm import causal_lm_forward, causal_lm_losses, prompt_pass
+from fedsim.client.causal_lm import causal_lm_forward, causal_lm_losses, evaluate_lm, prompt_pass
 from fedsim.client.trainer import LocalTrainer
 from fedsim.config.schema import FederationConfig, LoraConfig, ModelConfig, PrivacyConfig
 from fedsim.data.instruct import IGNORE, make_arithmetic, response_labels, tokenize_instruct
@@ -133,7 +133,7 @@ def test_trainer_trains_the_response_and_evaluates_greedy_answers(setup):
     out = trainer.train(adapter_keys(model), ids, mask, labels, round=1, client_id=0)
     assert out.steps == 3 and np.isfinite(out.train_loss)
     lm = LMData(start, tuple(ds.answers), "number", tok, tok.pad_token_id, tok.eos_token_id, False)
-    loss_sum, correct, n, tok_sum, tokens = trainer.evaluate_lm(ids, mask, labels, start, list(ds.answers), lm, 5, 3)
+    loss_sum, correct, n, tok_sum, tokens = evaluate_lm(model, ids, mask, labels, start, list(ds.answers), lm, 5, 3)
     assert n == 12 and 0 <= correct <= 12 and tokens == int((labels != IGNORE).sum())
     # the one-prompt-pass evaluation equals the plain forward (loss) and HF generate (greedy answers)
     ids_t, mask_t, y = _t(ids, mask, labels)
