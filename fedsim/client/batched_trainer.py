@@ -154,7 +154,7 @@ class BatchedTrainer:
                     grads[-1] if grads else {},
                     grads[-2] if len(grads) == 2 else {},
                     run.prev_step,
-                    run.last_batch,
+                    trim_padding(*run.last_batch) if run.last_batch else None,  # as LocalTrainer keeps it
                 )
             )
         self.multi.tensors = []
@@ -233,7 +233,7 @@ class BatchedTrainer:
                     )
                     continue
                 run.losses.append(value)
-                run.last_batch = trim_padding(*batch)  # as LocalTrainer keeps it (raw_loss reads it)
+                run.last_batch = batch
                 finite.append(loss)
             if finite:
                 torch.stack(finite).sum().backward()

@@ -70,6 +70,33 @@ class _LoRARecord:
     key_a: str
     key_b: str
 
+    @property
+    def equal(self) -> bool:
+        """All groups have the same number of rows (then batched matmuls serve them all at once)."""
+        return len({g.rows for g in self.groups}) == 1
+
+
+def _per_group(x: torch.Tensor, w: torch.Tensor, rec: _LoRARecord) -> torch.Tensor:
+    """``x_k @ w[k]`` for each group k (``x`` ``[N, ..., p]`` with the groups' rows in order, ``w`` ``[K, p, q]``),
+    as one ``[N, ..., q]`` tensor."""
+    if rec.equal:
+        out = torch.bmm(x.reshape(len(rec.groups), -1, x.shape[-1]), w)
+        return out.reshape(*x.shape[:-1], w.shape[-1])
+    return torch.cat([x[g.start : g.stop] @ w[j] for j, g in enumerate(rec.groups)])
+
+
+def _summed_outer(u: torch.Tensor, v: torch.Tensor, rec: _LoRARecord) -> list[torch.Tensor]:
+    """For each group k: ``u_k^T v_k`` summed over its rows and positions (``[q, p]`` from ``u`` ``[N, ..., q]`` and
+    ``v`` ``[N, ..., p]``): the gradient of a weight from its output gradient ``u`` and its input ``v``."""
+    v = v.to(u.dtype)
+    if rec.equal:
+        k = len(rec.groups)
+        return list(torch.bmm(u.reshape(k, -1, u.shape[-1]).transpose(1, 2), v.reshape(k, -1, v.shape[-1])).unbind(0))
+    return [
+        u[g.start : g.stop].reshape(-1, u.shape[-1]).t() @ v[g.start : g.stop].reshape(-1, v.shape[-1])
+        for g in rec.groups
+    ]
+
 
 class _FusedLoRA(torch.autograd.Function):
     """``s * B_k (A_k x_k)`` for every group k of a fused pass in ONE autograd node (inputs: ``x``, the scaling, the
@@ -80,70 +107,36 @@ class _FusedLoRA(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, scaling: float, rec: _LoRARecord, *factors: torch.Tensor) -> torch.Tensor:
         k = len(rec.groups)
         a, b = torch.stack(factors[:k]), torch.stack(factors[k:])  # [K, r, in], [K, out, r]
-        if len({g.rows for g in rec.groups}) == 1:
-            xs = x.reshape(k, -1, x.shape[-1])  # group j's rows are the j-th contiguous block
-            h = torch.bmm(xs, a.transpose(1, 2))
-            out = torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
-            h = h.reshape(*x.shape[:-1], a.shape[1])
-        else:
-            h = torch.cat([F.linear(x[g.start : g.stop], a[j]) for j, g in enumerate(rec.groups)])
-            out = torch.cat([F.linear(h[g.start : g.stop], b[j]) for j, g in enumerate(rec.groups)])
+        h = _per_group(x, a.transpose(1, 2), rec)
         ctx.save_for_backward(x, h, a, b)
         ctx.scaling, ctx.rec = scaling, rec
-        return out * scaling
+        return _per_group(h, b.transpose(1, 2), rec) * scaling
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, h, a, b = ctx.saved_tensors
         rec: _LoRARecord = ctx.rec
         k = len(rec.groups)
-        need = ctx.needs_input_grad
-        need_a, need_b = any(need[3 : 3 + k]), any(need[3 + k :])
+        need_a, need_b = ctx.needs_input_grad[3 : 3 + k], ctx.needs_input_grad[3 + k :]
         b_back = grad * ctx.scaling  # at lora_B's output
-        equal = len({g.rows for g in rec.groups}) == 1
-        if equal:
-            bb = b_back.reshape(k, -1, b_back.shape[-1])
-            h_back = torch.bmm(bb, b).reshape(*h.shape)  # at lora_A's output
-        else:
-            h_back = torch.cat([b_back[g.start : g.stop] @ b[j] for j, g in enumerate(rec.groups)])
-        gx = None
-        if need[0]:
-            if equal:
-                gx = torch.bmm(h_back.reshape(k, -1, h.shape[-1]), a).reshape(*x.shape)
-            else:
-                gx = torch.cat([h_back[g.start : g.stop] @ a[j] for j, g in enumerate(rec.groups)])
+        h_back = _per_group(b_back, b, rec)  # at lora_A's output
+        gx = _per_group(h_back, a, rec) if ctx.needs_input_grad[0] else None
         ga: list[torch.Tensor | None] = [None] * k
         gb: list[torch.Tensor | None] = [None] * k
         if rec.samples is not None:  # DP: per-example gradients of the trainable factors only
             sizes = tuple(g.rows for g in rec.groups)
-            per_a = grouped_linear_grad_samples(x, h_back, sizes) if need_a else None
-            per_b = grouped_linear_grad_samples(h, b_back, sizes) if need_b else None
+            per_a = grouped_linear_grad_samples(x, h_back, sizes) if any(need_a) else None
+            per_b = grouped_linear_grad_samples(h, b_back, sizes) if any(need_b) else None
             for j, g in enumerate(rec.groups):
-                if per_a is not None and need[3 + j]:
+                if per_a is not None and need_a[j]:
                     _record(rec.samples, g.slot, rec.key_a, per_a[g.start : g.stop])
-                if per_b is not None and need[3 + k + j]:
+                if per_b is not None and need_b[j]:
                     _record(rec.samples, g.slot, rec.key_b, per_b[g.start : g.stop])
-        elif equal:
-            xs = x.reshape(k, -1, x.shape[-1]).to(h_back.dtype)
-            if need_a:
-                ga = list(torch.bmm(h_back.reshape(k, -1, h.shape[-1]).transpose(1, 2), xs).unbind(0))
-            if need_b:
-                gb = list(
-                    torch.bmm(
-                        b_back.reshape(k, -1, b_back.shape[-1]).transpose(1, 2), h.reshape(k, -1, h.shape[-1])
-                    ).unbind(0)
-                )
         else:
-            for j, g in enumerate(rec.groups):
-                rows = slice(g.start, g.stop)
-                if need_a:
-                    ga[j] = h_back[rows].reshape(-1, h.shape[-1]).t() @ x[rows].reshape(-1, x.shape[-1]).to(
-                        h_back.dtype
-                    )
-                if need_b:
-                    gb[j] = b_back[rows].reshape(-1, b_back.shape[-1]).t() @ h[rows].reshape(-1, h.shape[-1])
-        ga = [v if need[3 + j] else None for j, v in enumerate(ga)]
-        gb = [v if need[3 + k + j] else None for j, v in enumerate(gb)]
+            if any(need_a):
+                ga = [v if need_a[j] else None for j, v in enumerate(_summed_outer(h_back, x, rec))]
+            if any(need_b):
+                gb = [v if need_b[j] else None for j, v in enumerate(_summed_outer(b_back, h, rec))]
         return (gx, None, None, *ga, *gb)
 
 
