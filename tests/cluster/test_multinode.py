@@ -167,6 +167,7 @@ def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process,
     seen: dict[str, object] = {}
 
     def inspect(backend) -> None:  # after the last round (Ray adds nodes from the main thread only)
+        backend.worker_nodes()  # ask every worker now: one whose node is gone is down even if no round noticed it
         seen.update(up_at_end=backend.worker_count, pool=len(backend.workers))
         new = cluster.add_node(num_cpus=2, temp_dir=temp_dir)
         workers[workers.index(events["victim"])] = new  # the module's cluster gets its node back
