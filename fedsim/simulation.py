@@ -6,8 +6,9 @@ config -> backend starts (Ray, worker processes) -> data, base model + initial a
 
 Start-up overlaps: the backend's first half needs only the config (:func:`fedsim.runtime.backend.start_backend`: on
 Ray it starts the cluster and creates the worker actors, whose processes then import torch, transformers and PEFT),
-so it comes first; this process then imports the model libraries, reads and tokenises the data and builds the base
-model (:func:`build_inputs`) while the workers import, and the backend is completed with what that produced.
+so it comes first (the model libraries import in a thread meanwhile, as ray.init mostly waits); this process then
+reads and tokenises the data and builds the base model (:func:`build_inputs`) while the workers import, and the
+backend is completed with what that produced.
 Module-level imports here are light (no PEFT / transformers): a script that imports this module reaches
 :func:`run_simulation`, and so Ray's start, seconds earlier.
 """
@@ -38,6 +39,7 @@ from fedsim.model.build import BaseBlueprint, blueprint_of, build_base_model, bu
 from fedsim.model.registry import resolve_model_config
 from fedsim.privacy.mechanism import make_mechanism
 from fedsim.privacy.tracker import PrivacyTracker
+from fedsim.process_lifecycle import ImportAhead, freeze_gc_at_exit
 from fedsim.run_state import RunState
 from fedsim.seeding import numpy_rng
 from fedsim.server.checkpoint import latest_checkpoint_dir, read_checkpoint, write_checkpoint
@@ -65,6 +67,10 @@ def eval_tasks(data: FederatedData, chunk: int, local_clients: int, seed: int) -
     for cid in with_holdout:
         tasks.append(EvalTask(f"client:{cid}", tuple(int(i) for i in data.client_holdout[cid]), client_id=cid))
     return tasks
+
+
+#: what :func:`build_inputs` and the round loop import (seconds, mostly PEFT -> transformers' modelling code)
+AHEAD_MODULES = ("fedsim.model.adapters", "torch.utils.tensorboard")
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,13 @@ def run_simulation(
     # anything is trained or written (the half-started backend is shut down first).
     from fedsim.runtime.backend import RunSetup, start_backend
 
+    freeze_gc_at_exit()  # the interpreter's exit skips its last full collection (see fedsim.process_lifecycle)
+    # on Ray, the model libraries import in a thread while ray.init waits for the processes it spawns
+    ahead = ImportAhead(AHEAD_MODULES) if cfg.runtime.backend == "ray" else None
     starting = start_backend(cfg, make_mechanism(cfg), out_dir)  # the mechanism needs only the config
     try:
+        if ahead is not None:
+            ahead.join()
         inputs = build_inputs(cfg)
     except BaseException:
         starting.shutdown()

@@ -27,15 +27,15 @@ import torch
 from fedsim.config.schema import Config
 from fedsim.methods.partial_sum import PartialSum
 from fedsim.privacy.mechanism import PrivacyMechanism
-from fedsim.server.client_store import ClientStore
-from fedsim.server.parameter_server import ParameterServer, new_partial
+from fedsim.runtime.server_home import ServerHome
+from fedsim.server.parameter_server import new_partial
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
 
 if TYPE_CHECKING:
     from fedsim.client.worker import ClientWorker
 
-ParameterServerActor = ray.remote(num_cpus=0)(ParameterServer)
-ClientStoreActor = ray.remote(num_cpus=0)(ClientStore)
+#: the parameter server and the client store, one actor process (see fedsim.runtime.server_home)
+ServerHomeActor = ray.remote(num_cpus=0)(ServerHome)
 
 #: Fault injection for tests: ``"ROUND:NTH:MARKER"`` makes a worker process exit abruptly (``os._exit(1)``, as if
 #: killed) when it starts its NTH client of round ROUND, once: the first worker to get there creates the file

@@ -57,7 +57,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from fedsim.config.schema import Config
 from fedsim.errors import UserError
 from fedsim.privacy.mechanism import PrivacyMechanism
-from fedsim.runtime.actors import FAULT_ENVS, ClientStoreActor, ParameterServerActor, Shared, WorkerActor
+from fedsim.runtime.actors import FAULT_ENVS, ServerHomeActor, Shared, WorkerActor
 from fedsim.runtime.backend import RunSetup
 from fedsim.runtime.cluster import ClusterKind, connect, disconnect
 from fedsim.runtime.placement import (
@@ -120,6 +120,8 @@ class RayBackend:
         self._placed: tuple[int, ClusterKind, Any] | None = None  # (count, cluster kind, first group) once placed
         self.server: Any = None
         self.store: Any = None
+        self._global_ahead: Any = None  # ObjectRef of the server's current global state, once asked for
+        self._plan_ahead: tuple[int, Any] | None = None  # (round, ObjectRef of its plan), asked for by aggregate
         # start a local Ray or join the cluster (runtime.address, RAY_ADDRESS): fedsim.runtime.cluster decides
         self._connection = connect(rt.address, 0.0 if self._auto else self._limit * rt.cpus_per_worker)
         try:
@@ -156,12 +158,12 @@ class RayBackend:
         assert self._placed is not None
         count, kind, group = self._placed
         rt = self._cfg.runtime
-        # the server and store (pinned to the driver's node: the run folder is there) start now, not in begin: the
-        # store creates its spill folder in the run folder, which nothing may touch before the inputs are checked
-        self.store = ClientStoreActor.options(scheduling_strategy=self._home).remote(*setup.client_store_args())
-        self.server = ParameterServerActor.options(
+        # the server and store (one actor process, pinned to the driver's node: the run folder is there) start now,
+        # not in begin: the store creates its spill folder in the run folder, which nothing may touch before the
+        # inputs are checked
+        self.server = self.store = ServerHomeActor.options(
             scheduling_strategy=self._home, **({"runtime_env": self._plugin_env} if self._plugin_env else {})
-        ).remote(self._cfg, setup.initial_state, setup.privacy)
+        ).remote(setup.client_store_args(), self._cfg, setup.initial_state, setup.privacy)
         # put into the object store once (read from shared memory by every worker on a node); held here for the
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
         # (see fedsim.runtime.actors): Ray cannot restart an actor whose constructor refs are gone.
@@ -287,7 +289,16 @@ class RayBackend:
         return [res for _, results in self.pool.call_up(lambda w: w.flush.remote(round)) for res in results]
 
     def plan(self, round: int) -> RoundPlan:
-        return ray.get(self.server.plan.remote(round))
+        ahead, self._plan_ahead = self._plan_ahead, None
+        ref = ahead[1] if ahead is not None and ahead[0] == round else self.server.plan.remote(round)
+        return ray.get(ref)
+
+    def _global_ref(self) -> Any:
+        """The ObjectRef of the server's current global state (asked once per state: dropped by aggregate and
+        restore)."""
+        if self._global_ahead is None:
+            self._global_ahead = self.server.global_state.remote()
+        return self._global_ahead
 
     def train(self, tasks: Sequence[ClientTask]) -> list[ClientResult]:
         """Train the round's clients; on return every ``ok`` client's upload is at the server (re-running the
@@ -296,7 +307,7 @@ class RayBackend:
             return []
         self._grow()  # auto: nodes that joined since the last round take workers
         round = tasks[0].round
-        g = self.server.global_state.remote()
+        g = self._global_ref()
         by_id = {t.client_id: t for t in tasks}
         results: dict[int, ClientResult] = {}
         deaths: dict[int, str] = {}
@@ -350,10 +361,17 @@ class RayBackend:
         )
 
     def aggregate(self, round: int) -> AggregateInfo:
-        return ray.get(self.server.aggregate.remote(round))
+        """Aggregate ``round``; the new global state and (unless it was the last round) the next round's plan are
+        asked for in the same breath (the server runs calls in order), so the next round starts without waiting
+        for them."""
+        ref = self.server.aggregate.remote(round)
+        self._global_ahead = self.server.global_state.remote()
+        if round < self._cfg.federation.rounds:  # past the last round a method may have no plan
+            self._plan_ahead = (round + 1, self.server.plan.remote(round + 1))
+        return ray.get(ref)
 
     def evaluate(self, tasks: Sequence[EvalTask], round: int) -> list[EvalResult]:
-        g = self.server.global_state.remote()
+        g = self._global_ref()
         plan = self.server.plan.remote(round)
         out: list[EvalResult] = []
         todo = list(tasks)
@@ -372,7 +390,7 @@ class RayBackend:
         return out
 
     def global_state(self) -> AdapterState:
-        return ray.get(self.server.global_state.remote())
+        return ray.get(self._global_ref())
 
     def checkpoint_state(self) -> Checkpoint:
         (g, server_state), (states, ledgers) = ray.get(
@@ -381,6 +399,7 @@ class RayBackend:
         return Checkpoint(0, g, server_state, states, ledgers)
 
     def restore(self, ckpt: Checkpoint) -> None:
+        self._global_ahead = self._plan_ahead = None
         ray.get(
             [
                 self.server.import_state.remote(ckpt.global_state, ckpt.server_state),
@@ -415,7 +434,7 @@ class RayBackend:
     def shutdown(self) -> None:
         """Kill the actors, remove the placement groups, withdraw the autoscaler request; stop Ray only if this
         run started it (a joined cluster stays up)."""
-        for actor in [*self.workers, *self._zero_actors, self.server, self.store]:
+        for actor in [*self.workers, *self._zero_actors, self.server]:  # the store is the server's actor
             if actor is not None:
                 ray.kill(actor)
         for group in self._groups:

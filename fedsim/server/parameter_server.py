@@ -64,9 +64,15 @@ class ParameterServer:
         self._last_aggregated: int | None = None
 
     def plan(self, round: int) -> RoundPlan:
-        if round not in self._plans:
-            self._plans = {round: self.method.plan(round, self._keys, self.server_state)}
-        return self._plans[round]
+        """The method's plan of ``round``, computed from the server state at the first call for it and kept while
+        ``round`` is one of the two newest rounds asked for: a round's evaluation, after its aggregation, reads the
+        plan its training used even when the next round's plan was asked for in between (the Ray backend asks
+        for it ahead)."""
+        plan = self._plans.get(round)
+        if plan is None:
+            plan = self._plans[round] = self.method.plan(round, self._keys, self.server_state)
+            self._plans = {r: self._plans[r] for r in sorted(self._plans)[-2:]}
+        return plan
 
     def global_state(self) -> AdapterState:
         return self._global

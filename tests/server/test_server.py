@@ -124,3 +124,23 @@ def test_client_level_dp_from_streamed_sums_equals_dp_fedavg_on_the_deltas():
     empty = ParameterServer(cfg, g, mech)
     empty.aggregate(1)  # nobody uploaded: the noise is still added
     assert all(not torch.equal(empty.global_state()[k], g[k]) for k in keys)
+
+
+def test_plan_of_a_round_is_kept_while_the_next_rounds_plan_is_asked_for_ahead():
+    ps = ParameterServer(Config(method=MethodConfig("fedavg_lora")), state(0))
+    calls: list[int] = []
+    real = ps.method.plan
+
+    def counting(round, keys, server_state):
+        calls.append(round)
+        return real(round, keys, server_state)
+
+    ps.method.plan = counting
+    p1 = ps.plan(1)
+    assert ps.plan(1) is p1 and calls == [1]  # computed once
+    p2 = ps.plan(2)  # the next round's plan, asked for ahead (the Ray backend does, right after aggregating 1)
+    assert ps.plan(1) is p1 and ps.plan(2) is p2 and calls == [1, 2]  # round 1's evaluation still reads its own
+    ps.plan(3)
+    assert ps.plan(2) is p2 and calls == [1, 2, 3]
+    ps.plan(1)  # two rounds back: dropped, computed again
+    assert calls == [1, 2, 3, 1]
