@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, markdown_table, read_table, set_run_env  # noqa: E402
 
 MiB = 1024 * 1024
-KINDS = ("driver", "workers", "server", "store", "ray system")
+KINDS = ("driver", "workers", "server + store", "ray system")
 
 
 def scale_job(population: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -105,10 +105,8 @@ def kind_of(proc: Any, root_pid: int) -> str:
         return "ray system"
     if "WorkerActor" in title or "WorkerBase" in title:  # the actor class is WorkerBase (ray.remote(WorkerBase))
         return "workers"
-    if "ParameterServer" in title:
-        return "server"
-    if "ClientStore" in title:
-        return "store"
+    if any(name in title for name in ("ServerHome", "ParameterServer", "ClientStore")):  # one actor since issue 15
+        return "server + store"
     return "ray system"
 
 

@@ -236,8 +236,16 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> tuple[np.
     del ds, out
     # Arrow's allocator (mimalloc / jemalloc) keeps the pages that the text column and map's batches held: at
     # 800,000 texts ~350 MB of the driver's RSS for the whole run; give them back to the OS.
-    pa.default_memory_pool().release_unused()
+    release_freed_memory()
     return ids, mask
+
+
+def release_freed_memory() -> None:
+    """Give the pages Arrow's allocator kept after its buffers were freed (a dropped token table, for one) back to
+    the OS; mimalloc / jemalloc otherwise hold them for reuse, in this process's RSS for the rest of the run."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _test_split(labels: np.ndarray, n_cls: int, fraction: float, seed: int) -> np.ndarray:

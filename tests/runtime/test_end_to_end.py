@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pyarrow.parquet as pq
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from fedsim.config.load import load_config
+from fedsim.data.federated import FederatedData
 from fedsim.simulation import run_simulation
 
 ROUND_COLUMNS = {
@@ -117,6 +119,9 @@ def test_thousand_clients_fedsa_on_ray_stores_exactly_the_b_of_participants(tmp_
     def inspect(backend):
         seen["ids"] = backend.kept_client_ids()
         seen["state"] = backend.kept_state(seen["ids"][0])
+        gc.collect()  # this run's token table lives in the object store only, not also in the driver
+        ours = (o for o in gc.get_objects() if isinstance(o, FederatedData) and o.num_clients == 1000)
+        seen["driver_copies"] = sum(len(o.input_ids) == 3000 for o in ours)
 
     run_simulation(cfg, tmp_path / "big", progress=False, inspect=inspect)
     clients = pq.read_table(tmp_path / "big" / "clients.parquet").to_pylist()
@@ -125,3 +130,4 @@ def test_thousand_clients_fedsa_on_ray_stores_exactly_the_b_of_participants(tmp_
     assert seen["ids"] == took_part
     assert seen["state"] and all(k.endswith("lora_B") or k.startswith("head.") for k in seen["state"])
     assert any(k.endswith("lora_B") for k in seen["state"])
+    assert seen["driver_copies"] == 0
