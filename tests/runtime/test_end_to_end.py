@@ -120,7 +120,7 @@ def test_thousand_clients_fedsa_on_ray_stores_exactly_the_b_of_participants(tmp_
         seen["ids"] = backend.kept_client_ids()
         seen["state"] = backend.kept_state(seen["ids"][0])
         gc.collect()  # this run's token table lives in the object store only, not also in the driver
-        ours = (o for o in gc.get_objects() if isinstance(o, FederatedData) and o.num_clients == 1000)
+        ours = (o for o in gc.get_objects() if type(o) is FederatedData and o.num_clients == 1000)
         seen["driver_copies"] = sum(len(o.input_ids) == 3000 for o in ours)
 
     run_simulation(cfg, tmp_path / "big", progress=False, inspect=inspect)
