@@ -1,4 +1,4 @@
-"""Ray actor wrappers around the plain worker, parameter server and client store.
+"""Ray actor wrappers around the plain worker and, in one actor, the parameter server and client store.
 
 A :class:`WorkerActor` folds the uploads of the clients it trains in a round into ONE partial sum and sends it to
 the parameter server when the driver calls :meth:`WorkerActor.flush` (one message per worker per round). The

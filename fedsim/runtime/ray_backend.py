@@ -10,9 +10,10 @@ ONE placement group with strategy SPREAD or PACK (``runtime.placement``). The so
 every worker, and a lost node's bundles can be rescheduled onto nodes that already hold workers (STRICT_SPREAD
 could not reschedule them while every other node holds one, STRICT_PACK not at all once its node is gone).
 ``runtime.workers: auto`` adds one more group per growth step (a placement group cannot grow). The
-ParameterServer and ClientStore actors (no CPU) are pinned to the driver's node (NodeAffinity, hard): the store
-spills into the run folder there and checkpoints rename its snapshot folder into the run folder, and a node that
-holds only workers can then be lost. The blueprint and data are put into the object store once (:class:`Shared`).
+ParameterServer and ClientStore, one actor (no CPU; :mod:`fedsim.runtime.server_home`), are pinned to the driver's
+node (NodeAffinity, hard): the store spills into the run folder there and checkpoints rename its snapshot folder
+into the run folder, and a node that holds only workers can then be lost. The blueprint and data are put into the
+object store once (:class:`Shared`).
 
 Sizing: ``runtime.workers: N`` on a fixed-size cluster (:func:`fedsim.runtime.cluster.cluster_kind`) that can never
 hold N workers is a UserError naming the keys, before any training. ``auto`` starts with the workers that fit in
@@ -294,8 +295,8 @@ class RayBackend:
         return ray.get(ref)
 
     def _global_ref(self) -> Any:
-        """The ObjectRef of the server's current global state (asked once per state: dropped by aggregate and
-        restore)."""
+        """The ObjectRef of the server's current global state, asked for once per state (aggregate asks for the
+        next one right behind the aggregation; restore drops it)."""
         if self._global_ahead is None:
             self._global_ahead = self.server.global_state.remote()
         return self._global_ahead
