@@ -139,11 +139,12 @@ def test_spread_puts_a_worker_on_each_node_and_the_results_equal_one_process(thr
 
 
 def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process, tmp_path):
-    # Three workers spread over two nodes of 2 CPUs: 2 + 1. After round 1 the node holding two goes. Ray
-    # reschedules a placement group's lost bundles together, and the other node has room for one: both wait, and
-    # the run goes on with the one worker left. After the last round a node joins (as an autoscaler would add
-    # one): room for both exists and their workers restart (spread over it and the survivor). The results do not
-    # change.
+    # Three workers spread over two nodes of 2 CPUs: 2 + 1. After round 1 the node holding two goes. The other
+    # node has room for one of the two lost bundles: Ray usually holds both back (it reschedules a group's lost
+    # bundles together) but has also been seen to restart one of them there (2 of ~6 full suite runs on 2 cores),
+    # and the run goes on with the worker(s) left. After the last round a node joins (as an autoscaler would add
+    # one): room for the rest exists and their workers restart (spread over it and the survivor). The results do
+    # not change.
     cluster, workers, temp_dir = three_nodes
     out = tmp_path / "preempted"
     events: dict[str, object] = {}
@@ -167,8 +168,8 @@ def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process,
     seen: dict[str, object] = {}
 
     def inspect(backend) -> None:  # after the last round (Ray adds nodes from the main thread only)
-        backend.worker_nodes()  # ask every worker now: one whose node is gone is down even if no round noticed it
-        seen.update(up_at_end=backend.worker_count, pool=len(backend.workers))
+        # ask every worker now: one whose node is gone is down even if no round noticed it
+        seen.update(nodes_at_end=backend.worker_nodes(), up_at_end=backend.worker_count, pool=len(backend.workers))
         new = cluster.add_node(num_cpus=2, temp_dir=temp_dir)
         workers[workers.index(events["victim"])] = new  # the module's cluster gets its node back
         events["new"] = new.node_id
@@ -185,7 +186,8 @@ def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process,
         thread.join(timeout=120)
     assert events.get("removed_after") == 1 and events["lost_bundles"] == 2, events  # really mid-run
     survivor, new = events["survivor"], events["new"]
-    assert (seen["up_at_end"], seen["pool"], len(seen["nodes"])) == (1, 3, 3), (seen, events)
+    assert seen["up_at_end"] in (1, 2) and (seen["pool"], len(seen["nodes"])) == (3, 3), (seen, events)
+    assert seen["nodes_at_end"] == [survivor] * seen["up_at_end"], (seen, events)  # only the survivor's node is up
     assert set(seen["nodes"]) == {survivor, new}, (seen, events)  # the two lost bundles went where room appeared
     assert_same_results(results(out), one_process)
 
