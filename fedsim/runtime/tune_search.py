@@ -8,7 +8,8 @@ checkpoints are written before the report). The last round is reported after the
 so a trial that reaches ``max_t`` is complete, not cut short.
 
 The experiment lives in ``<out>/tune/``: when it holds a Tune experiment (``Tuner.can_restore``) the search is
-restored (``Tuner.restore``): trials that ended (complete, stopped) are kept, trials that were running or pending
+restored (``Tuner.restore``; Tune writes it through :mod:`fedsim.runtime.tune_storage`, so a kill leaves no
+half-written state file): trials that ended (complete, stopped) are kept, trials that were running or pending
 and trials that failed are run again from the start, the searcher continues from its saved state and ASHA's rungs
 are rebuilt from the ended trials' rounds (:class:`ResumableASHA`). The
 experiment state is saved every :data:`STATE_PERIOD_S` seconds at most, so a trial that ended within that time
@@ -38,6 +39,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from fedsim.config.schema import Config
 from fedsim.runtime.cluster import connect, disconnect
 from fedsim.runtime.sweep_pool import cell_cpus
+from fedsim.runtime.tune_storage import drop_partial_writes, replacing_local_filesystem
 from fedsim.sweep.runner import CELLS_DIR
 from fedsim.sweep.search import Distribution, MetricTracker, SearchSpec, TrialOutcome, trial_config
 
@@ -221,6 +223,7 @@ def run_tune(spec: SearchSpec, out: Path, max_concurrent: int | str, log: Any = 
     :func:`trial_resources` on this node; ``max_concurrent`` ("auto": as many as fit) caps the trials at once."""
     out = Path(out).resolve()
     experiment = out / EXPERIMENT
+    storage = replacing_local_filesystem()  # a kill never leaves a half-written state file for the restore
     connection = connect(spec.config.runtime.address, cpus_needed=cell_cpus(spec.config))
     try:
         need = trial_resources(spec.config, ray.util.get_node_ip_address(), ray.cluster_resources().get("GPU", 0))
@@ -228,9 +231,12 @@ def run_tune(spec: SearchSpec, out: Path, max_concurrent: int | str, log: Any = 
             tune.with_parameters(run_trial, spec=spec, cells=str(out / CELLS_DIR), cwd=os.getcwd()), need
         )
         with _tune_env():
-            if tune.Tuner.can_restore(str(experiment)):
+            if tune.Tuner.can_restore(str(experiment), storage_filesystem=storage):
                 log(f"search: continuing the Tune experiment in {experiment}")
-                tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True)
+                drop_partial_writes(experiment)
+                tuner = tune.Tuner.restore(
+                    str(experiment), trainable, resume_unfinished=True, restart_errored=True, storage_filesystem=storage
+                )
             else:
                 concurrent = None if max_concurrent == "auto" else int(max_concurrent)
                 tuner = tune.Tuner(
@@ -247,6 +253,7 @@ def run_tune(spec: SearchSpec, out: Path, max_concurrent: int | str, log: Any = 
                     run_config=tune.RunConfig(
                         name=EXPERIMENT,
                         storage_path=str(out),
+                        storage_filesystem=storage,
                         verbose=0,
                         callbacks=[RecordTrials(str(out), spec), JsonLoggerCallback(), CSVLoggerCallback()],
                     ),
