@@ -4,23 +4,13 @@ A round: the driver hands clients (largest first) to whichever worker is free; e
 uploads into one partial sum; then the driver calls ``flush(round)`` on every worker that answers (one message
 each to the server) and compares the clients that trained against ``server.received_ids(round)``.
 
-Placement: one bundle per worker (:func:`fedsim.runtime.placement.worker_bundle`: CPU, GPU and, with
-``runtime.accelerator_type``, the node resource ``accelerator_type:<X>``: only what an autoscaler understands) in
-ONE placement group with strategy SPREAD or PACK (``runtime.placement``). The soft strategies: one node still takes
-every worker, and a lost node's bundles can be rescheduled onto nodes that already hold workers (STRICT_SPREAD
-could not reschedule them while every other node holds one, STRICT_PACK not at all once its node is gone).
-``runtime.workers: auto`` adds one more group per growth step (a placement group cannot grow). The
-ParameterServer and ClientStore, one actor (no CPU; :mod:`fedsim.runtime.server_home`), are pinned to the driver's
-node (NodeAffinity, hard): the store spills into the run folder there and checkpoints rename its snapshot folder
-into the run folder, and a node that holds only workers can then be lost. The blueprint and data are put into the
-object store once (:class:`Shared`).
-
-Sizing: ``runtime.workers: N`` on a fixed-size cluster (:func:`fedsim.runtime.cluster.cluster_kind`) that can never
-hold N workers is a UserError naming the keys, before any training. ``auto`` starts with the workers that fit in
-the nodes' free resources (at least 1, at most ``federation.clients_per_round``), asks an autoscaling cluster for
-``clients_per_round`` workers' worth (``ray.autoscaler.sdk.request_resources``, cleared at shutdown), and at the
-start of each round adds a group for the workers that fit in the free resources then (new nodes); the new workers
-take clients once their models are built. Results do not depend on the worker count.
+Workers: :class:`fedsim.runtime.worker_fleet.WorkerFleet` places them (one bundle each, SPREAD or PACK, grown
+per round with ``runtime.workers: auto``; a fixed-size cluster that can never hold them is a UserError before any
+training) and releases them at shutdown. The ParameterServer and ClientStore, one actor (no CPU;
+:mod:`fedsim.runtime.server_home`), are pinned to the driver's node (NodeAffinity, hard): the store spills into the
+run folder there and checkpoints rename its snapshot folder into the run folder, and a node that holds only workers
+can then be lost. The blueprint and data are put into the object store once (:class:`Shared`). Results do not
+depend on the worker count.
 
 Faults and node loss: a worker process that dies (a crash, or its node lost as in a spot preemption) is restarted
 by Ray (``max_restarts``; ``__init__`` re-runs with the same plain arguments, in the same bundle; when its node is
@@ -46,41 +36,29 @@ while the process lives on (a network partition) could still reach the server af
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim.config.schema import Config
-from fedsim.errors import UserError
 from fedsim.privacy.mechanism import PrivacyMechanism
-from fedsim.runtime.actors import FAULT_ENVS, ServerHomeActor, Shared, WorkerActor
+from fedsim.runtime.actors import ServerHomeActor, Shared
 from fedsim.runtime.backend import RunSetup
-from fedsim.runtime.cluster import ClusterKind, connect, disconnect
-from fedsim.runtime.placement import (
-    auto_workers,
-    bundle_text,
-    growth,
-    worker_bundle,
-    zero_capacity_problem,
-)
-from fedsim.runtime.resources import node_resources, plugin_runtime_env, refuse_if_never_fits, resolve_gpu_share
+from fedsim.runtime.cluster import connect, disconnect
+from fedsim.runtime.placement import bundle_text
+from fedsim.runtime.resources import resolve_gpu_share
+from fedsim.runtime.worker_fleet import WorkerFleet
 from fedsim.runtime.worker_pool import WorkerPool
 from fedsim.server.checkpoint import Checkpoint
 from fedsim.server.cohort import largest_first
 from fedsim.server.parameter_server import AggregateInfo
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
 
-#: Ray restarts a dead worker actor this many times over the run
-WORKER_MAX_RESTARTS = 8
 #: a client is tried this many times when worker processes die under it (then it is a failed row)
 CLIENT_ATTEMPTS = 3
-#: runtime.placement -> Ray placement-group strategy (the soft ones; see the module docstring)
-STRATEGY = {"spread": "SPREAD", "pack": "PACK"}
 
 
 class RayBackend:
@@ -106,29 +84,21 @@ class RayBackend:
     def _begin(self, cfg: Config, privacy: PrivacyMechanism, run_dir: Path | None) -> None:
         rt = cfg.runtime
         self._cfg, self._privacy, self._run_dir = cfg, privacy, run_dir
-        self._auto = rt.workers == "auto"
-        self._limit = cfg.federation.clients_per_round if self._auto else int(rt.workers)
-        self._bundle: dict[str, float] = {}  # set in _place, once gpus_per_worker: auto is resolved
-        self._plugin_env: dict[str, Any] = {}  # set in _place: ships a user method's module to the actors
+        limit = cfg.federation.clients_per_round if rt.workers == "auto" else int(rt.workers)
         self.sizes: list[int] = []  # set in complete: each client's training examples
         self.pool = WorkerPool(rt.placement_timeout_s, self._stopped)  # the workers, up or down
-        self._groups: list[Any] = []  # placement groups, removed at shutdown
-        self._zero_actors: list[Any] = []  # every rank actor of the ZeRO groups (runtime.zero.stage > 0)
-        self._growing: list[Any] = []  # the workers of the newest growth group
         self._k = 1  # clients per train call (runtime.clients_per_pass; auto: probed on a worker in complete)
-        self._next_id = 0
-        self._requested = False  # request_resources was called (cleared at shutdown)
-        self._placed: tuple[int, ClusterKind, Any] | None = None  # (count, cluster kind, first group) once placed
         self.server: Any = None
         self.store: Any = None
         self._global_ahead: Any = None  # ObjectRef of the server's current global state, once asked for
         self._plan_ahead: tuple[int, Any] | None = None  # (round, ObjectRef of its plan), asked for by aggregate
         # start a local Ray or join the cluster (runtime.address, RAY_ADDRESS): fedsim.runtime.cluster decides
-        self._connection = connect(rt.address, 0.0 if self._auto else self._limit * rt.cpus_per_worker)
+        self._connection = connect(rt.address, 0.0 if rt.workers == "auto" else limit * rt.cpus_per_worker)
+        self.fleet = WorkerFleet(privacy, self._connection, self.pool, limit)
         try:
             self._home = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             if rt.gpus_per_worker != "auto" and rt.zero.stage == 0:
-                self._place()
+                self.fleet.place(cfg)
         except BaseException:
             self.shutdown()
             raise
@@ -154,16 +124,14 @@ class RayBackend:
             self._cfg = dataclasses.replace(
                 self._cfg, runtime=dataclasses.replace(self._cfg.runtime, gpus_per_worker=share)
             )
-        if self._placed is None:
-            self._place()
-        assert self._placed is not None
-        count, kind, group = self._placed
+        if self.fleet.placed is None:
+            self.fleet.place(self._cfg)
         rt = self._cfg.runtime
         # the server and store (one actor process, pinned to the driver's node: the run folder is there) start now,
         # not in begin: the store creates its spill folder in the run folder, which nothing may touch before the
         # inputs are checked
         self.server = self.store = ServerHomeActor.options(
-            scheduling_strategy=self._home, **({"runtime_env": self._plugin_env} if self._plugin_env else {})
+            scheduling_strategy=self._home, **({"runtime_env": self.fleet.plugin_env} if self.fleet.plugin_env else {})
         ).remote(setup.client_store_args(), self._cfg, setup.initial_state, setup.privacy)
         # put into the object store once (read from shared memory by every worker on a node); held here for the
         # whole run, as a restarted worker is rebuilt from them. They go with the calls, not to the constructor
@@ -175,8 +143,7 @@ class RayBackend:
             blueprint = shareable_blueprint(blueprint)
         self.shared = Shared(ray.put(blueprint), ray.put(setup.data), self.server, self.store)
         self.pool.shared = self.shared
-        if not group.wait(rt.placement_timeout_s):
-            raise UserError(self._no_room(count, kind))
+        count = self.fleet.wait_placed(rt.placement_timeout_s)
         ray.get([w.ready.remote(self.shared) for w in self.workers])  # build the models now (errors surface here)
         from fedsim.client.pass_probe import resolve_clients_per_pass  # torch & co.: imported once workers exist
 
@@ -184,97 +151,13 @@ class RayBackend:
             self._cfg, count, lambda limit: ray.get(self.workers[0].probe_pass.remote(self.shared, limit))
         )
         nodes = set(self.worker_nodes())
-        how = f"auto: {count} now, up to {self._limit}" if self._auto else str(count)
+        how = f"auto: {count} now, up to {self.fleet.limit}" if rt.workers == "auto" else str(count)
         if rt.zero.stage > 0:
             how += f" ZeRO-{rt.zero.stage} group(s) of {rt.zero.ranks} ranks,"
         self._desc = (
-            f"ray backend ({how} workers x {bundle_text(self._bundle)}; placement {rt.placement} over "
+            f"ray backend ({how} workers x {bundle_text(self.fleet.bundle)}; placement {rt.placement} over "
             f"{len(nodes)} node(s){f'; {self._k} clients per pass' if self._k > 1 else ''})"
         )
-
-    def _place(self) -> None:
-        """Refuse a fixed-size cluster that can never hold the workers; create the first placement group and its
-        worker actors (not waited for: they start their processes and import while the caller goes on)."""
-        rt = self._cfg.runtime
-        self._bundle = worker_bundle(rt.cpus_per_worker, rt.gpus_per_worker, rt.accelerator_type)
-        kind = refuse_if_never_fits(rt, self._connection.started)  # before anything is started on the cluster
-        if rt.zero.stage > 0 and kind == "fixed":  # ZeRO groups: workers x ranks bundles
-            problem = zero_capacity_problem(rt, node_resources(free=False), self._bundle)
-            if problem:
-                raise UserError(problem)
-        self._plugin_env = plugin_runtime_env(self._cfg.method.name)  # a user method not installed: shipped
-        count = auto_workers(node_resources(free=True), self._bundle, self._limit) if self._auto else self._limit
-        if self._auto and kind != "fixed":  # tell an autoscaler what the run could use
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[dict(self._bundle) for _ in range(self._limit)])
-            self._requested = True
-        self._placed = (count, kind, self._add_group(count))
-
-    def _no_room(self, count: int, kind: ClusterKind) -> str:
-        rt = self._cfg.runtime
-        accel = ", runtime.accelerator_type" if rt.accelerator_type else ""
-        what = {"fixed": "fixed-size", "autoscaling": "autoscaling", "unknown": ""}[kind]
-        return (
-            f"runtime.workers: no room for {count} worker(s) of {bundle_text(self._bundle)} each (runtime."
-            f"cpus_per_worker, runtime.gpus_per_worker{accel}) on this {what + ' ' if what else ''}cluster within "
-            f"runtime.placement_timeout_s = {rt.placement_timeout_s:g} s; lower runtime.workers (or use auto) or "
-            "the per-worker resources, free the cluster, or raise runtime.placement_timeout_s while an autoscaler "
-            "is still adding nodes"
-        )
-
-    def _add_group(self, count: int, building: bool = False) -> Any:
-        """A placement group of ``count`` worker bundles and one new worker actor per bundle (not waited for);
-        ``building``: they join the pool down and take items once their models are built."""
-        add = self.pool.add_building if building else self.pool.add
-        rt = self._cfg.runtime
-        env = {k: os.environ[k] for k in FAULT_ENVS if os.environ.get(k)} or None  # tests only
-        plugin_env = dict(self._plugin_env)
-        runtime_env = {**plugin_env, **({"env_vars": {**plugin_env.get("env_vars", {}), **env}} if env else {})}
-        extra: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
-        if rt.accelerator_type:
-            extra["accelerator_type"] = rt.accelerator_type
-        if rt.zero.stage > 0:  # one placement group of runtime.zero.ranks bundles per worker
-            from fedsim.runtime.zero_group import add_zero_groups
-
-            placed, leaders, actors = add_zero_groups(
-                count, self._next_id, self._cfg, self._privacy, self._bundle, extra
-            )
-            self._groups.extend(placed.groups)
-            self._zero_actors.extend(actors)
-            self._next_id += count
-            add(leaders)
-            return placed
-        group = placement_group([dict(self._bundle) for _ in range(count)], strategy=STRATEGY[rt.placement])
-        self._groups.append(group)
-        new = [
-            WorkerActor.options(
-                num_cpus=rt.cpus_per_worker,
-                num_gpus=rt.gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-                max_restarts=WORKER_MAX_RESTARTS,
-                max_task_retries=0,  # the driver decides what to re-run (after comparing with the server)
-                **extra,
-            ).remote(self._next_id + i, self._cfg, self._privacy)
-            for i in range(count)
-        ]
-        self._next_id += count
-        add(new)
-        return group
-
-    def _grow(self) -> None:
-        """``auto``: add the workers that fit in the free resources now (nodes that joined), up to the limit.
-        They join the pool as their models are built; nothing waits for them."""
-        if not self._auto or len(self.workers) >= self._limit:
-            return
-        if any(self.pool.is_down(w) for w in self._growing):  # the last growth is not placed / built yet
-            return
-        count = growth(node_resources(free=True), self._bundle, len(self.workers), self._limit)
-        if count <= 0:
-            return
-        before = len(self.workers)
-        self._add_group(count, building=True)
-        self._growing = self.workers[before:]
 
     def _stopped(self, why: str) -> str:
         where = f"`fedsim resume {self._run_dir}`" if self._run_dir else "`fedsim resume`"
@@ -306,7 +189,7 @@ class RayBackend:
         clients a dead worker lost). Results sorted by client id."""
         if not tasks:
             return []
-        self._grow()  # auto: nodes that joined since the last round take workers
+        self.fleet.grow()  # auto: nodes that joined since the last round take workers
         round = tasks[0].round
         g = self._global_ref()
         by_id = {t.client_id: t for t in tasks}
@@ -435,16 +318,7 @@ class RayBackend:
     def shutdown(self) -> None:
         """Kill the actors, remove the placement groups, withdraw the autoscaler request; stop Ray only if this
         run started it (a joined cluster stays up)."""
-        for actor in [*self.workers, *self._zero_actors, self.server]:  # the store is the server's actor
-            if actor is not None:
-                ray.kill(actor)
-        for group in self._groups:
-            try:
-                remove_placement_group(group)
-            except Exception:  # already gone with its cluster
-                pass
-        if self._requested:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[])
+        self.fleet.release()
+        if self.server is not None:  # the store is the server's actor
+            ray.kill(self.server)
         disconnect(self._connection)  # stops only a Ray this run started; a joined cluster stays up
