@@ -18,6 +18,7 @@ import yaml
 
 from fedsim.cli import main
 from fedsim.report.build import make_report
+from fedsim.runtime.tune_search import STATE_PERIOD_S
 from fedsim.sweep.search_run import run_search
 from fedsim.sweep.spec import load_sweep
 
@@ -97,6 +98,9 @@ def test_search_stops_trials_early_records_them_and_resumes_after_a_kill(tmp_pat
         deadline = time.time() + 240
         while not _ended_in_saved_state(out / "tune") and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
+        # the state file just appeared: Tune is copying the experiment's files into <out>/tune right now. Kill
+        # between two saves (every STATE_PERIOD_S), as a kill at a random moment almost always lands
+        time.sleep(STATE_PERIOD_S / 2)
     finally:
         _kill_session(proc.pid)
         proc.wait()
