@@ -13,7 +13,7 @@ loss: the data is not fsynced.)
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ class _ReplaceOnClose:
         self.path = path
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=PARTIAL_SUFFIX)
-        self._file = os.fdopen(fd, "wb")
+        self._tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+        # O_EXCL: a fresh file; mode 0o666 less the umask, as a plain open gives (mkstemp's 0o600 would not)
+        self._file = os.fdopen(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
         self._failed = False
 
     @property

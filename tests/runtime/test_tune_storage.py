@@ -33,6 +33,9 @@ def test_copy_files_into_it_reproduces_the_tree_and_overwrites_in_place(tmp_path
     pyarrow.fs.copy_files(str(src), str(dst), destination_filesystem=fs)
     assert _tree(dst) == _tree(src)  # replaced, and no temporary file left beside it
     assert fs.get_file_info(str(dst / "trial_0" / "result.json")).size == 25600
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert (dst / "experiment_state-1.json").stat().st_mode == plain.stat().st_mode  # the umask's, like open()'s
 
 
 KILLED_MID_WRITE = """
