@@ -59,6 +59,11 @@ class WorkerFleet:
         self._next_id = 0
         self._requested = False  # request_resources was called (withdrawn at release)
 
+    @property
+    def groups(self) -> list[Any]:
+        """The placement groups made so far (the first, then one per growth; with ZeRO one per worker)."""
+        return list(self._groups)
+
     def place(self, cfg: Config) -> None:
         """Refuse (UserError) a fixed-size cluster that can never hold the workers; create the first placement
         group and its worker actors (not waited for: they start their processes and import while the caller goes

@@ -123,7 +123,7 @@ def test_pack_puts_both_workers_on_one_node(three_nodes, tmp_path):
 
     def inspect(backend) -> None:
         seen["nodes"] = backend.worker_nodes(settle_s=120)
-        seen["strategies"] = [ray.util.placement_group_table(g)["strategy"] for g in backend._groups]
+        seen["strategies"] = [ray.util.placement_group_table(g)["strategy"] for g in backend.fleet.groups]
 
     run_simulation(cfg, tmp_path / "pack", progress=False, inspect=inspect)
     nodes = seen["nodes"]
