@@ -40,6 +40,7 @@ from fedsim.sweep.spec import Cell, SweepSpec
 
 SWEEP_FILE = "sweep.parquet"
 CELLS_DIR = "cells"
+HPARAMS_DIR = "tb"  # <out>/tb/<cell>: each cell's HParams record
 
 
 def cell_dir(out: Path, cell: Cell) -> Path:
@@ -100,7 +101,7 @@ def write_hparams(out: Path, row: dict[str, Any]) -> list[str]:
         k.split(":", 1)[1]: ("null" if v is None else v) for k, v in row.items() if k.startswith(("grid:", "space:"))
     }
     metrics = {f"hparam/{k}": float(row[k]) for k in HPARAM_METRICS if isinstance(row.get(k), (int, float))}
-    folder = Path(out) / "tb" / str(row["cell"])
+    folder = Path(out) / HPARAMS_DIR / str(row["cell"])
     shutil.rmtree(folder, ignore_errors=True)  # a rerun cell replaces its record
     with SummaryWriter(str(folder)) as writer:
         writer.add_hparams(hparams, metrics, run_name=".")

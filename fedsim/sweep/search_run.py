@@ -9,12 +9,16 @@ Layout of ``--out``::
     sweep.parquet    one row per trial, in trial order (see :func:`trial_row`); ``fedsim report`` reads it
     tb/<trial>/      TensorBoard HParams of each ended trial (its sampled values and results)
 
+Once a continued search ends, the cells/ and tb/ folders of trials its restored Tune state never knew (started
+after the last save before a kill) are removed (:func:`drop_lost_trials`).
+
 The Tune-specific part is :mod:`fedsim.runtime.tune_search`; this module reads and writes files only.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ import pyarrow.parquet as pq
 from fedsim.errors import UserError
 from fedsim.report.records import COMPLETE, read_run_table, run_record
 from fedsim.storage import Location, local_location
-from fedsim.sweep.runner import CELLS_DIR, SWEEP_FILE, write_hparams, write_table
+from fedsim.sweep.runner import CELLS_DIR, HPARAMS_DIR, SWEEP_FILE, write_hparams, write_table
 from fedsim.sweep.search import MetricTracker, SearchSpec, TrialOutcome, same_base, shared_config
 from fedsim.sweep.spec import SweepSpec
 
@@ -145,6 +149,32 @@ def write_search_file(out: Path, spec: SearchSpec) -> None:
         path.write_text(json.dumps({"search": spec.fingerprint(), "config": shared_config(spec)}, indent=1) + "\n")
 
 
+def trial_folders(out: Path) -> set[str]:
+    """The trial ids that have a run folder (``out/cells/<id>``) or an HParams record (``out/tb/<id>``)."""
+    names: set[str] = set()
+    for sub in (CELLS_DIR, HPARAMS_DIR):
+        folder = Path(out) / sub
+        names |= {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+    return names
+
+
+def drop_lost_trials(out: Path, rows: Sequence[dict[str, Any]], before: Collection[str]) -> list[str]:
+    """Once a search has ended (no row ``unfinished``), delete the run folders and HParams records of the trials
+    among ``before`` (those with folders when this session started) that sweep.parquet does not list, and return
+    their ids. Such a trial started after the last saved Tune state before a kill (and may even have ended): the
+    restored experiment never knew it and its searcher suggested another trial instead, so nothing can continue or
+    report it (a trial the state did know is run again from the start, in the same folder emptied). Does nothing
+    while the search is unfinished."""
+    if any(r["status"] == UNFINISHED for r in rows):
+        return []
+    listed = {r["cell"] for r in rows}
+    lost = sorted(c for c in before if c not in listed)
+    for cell in lost:
+        for sub in (CELLS_DIR, HPARAMS_DIR):
+            shutil.rmtree(Path(out) / sub / cell, ignore_errors=True)
+    return lost
+
+
 def _summary(name: str, spec: SearchSpec, rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
     count = {s: sum(r["status"] == s for r in rows) for s in (COMPLETE, STOPPED, FAILED, UNFINISHED)}
     lines = [
@@ -188,9 +218,16 @@ def run_search(
     )
     from fedsim.runtime.tune_search import run_tune
 
+    before = trial_folders(folder)
     run_tune(spec, folder, spec.max_concurrent if max_concurrent is None else max_concurrent, log)
     table = folder / SWEEP_FILE
     rows = pq.read_table(table).to_pylist() if table.is_file() else []
+    lost = drop_lost_trials(folder, rows, before)
+    if lost:
+        log(
+            f"search: removed the folders of {len(lost)} trial(s) the continued Tune experiment never recorded (they "
+            f"started after its last saved state before the search was stopped): {', '.join(lost)}"
+        )
     for line in _summary(sweep.name, spec, rows, folder):
         log(line)
     return rows

@@ -108,6 +108,7 @@ def test_search_stops_trials_early_records_them_and_resumes_after_a_kill(tmp_pat
     assert ended, "no trial ended before the deadline"
     assert len(ended) < SAMPLES, "the search finished before it could be killed"
     before = {cid: _files(out / "cells" / cid) for cid in ended}
+    folders = {p.name for sub in ("cells", "tb") if (out / sub).is_dir() for p in (out / sub).iterdir()}
 
     capsys.readouterr()
     logs: list[str] = []
@@ -122,6 +123,8 @@ def test_search_stops_trials_early_records_them_and_resumes_after_a_kill(tmp_pat
     assert [r["cell"] for r in table] == [r["cell"] for r in rows] and len(table) == SAMPLES
     assert ended <= {r["cell"] for r in table}
     assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(r["cell"] for r in table)
+    lost = folders - {r["cell"] for r in table}  # trials that started after the last saved state: folders removed
+    assert any(f"removed the folders of {len(lost)} trial(s)" in line for line in logs) == bool(lost)
     assert {r["status"] for r in table} <= {"complete", "stopped"}
     stopped = [r for r in table if r["status"] == "stopped"]
     assert stopped, "ASHA stopped no trial early"

@@ -217,3 +217,21 @@ def test_a_rerun_must_give_the_same_search(tmp_path):
     (grid / "sweep.parquet").write_bytes(b"")
     with pytest.raises(UserError, match="holds a grid sweep, not a search"):
         check_same_search(grid, spec)
+
+
+def test_lost_trials_are_dropped_only_once_the_search_has_ended_and_only_those_from_before(tmp_path):
+    from fedsim.sweep.search_run import drop_lost_trials, trial_folders
+
+    for sub, cell in [("cells", "kept"), ("tb", "kept"), ("cells", "lost"), ("tb", "lost"), ("tb", "lost-tb-only"),
+                      ("cells", "new")]:  # fmt: skip
+        (tmp_path / sub / cell).mkdir(parents=True)
+        (tmp_path / sub / cell / "file").write_text("x")
+    assert trial_folders(tmp_path) == {"kept", "lost", "lost-tb-only", "new"}
+    before = {"kept", "lost", "lost-tb-only"}  # "new": made during this session (a trial not listed yet)
+    unfinished = [{"cell": "kept", "status": "complete"}, {"cell": "other", "status": "unfinished"}]
+    assert drop_lost_trials(tmp_path, unfinished, before) == []
+    assert trial_folders(tmp_path) == {"kept", "lost", "lost-tb-only", "new"}
+    ended = [{"cell": "kept", "status": "complete"}, {"cell": "other", "status": "stopped"}]
+    assert drop_lost_trials(tmp_path, ended, before) == ["lost", "lost-tb-only"]
+    assert trial_folders(tmp_path) == {"kept", "new"} and (tmp_path / "tb" / "kept" / "file").is_file()
+    assert trial_folders(tmp_path / "nothing") == set()
