@@ -158,14 +158,15 @@ def trial_folders(out: Path) -> set[str]:
     return names
 
 
-def drop_lost_trials(out: Path, rows: Sequence[dict[str, Any]], before: Collection[str]) -> list[str]:
-    """Once a search has ended (no row ``unfinished``), delete the run folders and HParams records of the trials
-    among ``before`` (those with folders when this session started) that sweep.parquet does not list, and return
-    their ids. Such a trial started after the last saved Tune state before a kill (and may even have ended): the
-    restored experiment never knew it and its searcher suggested another trial instead, so nothing can continue or
-    report it (a trial the state did know is run again from the start, in the same folder emptied). Does nothing
-    while the search is unfinished."""
-    if any(r["status"] == UNFINISHED for r in rows):
+def drop_lost_trials(out: Path, rows: Sequence[dict[str, Any]], before: Collection[str], samples: int) -> list[str]:
+    """Once a search has ended (``rows``, its sweep.parquet, lists ``samples`` trials and none ``unfinished``),
+    delete the run folders and HParams records of the trials among ``before`` (those with folders when this session
+    started) that ``rows`` does not list, and return their ids. Such a trial started after the last saved Tune
+    state before a kill (and may even have ended): the restored experiment never knew it and its searcher suggested
+    another trial instead, so nothing can continue or report it (a trial the state did know is run again from the
+    start, in the same folder emptied). Deletes nothing while the search has not ended (an interrupted session, or
+    no table yet)."""
+    if len(rows) < samples or any(r["status"] == UNFINISHED for r in rows):
         return []
     listed = {r["cell"] for r in rows}
     lost = sorted(c for c in before if c not in listed)
@@ -222,7 +223,7 @@ def run_search(
     run_tune(spec, folder, spec.max_concurrent if max_concurrent is None else max_concurrent, log)
     table = folder / SWEEP_FILE
     rows = pq.read_table(table).to_pylist() if table.is_file() else []
-    lost = drop_lost_trials(folder, rows, before)
+    lost = drop_lost_trials(folder, rows, before, spec.samples)
     if lost:
         log(
             f"search: removed the folders of {len(lost)} trial(s) the continued Tune experiment never recorded (they "

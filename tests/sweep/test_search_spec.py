@@ -229,9 +229,11 @@ def test_lost_trials_are_dropped_only_once_the_search_has_ended_and_only_those_f
     assert trial_folders(tmp_path) == {"kept", "lost", "lost-tb-only", "new"}
     before = {"kept", "lost", "lost-tb-only"}  # "new": made during this session (a trial not listed yet)
     unfinished = [{"cell": "kept", "status": "complete"}, {"cell": "other", "status": "unfinished"}]
-    assert drop_lost_trials(tmp_path, unfinished, before) == []
-    assert trial_folders(tmp_path) == {"kept", "lost", "lost-tb-only", "new"}
+    assert drop_lost_trials(tmp_path, unfinished, before, samples=2) == []
     ended = [{"cell": "kept", "status": "complete"}, {"cell": "other", "status": "stopped"}]
-    assert drop_lost_trials(tmp_path, ended, before) == ["lost", "lost-tb-only"]
+    assert drop_lost_trials(tmp_path, ended, before, samples=3) == []  # a trial short: not ended
+    assert drop_lost_trials(tmp_path, [], before, samples=2) == []  # no table yet
+    assert trial_folders(tmp_path) == {"kept", "lost", "lost-tb-only", "new"}
+    assert drop_lost_trials(tmp_path, ended, before, samples=2) == ["lost", "lost-tb-only"]
     assert trial_folders(tmp_path) == {"kept", "new"} and (tmp_path / "tb" / "kept" / "file").is_file()
     assert trial_folders(tmp_path / "nothing") == set()
