@@ -7,7 +7,8 @@ and ``Tuner.restore`` then failed (``EOFError`` in Tune's searcher restore, then
 defined"). Through :func:`replacing_local_filesystem` every file Tune writes goes to a temporary name in its
 folder and is renamed over the target (``os.replace``) only once it is closed after a complete write, so a kill
 leaves each file either as it was or as it was meant to be. (A rename survives a killed process, not a power
-loss: the data is not fsynced.)
+loss: the data is not fsynced.) fsspec's own deferred commit (``open(..., autocommit=False)``) is no substitute: it
+writes to the system temporary folder and ``shutil.move``s the file over, a copy when that is another filesystem.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow
 import pyarrow.fs
 
 PARTIAL_SUFFIX = ".part"
+PARTIAL_GLOB = f".*{PARTIAL_SUFFIX}"  # the hidden temporary files of writes not closed yet (or killed)
 
 
 class _ReplaceOnClose:
@@ -107,9 +109,6 @@ def replacing_local_filesystem() -> pyarrow.fs.PyFileSystem:
     """The local filesystem for ``tune.RunConfig(storage_filesystem=...)`` / ``Tuner.restore`` /
     ``Tuner.can_restore``: paths are absolute local paths; every file written is replaced whole on close."""
     return pyarrow.fs.PyFileSystem(ReplacingLocalHandler())
-
-
-PARTIAL_GLOB = f".*{PARTIAL_SUFFIX}"
 
 
 def drop_partial_writes(folder: str | os.PathLike[str]) -> int:

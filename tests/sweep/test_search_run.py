@@ -19,7 +19,7 @@ import yaml
 from fedsim.cli import main
 from fedsim.report.build import make_report
 from fedsim.runtime.tune_search import STATE_PERIOD_S
-from fedsim.sweep.search_run import run_search
+from fedsim.sweep.search_run import run_search, trial_folders
 from fedsim.sweep.spec import load_sweep
 
 pytestmark = pytest.mark.ray
@@ -108,7 +108,7 @@ def test_search_stops_trials_early_records_them_and_resumes_after_a_kill(tmp_pat
     assert ended, "no trial ended before the deadline"
     assert len(ended) < SAMPLES, "the search finished before it could be killed"
     before = {cid: _files(out / "cells" / cid) for cid in ended}
-    folders = {p.name for sub in ("cells", "tb") if (out / sub).is_dir() for p in (out / sub).iterdir()}
+    folders = trial_folders(out)
 
     capsys.readouterr()
     logs: list[str] = []
