@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -139,22 +138,22 @@ def test_spread_puts_a_worker_on_each_node_and_the_results_equal_one_process(thr
 
 
 def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process, tmp_path):
-    # Three workers spread over two nodes of 2 CPUs: 2 + 1. After round 1 the node holding two goes. The other
-    # node has room for one of the two lost bundles: Ray usually holds both back (it reschedules a group's lost
-    # bundles together) but has also been seen to restart one of them there (2 of ~6 full suite runs on 2 cores),
-    # and the run goes on with the worker(s) left. After the last round a node joins (as an autoscaler would add
-    # one): room for the rest exists and their workers restart (spread over it and the survivor). The results do
-    # not change.
+    # Three workers spread over two nodes of 2 CPUs: 2 + 1. Once round 1 is recorded the node holding two goes
+    # (its processes SIGKILLed from on_round, so before round 2 starts; Ray's GCS learns of it only later, from its
+    # health checks, as with a real preemption). The other node has room for one of the two lost bundles: Ray
+    # usually holds both back (it reschedules a group's lost bundles together) but has also been seen to restart one
+    # of them there, and the run goes on with the worker(s) left. After the last round, once the GCS counts the node
+    # dead, a node joins (as an autoscaler would add one): room for the rest exists and their workers restart
+    # (spread over it and the survivor). The results do not change.
+    import ray
+
     cluster, workers, temp_dir = three_nodes
     out = tmp_path / "preempted"
     events: dict[str, object] = {}
 
-    def preempt() -> None:  # once round 1 is recorded, the node with two workers goes (from a thread)
-        import ray
-
-        deadline = time.monotonic() + 600
-        while not (out / "rounds.parquet").is_file() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def preempt(row: dict) -> None:  # after round 1 (the run's main thread)
+        if row["round"] != 1:
+            return
         events["removed_after"] = pq.read_table(out / "rounds.parquet").num_rows
         groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]  # this run's
         placed = [node for g in groups for node in g["bundles_to_node_id"].values()]
@@ -168,6 +167,11 @@ def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process,
     seen: dict[str, object] = {}
 
     def inspect(backend) -> None:  # after the last round (Ray adds nodes from the main thread only)
+        victim = events["victim"].node_id
+        deadline = time.monotonic() + 180  # the GCS's health checks (about 15 s by default, more under load)
+        while any(n["NodeID"] == victim and n["Alive"] for n in ray.nodes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        events["victim_alive"] = any(n["NodeID"] == victim and n["Alive"] for n in ray.nodes())
         # ask every worker now: one whose node is gone is down even if no round noticed it
         seen.update(nodes_at_end=backend.worker_nodes(), up_at_end=backend.worker_count, pool=len(backend.workers))
         new = cluster.add_node(num_cpus=2, temp_dir=temp_dir)
@@ -178,13 +182,9 @@ def test_a_worker_node_removed_mid_run_changes_nothing(three_nodes, one_process,
             backend.worker_nodes(settle_s=1.0)
         seen["nodes"] = sorted(backend.worker_nodes())
 
-    thread = threading.Thread(target=preempt, daemon=True)
-    thread.start()
-    try:
-        run_simulation(cfg, out, progress=False, inspect=inspect)
-    finally:
-        thread.join(timeout=120)
+    run_simulation(cfg, out, progress=False, inspect=inspect, on_round=preempt)
     assert events.get("removed_after") == 1 and events["lost_bundles"] == 2, events  # really mid-run
+    assert events["victim_alive"] is False, events  # the GCS counted the removed node dead within 180 s
     survivor, new = events["survivor"], events["new"]
     assert seen["up_at_end"] in (1, 2) and (seen["pool"], len(seen["nodes"])) == (3, 3), (seen, events)
     assert seen["nodes_at_end"] == [survivor] * seen["up_at_end"], (seen, events)  # only the survivor's node is up
