@@ -121,8 +121,8 @@ def test_probe_refuses_a_closed_port_at_once():
     port = free_port()
     t0 = time.monotonic()
     with pytest.raises(UserError, match=rf"^runtime.address: no Ray cluster answers at 127.0.0.1:{port} \("):
-        probe(Target("join", f"127.0.0.1:{port}", "runtime.address"), timeout=5)
-    assert time.monotonic() - t0 < 2
+        probe(Target("join", f"127.0.0.1:{port}", "runtime.address"), timeout=60)
+    assert time.monotonic() - t0 < 30  # refused at once, not after the 60 s timeout (slack for a loaded machine)
 
 
 def test_probe_tells_the_dashboard_from_a_gcs(server):
@@ -138,8 +138,8 @@ def test_probe_gives_up_on_a_silent_server_after_the_timeout(server):
     silent = server(None)
     t0 = time.monotonic()
     with pytest.raises(UserError, match="accepts connections but does not answer as a Ray cluster"):
-        probe(Target("join", f"127.0.0.1:{silent}", "RAY_ADDRESS"), timeout=0.5)
-    assert time.monotonic() - t0 < 3
+        probe(Target("join", f"127.0.0.1:{silent}", "RAY_ADDRESS"), timeout=1)
+    assert 0.9 <= time.monotonic() - t0 < 30  # waited the timeout, then gave up (slack for a loaded machine)
 
 
 # --- what connect asks of Ray, with a fake ray module ---------------------------------------------------------------
