@@ -26,9 +26,11 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS, SAMPLES = 4, 6
+# local_steps 24: trials of a few seconds, so the kill (1 s after the saved state first shows an ended trial) lands
+# well before the search ends (with tiny's 3 steps the last trials could end within that second on an idle machine)
 SEARCH = f"""
 base: tiny
-set: {{federation.rounds: {ROUNDS}, data.synthetic_examples: 300}}
+set: {{federation.rounds: {ROUNDS}, federation.local_steps: 24, data.synthetic_examples: 300}}
 search:
   algorithm: optuna
   metric: final_eval_loss
