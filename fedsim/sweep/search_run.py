@@ -154,7 +154,8 @@ def trial_folders(out: Path) -> set[str]:
     names: set[str] = set()
     for sub in (CELLS_DIR, HPARAMS_DIR):
         folder = Path(out) / sub
-        names |= {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+        if folder.is_dir():
+            names |= {p.name for p in folder.iterdir() if p.is_dir()}
     return names
 
 
