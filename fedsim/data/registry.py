@@ -310,7 +310,12 @@ def _task_problems(task: str, cfg: DataConfig) -> list[str]:
     src = found.by_task.get(task)
     if src is None:
         return [_mismatch(cfg.source, task, frozenset(found.by_task))]
-    return list(src.checks(cfg, found.arg)) if src.checks else []
+    if src.checks is None or source_path_problem(cfg.source) is not None:  # checks may assume the path exists
+        return []
+    try:
+        return [str(p) for p in src.checks(cfg, found.arg)]
+    except Exception as e:  # a user's check that fails is reported, not raised, by fedsim validate
+        return [f"data.source: the config checks of {found.name!r} raised {type(e).__name__}: {e}"]
 
 
 def source_problems(cfg: Config) -> list[str]:
