@@ -156,25 +156,36 @@ def register_source(
     return add
 
 
+def _listed() -> list[tuple[str, dict[str, DataSource]]]:
+    """The table's names (not the ``module:function`` specs), built-ins first in :data:`_BUILTIN_MODULES` order
+    (whichever module was imported first), then the user's in registration order."""
+    _ensure_builtins()
+    modules = [f"fedsim.data.{m}" for m in _BUILTIN_MODULES]
+
+    def rank(item: tuple[str, dict[str, DataSource]]) -> int:
+        module = _origin(next(iter(item[1].values())).load)[0]
+        return modules.index(module) if module in modules else len(modules)
+
+    return sorted(((n, t) for n, t in _TABLE.items() if ":" not in n), key=rank)
+
+
 def available_sources(task: str | None = None) -> list[str]:
     """Registered names (built-ins, sources registered so far, installed entry points), in registration order;
     only those serving ``task`` when it is given (entry points, whose tasks are known once loaded, always)."""
     from fedsim.plugins import entry_point_names
 
-    _ensure_builtins()
-    names = [n for n, by_task in _TABLE.items() if ":" not in n and (task is None or task in by_task)]
+    names = [n for n, by_task in _listed() if task is None or task in by_task]
     return list(dict.fromkeys([*names, *entry_point_names("data.source")]))
 
 
 def source_help(task: str | None = None) -> str:
     """The sources a config can name, as a user writes them (``csv:PATH`` ...), for ``task`` or for every task
     (classification first, then ``(task.kind causal_lm: ...)``), ending with the user's own."""
-    _ensure_builtins()
 
     def listing(t: str) -> str:
         groups: list[tuple[DataSource, list[str]]] = []  # consecutive names of one declaration share its note
-        for name, by_task in _TABLE.items():
-            if ":" not in name and t in by_task:
+        for name, by_task in _listed():
+            if t in by_task:
                 src = by_task[t]
                 if groups and groups[-1][0] is src:
                     groups[-1][1].append(src.usage(name))
