@@ -187,6 +187,7 @@ def test_entry_points_name_a_plugin_and_fedsim_methods_lists_it(example, tmp_pat
                      "--set", "privacy.epsilon=8"]) == 2  # fmt: skip
     finally:
         _entry_points.cache_clear()
+        forget_source("textdir")
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["no-dp", "sample-dp"])
