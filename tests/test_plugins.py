@@ -170,6 +170,7 @@ def test_entry_points_name_a_plugin_and_fedsim_methods_lists_it(example, tmp_pat
         median_b = {MODULE}:MedianB
         [fedsim.data]
         textdir = {MODULE}:text_folder
+        {SOURCE} = {MODULE}:text_folder
         """)
     )
     monkeypatch.syspath_prepend(str(dist.parent))
@@ -185,6 +186,12 @@ def test_entry_points_name_a_plugin_and_fedsim_methods_lists_it(example, tmp_pat
         )
         assert main(["validate", "tiny", "--set", "method.name=median_b", "--set", "privacy.mode=client",
                      "--set", "privacy.epsilon=8"]) == 2  # fmt: skip
+        sys.modules.pop(MODULE, None)  # as in a fresh process: the entry point imports it when a config names it
+        forget_source(SOURCE)
+        assert main(["validate", "tiny", "--set", f"data.source={SOURCE}:{example}"]) == 0
+        from fedsim.data.registry import resolve_source
+
+        assert set(resolve_source(f"{SOURCE}:x").by_task) == {"classification"}  # its declaration, not every task
     finally:
         _entry_points.cache_clear()
         forget_source("textdir")
