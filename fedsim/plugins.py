@@ -2,7 +2,10 @@
 
 A config names a plugin as ``module.path:Name`` (``method.name``, ``data.source``, ``model.name``; a data source
 may add ``:ARG``, e.g. ``mysources:text_folder:/data/news``), or by the name an installed package declares in the
-entry-point groups ``fedsim.methods``, ``fedsim.data`` and ``fedsim.models``.
+entry-point groups ``fedsim.methods``, ``fedsim.data`` and ``fedsim.models``. Each registry resolves these names
+into its own table (:func:`fedsim.methods.base.get_method`, :func:`fedsim.data.registry.resolve_source`,
+:func:`fedsim.model.registry.resolve_model_config`); a data source may also be named by the name it registered with
+:func:`fedsim.data.registry.register_source`.
 
 Contracts:
 
@@ -14,7 +17,8 @@ Contracts:
   ``runtime_env`` ``py_modules``, so the worker imports the plugin (by name, in ``get_method``) before it builds
   the method. :func:`run_plugin_modules` adds the data source's and model's modules, for a process that runs a
   whole driver (a parallel sweep's cell).
-* This module imports neither torch nor Ray (``fedsim validate`` stays fast).
+* This module imports neither torch nor Ray (``fedsim validate`` stays fast), and no fedsim package but
+  :mod:`fedsim.errors`: the registries (data, methods, model) import it, never the other way.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Plugins from a module OUTSIDE the package: docs/extending.md's example (method, data source, model), written
 out as the docs show it into a temporary folder put on sys.path; check_method on it and on broken methods; the
-config-time checks of a plugin method's capabilities; entry points; bad specs (exit 2 naming the key); tiny runs on
-the local backend with and without DP (the Ray backend: tests/runtime/test_plugin_runs.py)."""
+config-time checks of a plugin method's capabilities; entry points; bad specs (exit 2 naming the key); the
+registered data source's declaration (config checks by name and by spec); tiny runs on the local backend with and
+without DP, and by the source's registered name (the Ray backend: tests/runtime/test_plugin_runs.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import torch
 
 import fedsim
 from fedsim.cli import main
+from fedsim.data.registry import forget_source
 from fedsim.methods.base import Method, get_method
 from fedsim.testing import MethodContractError, check_method
 from fedsim.types import Role
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "my_fedsim_ext"
+SOURCE = "text-folder"  # the name docs/extending.md's data source registers
 BLOCKS = ("method", "data", "model")
 
 
@@ -58,6 +61,7 @@ def example(tmp_path, monkeypatch) -> Path:
     monkeypatch.delitem(sys.modules, MODULE, raising=False)
     yield news
     sys.modules.pop(MODULE, None)
+    forget_source(SOURCE)
 
 
 def plugin_overrides(news: Path) -> dict[str, object]:
@@ -166,6 +170,7 @@ def test_entry_points_name_a_plugin_and_fedsim_methods_lists_it(example, tmp_pat
         median_b = {MODULE}:MedianB
         [fedsim.data]
         textdir = {MODULE}:text_folder
+        {SOURCE} = {MODULE}:text_folder
         """)
     )
     monkeypatch.syspath_prepend(str(dist.parent))
@@ -181,8 +186,15 @@ def test_entry_points_name_a_plugin_and_fedsim_methods_lists_it(example, tmp_pat
         )
         assert main(["validate", "tiny", "--set", "method.name=median_b", "--set", "privacy.mode=client",
                      "--set", "privacy.epsilon=8"]) == 2  # fmt: skip
+        sys.modules.pop(MODULE, None)  # as in a fresh process: the entry point imports it when a config names it
+        forget_source(SOURCE)
+        assert main(["validate", "tiny", "--set", f"data.source={SOURCE}:{example}"]) == 0
+        from fedsim.data.registry import resolve_source
+
+        assert set(resolve_source(f"{SOURCE}:x").by_task) == {"classification"}  # its declaration, not every task
     finally:
         _entry_points.cache_clear()
+        forget_source("textdir")
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["no-dp", "sample-dp"])
@@ -197,3 +209,59 @@ def test_the_docs_example_runs_end_to_end_on_the_local_backend(example, tmp_path
     assert (result.summary["epsilon"] is not None) == dp
     assert set(result.clients.column("status").to_pylist()) == {"ok"}
     assert "char-bert" not in (tmp_path / "run" / "config.yaml").read_text()  # the config keeps the plugin name
+
+
+def _validate_problems(capsys, sets: list[str]) -> tuple[int, str]:
+    args = ["validate", "tiny"]
+    for item in sets:
+        args += ["--set", item]
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_the_registered_source_declaration_holds_at_config_time(example, tmp_path, capsys):
+    """``my_fedsim_ext:text_folder:PATH`` keeps what ``register_source`` declared: the folder argument, the
+    source's own checks, its task; each refusal names data.source (or task.kind) before any work."""
+    one_label = tmp_path / "one"
+    (one_label / "only").mkdir(parents=True)
+    spec = f"{MODULE}:text_folder"
+    cases = [
+        ([f"data.source={spec}:{tmp_path / 'missing'}"], r"^\s+- data\.source: \S+ path .*missing' does not exist"),
+        ([f"data.source={spec}"], r"^\s+- data\.source: 'my_fedsim_ext:text_folder' names no file"),
+        ([f"data.source={spec}:{one_label}"], r"^\s+- data\.source: .*one has 1 label subfolder\(s\)"),
+        ([f"data.source={spec}:{example}", "task.kind=causal_lm"], r"^\s+- task\.kind: causal_lm needs prompt/"),
+    ]
+    for sets, line in cases:
+        code, err = _validate_problems(capsys, sets)
+        assert code == 2 and re.search(line, err, re.M), (sets, err)
+    code, err = _validate_problems(capsys, [f"data.source={spec}:{example}"])
+    assert code == 0, err
+
+
+def test_a_registered_source_is_named_like_a_built_in(example):
+    """Once the module is imported its source is in the same table as the built-ins: listed, checked, loaded."""
+    from fedsim.config.schema import Config, DataConfig
+    from fedsim.data.registry import available_sources, source_problems
+    from fedsim.data.sources import load_source
+
+    assert SOURCE not in available_sources()
+    import my_fedsim_ext  # noqa: F401  (registers text-folder)
+
+    assert SOURCE in available_sources("classification") and SOURCE not in available_sources("causal_lm")
+    assert source_problems(Config(data=DataConfig(source=f"{SOURCE}:{example}"))) == []
+    ds = load_source(DataConfig(source=f"{SOURCE}:{example}", max_examples=30), seed=0)
+    assert len(ds) == 30 and ds.label_names == ("money", "sport", "tech")
+    with pytest.raises(ValueError, match="already registered"):
+        from fedsim.data.registry import register_source
+
+        register_source("csv")(my_fedsim_ext.text_folder)
+
+
+def test_the_registered_source_runs_by_name_on_the_local_backend(example, tmp_path):
+    import my_fedsim_ext  # noqa: F401  (registers text-folder)
+
+    overrides = plugin_overrides(example) | {"data.source": f"{SOURCE}:{example}"}
+    result = fedsim.run("tiny", overrides=overrides, out=tmp_path / "run", progress=False)
+    assert result.rounds.num_rows == 2
+    assert set(result.clients.column("status").to_pylist()) == {"ok"}
+    assert f"{SOURCE}:" in (tmp_path / "run" / "config.yaml").read_text()

@@ -26,9 +26,9 @@ from typing import Any, overload
 import numpy as np
 
 from fedsim.config.schema import Config
-from fedsim.data.instruct import InstructDataset, eos_id, prompt_format, tokenize_instruct
+from fedsim.data.instruct import eos_id, prompt_format, tokenize_instruct
 from fedsim.data.partition import apportion, partition
-from fedsim.data.sources import TextDataset
+from fedsim.data.types import InstructDataset, TextDataset
 from fedsim.errors import DataError
 from fedsim.seeding import numpy_rng
 

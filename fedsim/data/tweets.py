@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.data.sources import TextDataset
+from fedsim.config.schema import DataConfig
+from fedsim.data.registry import register_source
+from fedsim.data.types import TextDataset
 from fedsim.errors import DataError
 
 TWEETS_SOURCES: dict[str, tuple[str, ...]] = {
@@ -139,3 +141,19 @@ def load_tweets(source: str) -> TextDataset:
         texts.append(text)
         labels.append(ids[sentiment])
     return TextDataset(texts, np.asarray(labels, dtype=np.int64), names)
+
+
+def _register(name: str) -> None:
+    """``name`` as a registered source, available when the corpus file is installed."""
+
+    def available() -> str | None:
+        return tweets_problem(name)
+
+    def load(cfg: DataConfig, seed: int, arg: str | None) -> TextDataset:
+        return load_tweets(name)
+
+    register_source(name, available=available)(load)
+
+
+for _name in TWEETS_SOURCES:
+    _register(_name)

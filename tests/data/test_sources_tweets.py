@@ -12,7 +12,8 @@ import pytest
 
 from fedsim.config.checks import validate
 from fedsim.config.schema import Config, DataConfig
-from fedsim.data import sources, tweets
+from fedsim.data import tweets
+from fedsim.data.registry import source_help
 from fedsim.data.sources import load_source, source_path_problem
 from fedsim.errors import DataError
 
@@ -134,7 +135,8 @@ def test_validate_accepts_names():
         assert source_path_problem(name) is None
         cfg = Config(data=DataConfig(source=name))
         assert not [p for p in validate(cfg) if p.startswith("data.source")]
-    assert "tweets-sentiment" in sources.SOURCE_HELP and "tweets-sentiment-binary" in sources.SOURCE_HELP
+    assert "tweets-sentiment" in source_help() and "tweets-sentiment-binary" in source_help("classification")
+    assert "tweets-sentiment" not in source_help("causal_lm")
     assert "tweets-sentiment-binary" in (source_path_problem("tweets-sentiment-binar") or "")
 
 

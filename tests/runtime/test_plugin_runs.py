@@ -1,5 +1,7 @@
 """docs/extending.md's plugins (method, data source, model) from a module outside the package, on the Ray backend
-with and without DP: the method module is not installed, so the backend ships it with its actors' runtime_env."""
+with and without DP: the method module is not installed, so the backend ships it with its actors' runtime_env.
+The data source also runs by the name it registers (``text-folder``), which exists in the driver only: sources run
+on the driver and the workers get the tokenised data."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import sys
 import pytest
 
 import fedsim
-from tests.test_plugins import MODULE, plugin_overrides, write_example
+from fedsim.data.registry import forget_source
+from tests.test_plugins import MODULE, SOURCE, plugin_overrides, write_example
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["no-dp", "sample-dp"])
@@ -34,3 +37,28 @@ def test_the_docs_example_runs_on_the_ray_backend(tmp_path, monkeypatch, ray_clu
     assert set(result.clients.column("status").to_pylist()) == {"ok"}
     assert set(result.clients.column("worker_id").to_pylist()) <= {0, 1}
     assert (result.summary["epsilon"] is not None) == dp
+
+
+@pytest.mark.ray
+def test_the_registered_source_runs_by_name_on_the_ray_backend(tmp_path, monkeypatch, ray_cluster):
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    news = write_example(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, MODULE, raising=False)
+    try:
+        import my_fedsim_ext  # noqa: F401  (registers text-folder in this process only)
+
+        overrides = plugin_overrides(news) | {
+            "data.source": f"{SOURCE}:{news}",
+            "runtime.backend": "ray",
+            "runtime.workers": 2,
+        }
+        result = fedsim.run("tiny", overrides=overrides, out=tmp_path / "run", progress=False)
+    finally:
+        sys.modules.pop(MODULE, None)
+        forget_source(SOURCE)
+    assert result.rounds.num_rows == 2
+    assert set(result.clients.column("status").to_pylist()) == {"ok"}
+    assert set(result.clients.column("worker_id").to_pylist()) <= {0, 1}
+    assert result.summary["method"] == f"{MODULE}:MedianB"
