@@ -20,8 +20,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from fedsim.data.sources import load_source
 from fedsim.errors import RunStopped
 from fedsim.methods.base import get_method
 from fedsim.metrics.console import RoundProgress
+from fedsim.metrics.observers import MirrorSync, ObserverList, RoundRecord, RowCallback, RunObserver, RunStart
 from fedsim.metrics.tables import MetricTables, round_row, summarise_eval, worker_busy_frac
 from fedsim.metrics.tensorboard import RoundEvents
 from fedsim.model.build import BaseBlueprint, blueprint_of, build_base_model, build_tokenizer
@@ -42,10 +42,11 @@ from fedsim.privacy.tracker import PrivacyTracker
 from fedsim.process_lifecycle import ImportAhead, freeze_gc_at_exit
 from fedsim.run_state import RunState
 from fedsim.seeding import numpy_rng
-from fedsim.server.checkpoint import latest_checkpoint_dir, read_checkpoint, write_checkpoint
+from fedsim.server.checkpoint import latest_checkpoint_dir, read_checkpoint
 from fedsim.server.client_store import SPILL_DIR
 from fedsim.server.cohort import sample_cohort
-from fedsim.types import AdapterState, ClientTask, EvalTask
+from fedsim.server.round_checkpoints import RoundCheckpoints
+from fedsim.types import AdapterState, ClientResult, ClientTask, EvalTask
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -123,14 +124,23 @@ def run_simulation(
     resume: bool = False,
     mirror: RunMirror | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    observers: Sequence[RunObserver] = (),
 ) -> dict[str, Any]:
     """Run one simulation into ``out_dir``; returns the summary dict (also written to summary.json).
+
+    Set up, loop over the rounds (plan, train, aggregate, evaluate, notify the observers), finish. What records or
+    reports a round is an observer (:mod:`fedsim.metrics.observers`, which also defines a round's ``wall_s``),
+    called in this order: the tables, TensorBoard, the progress bar (``progress``), the checkpoints, the storage
+    sync (``mirror``), then ``observers`` and last ``on_round``.
 
     ``resume``: continue the run in ``out_dir`` from its newest checkpoint (``cfg`` must be its config.yaml);
     the result equals an uninterrupted run's. ``inspect`` (for tests and tools) is called with the live backend
     after the last round. ``mirror`` (a remote ``--out``): ``out_dir`` is its node-local staging folder, and
-    ``mirror.sync()`` copies it to the URI after each round (tables and checkpoint) and at the end. ``on_round``
-    (a search trial's report to Ray Tune) is called with each round's rounds.parquet row once it is recorded.
+    ``mirror.sync()`` copies it to the URI after set-up, after each round (tables and checkpoint) and after
+    summary.json. ``observers``: more :class:`~fedsim.metrics.observers.RunObserver` objects. ``on_round`` (a
+    search trial's report to Ray Tune) is called with each round's rounds.parquet row (a fresh dict) once its
+    tables and checkpoint are written and mirrored. An exception raised by an observer stops the run like any
+    other error (the backend shuts down, every started observer's ``on_end(None)`` runs, the exception propagates).
 
     Raises UserError (ConfigError / DataError; a ``runtime.address`` where no Ray cluster answers) for bad input
     before any training or any file is written, and
@@ -139,7 +149,6 @@ def run_simulation(
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     where = mirror.uri if mirror is not None else str(out_dir)  # where the outputs end up
-    sync = mirror.sync if mirror is not None else (lambda: None)  # copies out_dir to a remote --out
     method_cls = get_method(cfg.method.name)
     if cfg.runtime.backend == "ray":  # no cluster at runtime.address, or one that can never hold the workers:
         from fedsim.runtime.cluster import check as check_cluster  # fails here, before any work
@@ -182,92 +191,147 @@ def run_simulation(
         print(f"WARNING (privacy): {caveat}", file=sys.stderr)
 
     tables = MetricTables(out_dir)
-    state = RunState()
-
-    def checkpoint(t: int) -> None:
-        """Everything a resume needs after round ``t`` (RNG draws are functions of (seed, round, client))."""
-        write_checkpoint(out_dir, dataclasses.replace(backend.checkpoint_state(), round=t, driver=state.to_json()))
-
-    stack = ExitStack()
+    watchers = ObserverList([])
     try:
+        # 3b. Continue a stopped run from its newest checkpoint, or start: the checkpoint before round 1 (written by
+        # RoundCheckpoints.on_start) carries the initial evaluation. checkpoint_every 0: no checkpoint before
+        # round 1 (a resume without one starts over), and the initial evaluation runs once round 1 has trained,
+        # before its aggregation (same global state and plan, so the same result): the first clients train sooner.
         found = latest_checkpoint_dir(out_dir) if resume else None
-        if found is not None:  # 3b. Continue a stopped run from its newest checkpoint.
-            ckpt = read_checkpoint(found)
-            backend.restore(ckpt)
-            tables = MetricTables.resume(out_dir, ckpt.round)
-            trained = (r["client_id"] for r in tables.clients if r["status"] == "ok")
-            state = dataclasses.replace(RunState.from_json(ckpt.driver, trained), round=ckpt.round)
-            privacy.load_state(state.privacy)
-        elif rt.checkpoint_every:  # the checkpoint before round 1 carries the initial evaluation
-            state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
-            checkpoint(0)
-        # checkpoint_every 0: no checkpoint before round 1 (a resume without one starts over), and the initial
-        # evaluation runs once round 1 has trained, before its aggregation (same global state and plan, so the
-        # same result): the first clients train sooner
-        sync()
+        restored_round = None
+        if found is not None:
+            tables, state = restore(backend, privacy, out_dir, found)
+            restored_round = state.round
+        else:
+            state = RunState()
+            if rt.checkpoint_every:
+                state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
         resumed_from = state.round if resume else None
-        events = RoundEvents(out_dir, first_round=state.round + 1)  # tb/: TensorBoard scalars of rounds.parquet
-        stack.callback(events.close)
-        with RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress) as bar:
-            for t in range(state.round + 1, fed.rounds + 1):
-                t0 = time.perf_counter()
-                # 4. One round: plan, cohort, local training, aggregation.
-                plan = backend.plan(t)
-                cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
-                t_train = time.perf_counter()
-                results = backend.train([ClientTask(t, cid, plan, **privacy.task_fields(cid)) for cid in cohort])
-                t_train = time.perf_counter() - t_train
-                failed = [r for r in results if r.status == "failed"]
-                if len(failed) > rt.max_failed_fraction * len(results):
-                    newest = latest_checkpoint_dir(out_dir)
-                    raise RunStopped(
-                        f"round {t}: {len(failed)} of {len(results)} clients failed (more than "
-                        f"runtime.max_failed_fraction = {rt.max_failed_fraction}); first error: "
-                        f"{(failed[0].error or '').strip().splitlines()[0] if failed[0].error else '?'}. Fix the "
-                        f"cause, then `fedsim resume {where}` continues from {newest.name if newest else 'the start'}"
-                    )
-                if not state.initial_eval:  # checkpoint_every 0 (see above); the global state is still round 1's
-                    state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
-                info = backend.aggregate(t)
+        watchers = ObserverList(
+            [
+                tables,  # rounds.parquet first: a checkpoint never covers a round the tables lack
+                RoundEvents(out_dir, first_round=None),  # tb/: TensorBoard scalars of rounds.parquet
+                RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress),
+                RoundCheckpoints(out_dir, backend.checkpoint_state, rt.checkpoint_every, fed.rounds),
+                *([MirrorSync(mirror.sync)] if mirror is not None else []),
+                *observers,
+                *([RowCallback(on_round)] if on_round is not None else []),
+            ]
+        )
+        watchers.start(RunStart(out_dir, fed.rounds, state.round + 1, state, restored_round))
+
+        row_done = time.perf_counter()  # when the last row was completed: round t's wall_s runs from there
+        for t in range(state.round + 1, fed.rounds + 1):
+            # 4. One round: plan, cohort, local training.
+            plan = backend.plan(t)
+            cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
+            t_train = time.perf_counter()
+            results = backend.train([ClientTask(t, cid, plan, **privacy.task_fields(cid)) for cid in cohort])
+            t_train = time.perf_counter() - t_train
+            check_failures(t, results, rt.max_failed_fraction, out_dir, where)
+            if not state.initial_eval:  # checkpoint_every 0 (see above); the global state is still round 1's
+                state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
+
+            # 5. Aggregation; evaluation (every eval_every rounds and always the last; local: clients that trained).
+            info = backend.aggregate(t)
+            ev: dict[str, float | int | None] = {}
+            if t % fed.eval_every == 0 or t == fed.rounds:
                 trained = state.trained_with(results)
+                todo = [e for e in tasks_eval if e.client_id is None or e.client_id in trained]
+                ev = summarise_eval(backend.evaluate(todo, t))
 
-                # 5. Evaluation (every eval_every rounds and always the last); local: clients that have trained.
-                ev: dict[str, float | int | None] = {}
-                if t % fed.eval_every == 0 or t == fed.rounds:
-                    todo = [e for e in tasks_eval if e.client_id is None or e.client_id in trained]
-                    ev = summarise_eval(backend.evaluate(todo, t))
+            # 6. The round's record (its row complete, wall_s included), then the observers.
+            epsilon = privacy.observe(t, results)
+            state = state.after_round(t, results, ev, privacy.state())
+            busy = worker_busy_frac(results, backend.worker_count, t_train)
+            now = time.perf_counter()
+            row = round_row(t, cfg.method.name, results, ev, epsilon, now - row_done, busy)
+            row_done = now
+            watchers.round(
+                RoundRecord(
+                    round=t,
+                    row=row,
+                    client_rows=tuple({**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results),
+                    results=tuple(results),
+                    plan=plan,
+                    evaluation=ev,
+                    similarity=tuple(info.similarity) if cfg.analysis.similarity else None,
+                    state=state,
+                    is_last=t == fed.rounds,
+                )
+            )
 
-                # 6. Record.
-                epsilon = privacy.observe(t, results)
-                state = state.after_round(t, results, ev, privacy.state())
-                busy = worker_busy_frac(results, backend.worker_count, t_train)
-                row = round_row(t, cfg.method.name, results, ev, epsilon, time.perf_counter() - t0, busy)
-                tables.add_round(row, [{**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results])
-                tables.add_roles(plan)
-                if cfg.analysis.similarity:
-                    tables.add_similarity(info.similarity)
-                tables.flush()
-                events.add_round(row)
-                bar.update(row)
-                if t == fed.rounds or (rt.checkpoint_every and t % rt.checkpoint_every == 0):
-                    checkpoint(t)
-                sync()
-                if on_round is not None:
-                    on_round(row)
-
-        # 7. Final adapter in PEFT format + summary.
+        # 7. Final adapter in PEFT format.
         from fedsim.model.export import export_adapter
 
-        final_state = backend.global_state()
-        export_adapter(adapted, final_state, out_dir / "adapter")
+        export_adapter(adapted, backend.global_state(), out_dir / "adapter")
         if inspect is not None:
             inspect(backend)
-    finally:
-        stack.close()
-        backend.shutdown()
-        shutil.rmtree(out_dir / SPILL_DIR, ignore_errors=True)  # spilled clients: the checkpoints hold their own links
+    except BaseException:
+        release_backend(backend, out_dir)
+        try:
+            watchers.end(None)
+        except Exception as err:  # the run's own error is the one to report
+            print(f"WARNING: an observer failed to end after the run stopped: {err!r}", file=sys.stderr)
+        raise
+    release_backend(backend, out_dir)
 
-    summary = {
+    # 8. The summary, then the observers' end (the storage sync uploads summary.json last: it marks the run complete).
+    summary = run_summary(cfg, label, state, privacy.summary(), caveats, tables, t_start, resumed_from, where)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    watchers.end(summary)
+    return summary
+
+
+def restore(backend: Backend, privacy: PrivacyTracker, out_dir: Path, found: Path) -> tuple[MetricTables, RunState]:
+    """Restore the stopped run in ``out_dir`` from its checkpoint folder ``found``: the backend's server and client
+    store, the privacy tracker, the tables (rounds up to the checkpoint's) and the driver's state."""
+    ckpt = read_checkpoint(found)
+    backend.restore(ckpt)
+    tables = MetricTables.resume(out_dir, ckpt.round)
+    trained = (r["client_id"] for r in tables.clients if r["status"] == "ok")
+    state = dataclasses.replace(RunState.from_json(ckpt.driver, trained), round=ckpt.round)
+    privacy.load_state(state.privacy)
+    return tables, state
+
+
+def check_failures(
+    round: int, results: Sequence[ClientResult], max_failed_fraction: float, out_dir: Path, where: str
+) -> None:
+    """Raise RunStopped when more than ``max_failed_fraction`` of the round's clients failed (naming the first
+    error and the checkpoint a resume of ``where`` continues from)."""
+    failed = [r for r in results if r.status == "failed"]
+    if len(failed) > max_failed_fraction * len(results):
+        newest = latest_checkpoint_dir(out_dir)
+        raise RunStopped(
+            f"round {round}: {len(failed)} of {len(results)} clients failed (more than "
+            f"runtime.max_failed_fraction = {max_failed_fraction}); first error: "
+            f"{(failed[0].error or '').strip().splitlines()[0] if failed[0].error else '?'}. Fix the "
+            f"cause, then `fedsim resume {where}` continues from {newest.name if newest else 'the start'}"
+        )
+
+
+def release_backend(backend: Backend, out_dir: Path) -> None:
+    """Shut the backend down and remove the spilled clients (the checkpoints hold their own links)."""
+    backend.shutdown()
+    shutil.rmtree(out_dir / SPILL_DIR, ignore_errors=True)
+
+
+def run_summary(
+    cfg: Config,
+    label: str,
+    state: RunState,
+    privacy_summary: dict[str, Any],
+    caveats: list[str],
+    tables: MetricTables,
+    t_start: float,
+    resumed_from: int | None,
+    where: str,
+) -> dict[str, Any]:
+    """summary.json of a finished run (``wall_s``: this process's whole run, set-up and the final export
+    included)."""
+    fed = cfg.federation
+    return {
         "label": label,
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -285,8 +349,8 @@ def run_simulation(
         "best_eval_accuracy": state.best_accuracy,
         "final_personal_accuracy": state.eval.get("personal_accuracy"),
         "final_personal_clients": state.eval.get("personal_clients"),
-        "method_capabilities": method_cls.capabilities.as_dict(),
-        **privacy.summary(),
+        "method_capabilities": get_method(cfg.method.name).capabilities.as_dict(),
+        **privacy_summary,
         "privacy_caveats": caveats,
         "epsilon_covers_uploads": not caveats,
         "failed_client_rounds": sum(r["failed_clients"] for r in tables.rounds),
@@ -296,6 +360,3 @@ def run_simulation(
         "resumed_from_round": resumed_from,
         "out_dir": where,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    sync()  # summary.json last: it marks the run complete
-    return summary
