@@ -82,6 +82,7 @@ def test_a_plain_object_with_the_three_methods_is_an_observer_and_the_base_hooks
         def on_end(self, summary: Any) -> None: ...
 
     assert isinstance(Duck(), RunObserver)
+
     class Nothing(RunObserver):
         pass
 
@@ -130,3 +131,29 @@ def test_round_checkpoints_schedule(tmp_path, monkeypatch):
     for t in range(1, 5):
         never.on_round(_record(t))
     assert written == [4]  # checkpoint_every 0: the last round only
+
+
+def test_progress_of_a_resumed_run_counts_from_its_checkpoint_and_prints_plain_lines_off_a_terminal(capsys):
+    from fedsim.metrics.console import RoundProgress
+
+    bar = RoundProgress(rounds=4, title="run", enabled=True)
+    bar.on_start(RunStart(Path("."), rounds=4, first_round=3, state=RunState(round=2), restored_round=2))
+    assert bar.progress.tasks[0].completed == 2
+    bar.on_round(_record(3))
+    bar.on_end(None)
+    bar.on_end(None)  # a second end does nothing
+    assert bar.progress.tasks[0].completed == 3
+    assert "round 3/4" in capsys.readouterr().err
+
+
+def test_tensorboard_observer_opens_at_the_first_round_and_closes_at_the_end(tmp_path):
+    from fedsim.metrics.tensorboard import RoundEvents
+
+    events = RoundEvents(tmp_path, first_round=None)
+    with pytest.raises(RuntimeError, match="not open"):
+        events.add_round({"round": 1, "wall_s": 1.0})
+    events.on_start(START)
+    events.on_round(_record(1))
+    events.on_end({"wall_s": 2.0})
+    events.close()  # closed already: nothing
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
