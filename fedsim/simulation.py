@@ -1,8 +1,10 @@
 """THE driver: one federated run, read top to bottom. No Ray import here (the backend owns it).
 
 config -> backend starts (Ray, worker processes) -> data, base model + initial adapter (while the workers import)
--> backend completes (server, workers' models) -> per round: plan, cohort, train, aggregate, evaluate, record
--> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/, tb/), mirrored to a URI when asked
+-> backend completes (server, workers' models) -> per round: plan, cohort, train, aggregate, evaluate, then the
+observers record it (:mod:`fedsim.metrics.observers`: tables, TensorBoard, progress, checkpoints, storage sync, the
+caller's) -> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/, tb/), mirrored to a URI
+when asked
 
 Start-up overlaps: the backend's first half needs only the config (:func:`fedsim.runtime.backend.start_backend`: on
 Ray it starts the cluster and creates the worker actors, whose processes then import torch, transformers and PEFT),
@@ -149,44 +151,14 @@ def run_simulation(
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     where = mirror.uri if mirror is not None else str(out_dir)  # where the outputs end up
-    method_cls = get_method(cfg.method.name)
-    if cfg.runtime.backend == "ray":  # no cluster at runtime.address, or one that can never hold the workers:
-        from fedsim.runtime.cluster import check as check_cluster  # fails here, before any work
-
-        check_cluster(cfg.runtime.address, cfg.runtime)
-
-    # 1-3. The backend starts with what needs only the config (on Ray: Ray itself and the worker actors, which
-    # return at once and import torch / transformers / PEFT in their own processes); meanwhile this process builds
-    # the data and base model (build_inputs); then the backend completes with them. Input errors surface before
-    # anything is trained or written (the half-started backend is shut down first).
-    from fedsim.runtime.backend import RunSetup, start_backend
-
-    freeze_gc_at_exit()  # the interpreter's exit skips its last full collection (see fedsim.process_lifecycle)
-    # on Ray, the model libraries import in a thread while ray.init waits for the processes it spawns
-    ahead = ImportAhead(AHEAD_MODULES) if cfg.runtime.backend == "ray" else None
-    starting = start_backend(cfg, make_mechanism(cfg), out_dir)  # the mechanism needs only the config
-    try:
-        if ahead is not None:
-            ahead.join()
-        inputs = build_inputs(cfg)
-    except BaseException:
-        starting.shutdown()
-        raise
-    privacy, adapted = inputs.privacy, inputs.adapted
     fed, rt = cfg.federation, cfg.runtime
-    tasks_eval = eval_tasks(inputs.data, rt.eval_batch_size, fed.local_eval_clients, cfg.seed)
-    backend = starting.complete(
-        RunSetup(cfg, inputs.blueprint, inputs.data, inputs.initial_state, privacy.mechanism, run_dir=out_dir)
-    )
-    # the backend holds what it needs of the data (on Ray: the object store's copy, which the workers map): this
-    # process's own copy of the token table (N x L x 5 bytes: 128 MB at 800,000 examples) goes now
-    del inputs
-    release_freed_memory()
+    run = start_run(cfg, out_dir)  # 1-3. backend, data, base model, privacy
+    backend, privacy = run.backend, run.privacy
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         dump_config(cfg, out_dir / "config.yaml")
-    caveats = method_cls.privacy_caveats(cfg)  # opt-ins that make uploads depend on more than DP-SGD output
+    caveats = get_method(cfg.method.name).privacy_caveats(cfg)  # opt-ins: uploads depend on more than DP-SGD output
     for caveat in caveats:
         print(f"WARNING (privacy): {caveat}", file=sys.stderr)
 
@@ -205,7 +177,7 @@ def run_simulation(
         else:
             state = RunState()
             if rt.checkpoint_every:
-                state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
+                state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, run.tasks_eval))
         resumed_from = state.round if resume else None
         watchers = ObserverList(
             [
@@ -220,51 +192,17 @@ def run_simulation(
         )
         watchers.start(RunStart(out_dir, fed.rounds, state.round + 1, state, restored_round))
 
-        row_done = time.perf_counter()  # when the last row was completed: round t's wall_s runs from there
+        # 4-6. The rounds: plan, train, aggregate, evaluate (play_round), then notify the observers.
+        clock = RoundClock()  # a round's wall_s: from the previous row's completion to its own
         for t in range(state.round + 1, fed.rounds + 1):
-            # 4. One round: plan, cohort, local training.
-            plan = backend.plan(t)
-            cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
-            t_train = time.perf_counter()
-            results = backend.train([ClientTask(t, cid, plan, **privacy.task_fields(cid)) for cid in cohort])
-            t_train = time.perf_counter() - t_train
-            check_failures(t, results, rt.max_failed_fraction, out_dir, where)
-            if not state.initial_eval:  # checkpoint_every 0 (see above); the global state is still round 1's
-                state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, tasks_eval))
-
-            # 5. Aggregation; evaluation (every eval_every rounds and always the last; local: clients that trained).
-            info = backend.aggregate(t)
-            ev: dict[str, float | int | None] = {}
-            if t % fed.eval_every == 0 or t == fed.rounds:
-                trained = state.trained_with(results)
-                todo = [e for e in tasks_eval if e.client_id is None or e.client_id in trained]
-                ev = summarise_eval(backend.evaluate(todo, t))
-
-            # 6. The round's record (its row complete, wall_s included), then the observers.
-            epsilon = privacy.observe(t, results)
-            state = state.after_round(t, results, ev, privacy.state())
-            busy = worker_busy_frac(results, backend.worker_count, t_train)
-            now = time.perf_counter()
-            row = round_row(t, cfg.method.name, results, ev, epsilon, now - row_done, busy)
-            row_done = now
-            watchers.round(
-                RoundRecord(
-                    round=t,
-                    row=row,
-                    client_rows=tuple({**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results),
-                    results=tuple(results),
-                    plan=plan,
-                    evaluation=ev,
-                    similarity=tuple(info.similarity) if cfg.analysis.similarity else None,
-                    state=state,
-                    is_last=t == fed.rounds,
-                )
-            )
+            record = play_round(run, t, state, clock, where)
+            state = record.state
+            watchers.round(record)
 
         # 7. Final adapter in PEFT format.
         from fedsim.model.export import export_adapter
 
-        export_adapter(adapted, backend.global_state(), out_dir / "adapter")
+        export_adapter(run.adapted, backend.global_state(), out_dir / "adapter")
         if inspect is not None:
             inspect(backend)
     except BaseException:
@@ -281,6 +219,110 @@ def run_simulation(
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     watchers.end(summary)
     return summary
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """What :func:`start_run` made: the config, the run folder, the completed backend, the calibrated privacy
+    tracker, the driver's adapted model (for the PEFT export) and the evaluation tasks."""
+
+    cfg: Config
+    out_dir: Path
+    backend: Backend
+    privacy: PrivacyTracker
+    adapted: PeftModel
+    tasks_eval: list[EvalTask]
+
+
+def start_run(cfg: Config, out_dir: Path) -> StartedRun:
+    """Steps 1-3: the backend starts with what needs only the config (on Ray: Ray itself and the worker actors,
+    which return at once and import torch / transformers / PEFT in their own processes); meanwhile this process
+    builds the data and base model (:func:`build_inputs`); then the backend completes with them. Input errors
+    (UserError; a ``runtime.address`` where no Ray cluster answers) surface before anything is trained or written
+    (a half-started backend is shut down first)."""
+    get_method(cfg.method.name)  # an unknown method fails before anything starts
+    if cfg.runtime.backend == "ray":  # no cluster at runtime.address, or one that can never hold the workers:
+        from fedsim.runtime.cluster import check as check_cluster  # fails here, before any work
+
+        check_cluster(cfg.runtime.address, cfg.runtime)
+    from fedsim.runtime.backend import RunSetup, start_backend
+
+    freeze_gc_at_exit()  # the interpreter's exit skips its last full collection (see fedsim.process_lifecycle)
+    # on Ray, the model libraries import in a thread while ray.init waits for the processes it spawns
+    ahead = ImportAhead(AHEAD_MODULES) if cfg.runtime.backend == "ray" else None
+    starting = start_backend(cfg, make_mechanism(cfg), out_dir)  # the mechanism needs only the config
+    try:
+        if ahead is not None:
+            ahead.join()
+        inputs = build_inputs(cfg)
+    except BaseException:
+        starting.shutdown()
+        raise
+    rt = cfg.runtime
+    tasks_eval = eval_tasks(inputs.data, rt.eval_batch_size, cfg.federation.local_eval_clients, cfg.seed)
+    backend = starting.complete(
+        RunSetup(cfg, inputs.blueprint, inputs.data, inputs.initial_state, inputs.privacy.mechanism, run_dir=out_dir)
+    )
+    started = StartedRun(cfg, out_dir, backend, inputs.privacy, inputs.adapted, tasks_eval)
+    # the backend holds what it needs of the data (on Ray: the object store's copy, which the workers map): this
+    # process's own copy of the token table (N x L x 5 bytes: 128 MB at 800,000 examples) goes now
+    del inputs
+    release_freed_memory()
+    return started
+
+
+class RoundClock:
+    """The rounds' clock: :meth:`lap` gives the seconds since the previous lap (or since the clock was made) and
+    starts the next. The driver laps when a round's row is completed, so the rounds tile the loop (see
+    :mod:`fedsim.metrics.observers` for what a round's ``wall_s`` holds)."""
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self._since = now - self._since, now
+        return seconds
+
+
+def play_round(run: StartedRun, t: int, state: RunState, clock: RoundClock, where: str) -> RoundRecord:
+    """Round ``t`` from the driver's ``state`` after round t-1: plan, cohort, local training, aggregation,
+    evaluation (every ``eval_every`` rounds and always the last; local: the clients that have trained); returns
+    its record (its row complete: ``wall_s`` is ``clock.lap()`` once the round's metrics are in; the state after
+    it). Raises RunStopped when too many clients failed (naming how to resume ``where``)."""
+    cfg, backend, privacy = run.cfg, run.backend, run.privacy
+    fed = cfg.federation
+    plan = backend.plan(t)
+    cohort = sample_cohort(cfg.seed, t, fed.clients, fed.clients_per_round)
+    t_train = time.perf_counter()
+    results = backend.train([ClientTask(t, cid, plan, **privacy.task_fields(cid)) for cid in cohort])
+    t_train = time.perf_counter() - t_train
+    check_failures(t, results, cfg.runtime.max_failed_fraction, run.out_dir, where)
+    if not state.initial_eval:  # checkpoint_every 0 (see run_simulation); the global state is still round 1's
+        state = dataclasses.replace(state, initial_eval=initial_evaluation(backend, run.tasks_eval))
+
+    info = backend.aggregate(t)
+    ev: dict[str, float | int | None] = {}
+    if t % fed.eval_every == 0 or t == fed.rounds:
+        trained = state.trained_with(results)
+        todo = [e for e in run.tasks_eval if e.client_id is None or e.client_id in trained]
+        ev = summarise_eval(backend.evaluate(todo, t))
+
+    epsilon = privacy.observe(t, results)
+    state = state.after_round(t, results, ev, privacy.state())
+    busy = worker_busy_frac(results, backend.worker_count, t_train)
+    row = round_row(t, cfg.method.name, results, ev, epsilon, clock.lap(), busy)
+    return RoundRecord(
+        round=t,
+        row=row,
+        client_rows=tuple({**r.__dict__, "epsilon": privacy.client_epsilon(r)} for r in results),
+        results=tuple(results),
+        plan=plan,
+        evaluation=ev,
+        similarity=tuple(info.similarity) if cfg.analysis.similarity else None,
+        state=state,
+        is_last=t == fed.rounds,
+    )
 
 
 def restore(backend: Backend, privacy: PrivacyTracker, out_dir: Path, found: Path) -> tuple[MetricTables, RunState]:
