@@ -30,6 +30,7 @@ are in summary.json's ``wall_s`` only.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ class RoundRecord:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "row", types.MappingProxyType(dict(self.row)))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (a read-only mapping is not): the row goes as a dict
+        values = (dict(self.row) if f.name == "row" else getattr(self, f.name) for f in dataclasses.fields(self))
+        return (type(self), tuple(values))
 
 
 @runtime_checkable

@@ -3,7 +3,9 @@ checkpoint schedule."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -99,6 +101,8 @@ def test_the_record_row_is_read_only_and_the_row_callback_gets_a_fresh_dict():
     assert seen == [{"round": 3, "wall_s": 1.0}] and type(seen[0]) is dict
     seen[0]["wall_s"] = 5.0  # the caller's copy
     assert record.row["wall_s"] == 1.0
+    again = pickle.loads(pickle.dumps(record))  # e.g. to another process
+    assert again == record and isinstance(again.row, MappingProxyType)
 
 
 def test_mirror_sync_copies_after_set_up_each_round_and_a_finished_run_only():
