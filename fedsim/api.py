@@ -37,6 +37,8 @@ from fedsim.storage import (
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from fedsim.metrics.observers import RunObserver
+
 __all__ = ["RunResult", "load_run", "report", "resume", "run", "sweep", "validate"]
 
 ConfigLike = Config | Mapping[str, Any] | str | Path
@@ -179,17 +181,22 @@ def _read_result(folder: Path, shown: str, summary: Mapping[str, Any] | None = N
     )
 
 
-def execute_run(cfg: Config, label: str, out: Location, *, progress: bool = True) -> RunResult:
+def execute_run(
+    cfg: Config, label: str, out: Location, *, progress: bool = True, observers: Sequence[RunObserver] = ()
+) -> RunResult:
     """Run ``cfg`` into ``out`` (checked by :func:`out_location`); a URI is staged locally and mirrored as the run
-    goes. Raises UserError for bad input (before training), RunStopped when too many clients fail."""
+    goes; ``observers`` see its rounds (after the run's own outputs). Raises UserError for bad input (before
+    training), RunStopped when too many clients fail."""
     from fedsim.simulation import run_simulation  # heavy imports only when a run starts
 
-    quiet: dict[str, Any] = {} if progress else {"progress": False}
+    extra: dict[str, Any] = {} if progress else {"progress": False}
+    if observers:
+        extra["observers"] = tuple(observers)
     if out.local is not None:
-        summary = run_simulation(cfg, out.local, label=label, **quiet)
+        summary = run_simulation(cfg, out.local, label=label, **extra)
         return _read_result(out.local, str(out.local), summary)
     with RunMirror.staged(out) as mirror:  # written into a node-local staging folder, mirrored to the URI
-        summary = run_simulation(cfg, mirror.folder, label=label, mirror=mirror, **quiet)
+        summary = run_simulation(cfg, mirror.folder, label=label, mirror=mirror, **extra)
         return _read_result(mirror.folder, str(out), summary)
 
 
@@ -200,13 +207,17 @@ def run(
     out: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    observers: Sequence[RunObserver] = (),
 ) -> RunResult:
     """Run one simulation and return its outputs.
 
     ``config``: a :class:`Config`, a dict (nested or dotted keys), a preset name or a YAML path (None: the
     quickstart preset); ``overrides``: dotted keys as ``--set`` takes them, e.g. ``{"federation.rounds": 3}``;
     ``out``: a folder or an ``s3://`` / ``gs://`` / ``file://`` URI (default ``runs/<label>-<time>``), which must
-    be empty (``overwrite`` replaces a run there); ``progress``: print the start line and a progress bar.
+    be empty (``overwrite`` replaces a run there); ``progress``: print the start line and a progress bar;
+    ``observers``: :class:`~fedsim.metrics.observers.RunObserver` objects told of the run's start, each round
+    (its rounds.parquet row and what produced it, once its tables and checkpoint are written) and its end, after
+    the run's own outputs (an exception one raises stops the run).
 
     Raises ConfigError (every config problem at once), UserError (an ``out`` that holds something, unreadable data,
     no Ray cluster) before any training; RunStopped when more than ``runtime.max_failed_fraction`` of a cohort
@@ -215,12 +226,13 @@ def run(
     loc = out_location(out, label, overwrite)
     if progress:
         print(describe_run(cfg, label, loc))
-    return execute_run(cfg, label, loc, progress=progress)
+    return execute_run(cfg, label, loc, progress=progress, observers=observers)
 
 
-def resume(path_or_uri: str | Path, *, progress: bool = True) -> RunResult:
+def resume(path_or_uri: str | Path, *, progress: bool = True, observers: Sequence[RunObserver] = ()) -> RunResult:
     """Continue a stopped run (a folder or URI holding config.yaml) from its newest checkpoint; the result equals
-    an uninterrupted run's. Raises UserError if it is not a run or is already complete."""
+    an uninterrupted run's; ``observers`` as for :func:`run` (their ``on_start`` gets the restored round). Raises
+    UserError if it is not a run or is already complete."""
     from fedsim.server.checkpoint import latest_checkpoint_dir
     from fedsim.simulation import run_simulation
 
@@ -235,7 +247,9 @@ def resume(path_or_uri: str | Path, *, progress: bool = True) -> RunResult:
             found = mirror.folder / "checkpoints" / "LATEST"
             name = found.read_text(encoding="utf-8").strip() if found.is_file() else "the start (no checkpoint)"
             print(f"fedsim resume {loc}: from {name}")
-            summary = run_simulation(cfg, mirror.folder, label=loc.name, resume=True, mirror=mirror, progress=progress)
+            summary = run_simulation(
+                cfg, mirror.folder, label=loc.name, resume=True, mirror=mirror, progress=progress, observers=observers
+            )
             return _read_result(mirror.folder, str(loc), summary)
     run_dir = loc.local
     if not (run_dir / CONFIG).is_file():
@@ -245,7 +259,7 @@ def resume(path_or_uri: str | Path, *, progress: bool = True) -> RunResult:
     cfg, _ = load_config(str(run_dir / CONFIG))
     found_dir = latest_checkpoint_dir(run_dir)
     print(f"fedsim resume {run_dir}: from {found_dir.name if found_dir else 'the start (no checkpoint)'}")
-    summary = run_simulation(cfg, run_dir, label=run_dir.name, resume=True, progress=progress)
+    summary = run_simulation(cfg, run_dir, label=run_dir.name, resume=True, progress=progress, observers=observers)
     return _read_result(run_dir, str(run_dir), summary)
 
 

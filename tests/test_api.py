@@ -14,6 +14,7 @@ import pytest
 import fedsim
 from fedsim.cli import main
 from fedsim.config.load import load_config
+from fedsim.metrics.observers import RunObserver
 from fedsim.metrics.tensorboard import TAGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,13 +93,34 @@ def _assert_events_equal_rounds(result) -> None:
     assert checked >= 8 * len(rows)
 
 
+class Rows(RunObserver):
+    """Keeps what a run tells its observers: the first round it runs, each round's row, whether it ended."""
+
+    def __init__(self) -> None:
+        self.first_round: int | None = None
+        self.rows: list[dict] = []
+        self.summary: dict | None = None
+
+    def on_start(self, start) -> None:
+        self.first_round = start.first_round
+
+    def on_round(self, record) -> None:
+        self.rows.append(dict(record.row))
+
+    def on_end(self, summary) -> None:
+        self.summary = summary
+
+
 def test_run_returns_the_tables_and_tensorboard_events_equal_rounds_parquet(tmp_path):
+    seen = Rows()
     result = fedsim.run(
         "tiny",
         overrides={"federation.rounds": 2, "privacy.mode": "sample", "privacy.epsilon": 8},
         out=tmp_path / "r",
         progress=False,
+        observers=[seen],
     )
+    assert seen.first_round == 1 and seen.rows == result.rounds.to_pylist() and seen.summary == result.summary
     assert result.rounds.num_rows == 2 and result.clients.num_rows == 8
     assert result.summary["rounds"] == 2 and result.out == str(tmp_path / "r")
     assert (Path(result.adapter) / "adapter_config.json").is_file()
@@ -138,8 +160,10 @@ def test_after_a_resume_the_events_still_equal_rounds_parquet(tmp_path):
     (stopped / "summary.json").unlink()
     shutil.rmtree(stopped / "checkpoints" / "round-000004")
     (stopped / "checkpoints" / "LATEST").write_text("round-000002")
-    resumed = fedsim.resume(stopped, progress=False)
+    seen = Rows()
+    resumed = fedsim.resume(stopped, progress=False, observers=[seen])
     assert resumed.summary["resumed_from_round"] == 2 and resumed.rounds.num_rows == 4
+    assert seen.first_round == 3 and seen.rows == resumed.rounds.to_pylist()[2:]
     assert resumed.rounds.column("wall_s") != full.rounds.column("wall_s")  # rounds 3-4 ran again
     _assert_events_equal_rounds(resumed)
 

@@ -12,12 +12,14 @@ noise generators as fedsim's trainer; then a float64 FedAvg. fedsim runs ``run_s
 What is timed: rounds ``warmup+1 .. rounds-1``. Round 1 (``--warmup-rounds``) is left out on both sides (fedsim's
 worker actor builds its model while round 1 waits for it; torch warms up in the bare loop) and so is the last
 round, the only one that evaluates (``federation.eval_every = rounds``). fedsim's time is the sum of those rounds'
-``wall_s`` in rounds.parquet (plan, cohort, dispatch, local training, uploads, aggregation, recording; checkpoints
-are off: ``runtime.checkpoint_every = 0``). Throughput = examples in the timed rounds' batches (identical on both
-sides) / seconds. The breakdown splits fedsim's round time into the per-client seconds the worker reports in
-clients.parquet (its local training plus per-client swapping of adapter state) and the rest (driver, Ray, server,
-store); with one worker they add up. The last line compares the final global adapters (they should agree to float
-rounding: the two sides do the same computation).
+``wall_s`` in rounds.parquet; a round's ``wall_s`` runs from the previous round's completed row to its own (plan,
+cohort, dispatch, local training, uploads, aggregation, and the previous round's recording: tables and TensorBoard;
+checkpoints are off: ``runtime.checkpoint_every = 0``), so the timed rounds hold as many recordings as rounds. The
+bare loop records nothing: its round is training + FedAvg. Throughput = examples in the timed rounds' batches
+(identical on both sides) / seconds. The breakdown splits fedsim's round time into the per-client seconds the
+worker reports in clients.parquet (its local training plus per-client swapping of adapter state) and the rest
+(driver, Ray, server, store, recording); with one worker they add up. The last line compares the final global
+adapters (they should agree to float rounding: the two sides do the same computation).
 
     python benchmarks/perf/overhead.py                      # the measured setting (idle machine)
     python benchmarks/perf/overhead.py --quick              # smoke test, seconds of compute

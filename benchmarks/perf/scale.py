@@ -12,7 +12,8 @@ this (parent) process samples, every ``--interval`` seconds, the resident set si
 every descendant (the driver, Ray's gcs_server / raylet / agents, the worker, parameter-server and client-store
 actors) with psutil, and their proportional set size (PSS, which splits shared pages such as the object store's
 between the processes that map them, so it does not double count) every 5th sample. Reported: the peak of the sum,
-and the split of that sum by process kind at the RSS peak. Seconds per round come from rounds.parquet ``wall_s``:
+and the split of that sum by process kind at the RSS peak. Seconds per round come from rounds.parquet ``wall_s``
+(from the previous round's completed row to this round's, the previous round's recording included):
 round 1 includes the worker actors' start (model build), so the headline is the median over rounds 2.. (the
 last of which also holds the one evaluation); every round's time is printed too. Targets: at 100,000 both peak RSS
 and seconds per round within 1.5x of 1,000 (issue 6), peak RSS within 1.2x (issue 15).

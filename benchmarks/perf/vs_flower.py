@@ -41,10 +41,13 @@ shutdown: the like-for-like number; fedsim's without the ~1 s its measuring hook
 the final state after the run, reported as ``measure_s`` in its result JSON); the time to the first trained client
 (from the subprocess's launch to the end of the first client's local training: Flower, its first train handler
 returning; fedsim, its first ``train`` call finishing in a worker, from Ray's task events); the federated loop
-(fedsim: the sum of rounds.parquet ``wall_s``; Flower: ``strategy.start``; start-up falls differently: fedsim's
-workers build their model when they start, before round 1, Flower's actors on their first message, inside the loop)
-and the steady-state median seconds of rounds 2..R-1 (fedsim: ``wall_s``; Flower: time between its ``evaluate_fn``
-calls, which come after every round; needs ``--rounds`` >= 3), with Flower / fedsim ratios (> 1: fedsim is faster).
+(fedsim: the sum of rounds.parquet ``wall_s``, from the end of set-up to the last round's row; Flower:
+``strategy.start``; start-up falls differently: fedsim's workers build their model when they start, before round 1,
+Flower's actors on their first message, inside the loop) and the steady-state median seconds of rounds 2..R-1. Both
+sides time a round from one end-of-round mark to the next: fedsim's ``wall_s`` runs from the previous round's
+completed row to this round's (so it holds the previous round's recording: tables, TensorBoard, checkpoint), Flower's
+is the time between its ``evaluate_fn`` calls, which come after every round's aggregation (so it holds Flower's
+bookkeeping after the previous round); needs ``--rounds`` >= 3. Ratios are Flower / fedsim (> 1: fedsim is faster).
 With a cohort of every client the sides do the same computation and the final adapters are compared.
 
     python benchmarks/perf/vs_flower.py                      # both jobs, both Flower variants (idle machine)

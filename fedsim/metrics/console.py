@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fedsim.metrics.observers import RoundRecord, RunObserver, RunStart
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-class RoundProgress:
-    """Context manager; ``update(row)`` after each round with the round's metrics row."""
+class RoundProgress(RunObserver):
+    """Context manager; ``update(row)`` after each round with the round's metrics row. As an observer of the round
+    loop: ``on_start`` enters (a resumed run's bar starts at the rounds already done), ``on_round`` updates,
+    ``on_end`` leaves."""
 
     def __init__(self, rounds: int, title: str, enabled: bool = True) -> None:
         self.console = Console(stderr=True)
@@ -35,15 +40,31 @@ class RoundProgress:
         )
         self.task = self.progress.add_task(title, total=rounds, metrics="")
         self._acc: float | None = None
+        self._done_before = 0  # rounds finished before this process started (a resume)
+        self._entered = False
 
     def __enter__(self) -> RoundProgress:
         self.progress.__enter__()
+        self._entered = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        if self._entered:
+            self._entered = False
+            self.progress.__exit__(*exc)
 
-    def update(self, row: dict[str, Any]) -> None:
+    def on_start(self, start: RunStart) -> None:
+        self._done_before = start.first_round - 1
+        self.progress.update(self.task, completed=self._done_before)
+        self.__enter__()
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.update(record.row)
+
+    def on_end(self, summary: Mapping[str, Any] | None) -> None:
+        self.__exit__(None, None, None)
+
+    def update(self, row: Mapping[str, Any]) -> None:
         if row.get("eval_accuracy") is not None:
             self._acc = row["eval_accuracy"]
         text = f"loss {_fmt(row.get('train_loss'))}  acc {_fmt(self._acc)}"
@@ -57,5 +78,5 @@ class RoundProgress:
         if self.enabled and not self.live:
             elapsed = self.progress.tasks[0].elapsed or 0.0
             done = row["round"]
-            eta = elapsed / done * (self.rounds - done)
+            eta = elapsed / max(done - self._done_before, 1) * (self.rounds - done)  # from this process's rounds
             self.console.print(f"round {done}/{self.rounds}  {text}  elapsed {elapsed:.0f}s  eta {eta:.0f}s")

@@ -1,7 +1,9 @@
 """rounds.parquet and clients.parquet: the run's metric tables (part of the output contract).
 
 Both files are rewritten after every round (atomically, via a temporary file), so a stopped
-run leaves complete tables of the rounds it finished.
+run leaves complete tables of the rounds it finished. :class:`MetricTables` is the round loop's first observer
+(:mod:`fedsim.metrics.observers`): a round's tables are on disk before its checkpoint is written, so a checkpoint
+never covers a round its tables lack.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fedsim.metrics.observers import RoundRecord, RunObserver
 from fedsim.model.keys import factor_of, layer_of
 from fedsim.types import ClientResult, EvalResult, RoundPlan
 
@@ -37,6 +40,8 @@ ROUND_SCHEMA = pa.schema(
         ("bytes_down", pa.int64()),
         ("epsilon_max", pa.float64()),
         ("epsilon_median", pa.float64()),
+        # seconds from the completion of the previous round's row to this one's: this round's plan, training,
+        # aggregation and evaluation + the previous round's recording (see fedsim.metrics.observers)
         ("wall_s", pa.float64()),
         # mean over workers of (their clients' training seconds) / (wall seconds of the round's training phase)
         ("worker_busy_frac", pa.float64()),
@@ -162,8 +167,9 @@ def _write(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class MetricTables:
-    """Accumulates round and client rows; ``flush`` writes both Parquet files."""
+class MetricTables(RunObserver):
+    """Accumulates round and client rows; ``flush`` writes both Parquet files. As an observer: each round's rows
+    (rounds, clients, roles, similarity when the analysis is on) are added and every table is written."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
@@ -204,6 +210,13 @@ class MetricTables:
 
     def add_similarity(self, rows: list[dict[str, Any]]) -> None:
         self.similarity = [*(self.similarity or []), *rows]
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.add_round(dict(record.row), [dict(r) for r in record.client_rows])
+        self.add_roles(record.plan)
+        if record.similarity is not None:
+            self.add_similarity([dict(r) for r in record.similarity])
+        self.flush()
 
     def flush(self) -> None:
         _write(self.rounds, ROUND_SCHEMA, self.out_dir / "rounds.parquet")

@@ -4,7 +4,7 @@ Contract: for every round row and every column of :data:`TAGS` whose value is a 
 ``TAGS[column]`` at step ``round`` equals the row's value (stored as float32 by TensorBoard). A resumed run opens
 the writer with ``purge_step`` = the first round it runs, so TensorBoard drops events a killed run wrote past its
 checkpoint and the events equal rounds.parquet again. Written with ``torch.utils.tensorboard`` (imported here
-only, when a run starts).
+only, when a run starts). The round loop's second observer (:mod:`fedsim.metrics.observers`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fedsim.metrics.observers import RoundRecord, RunObserver, RunStart
 
 TB_DIR = "tb"
 
@@ -34,17 +36,40 @@ TAGS: dict[str, str] = {
 }
 
 
-class RoundEvents:
-    """Writes each round's row of rounds.parquet as scalars under ``run_dir/tb`` (see the module doc)."""
+class RoundEvents(RunObserver):
+    """Writes each round's row of rounds.parquet as scalars under ``run_dir/tb`` (see the module doc).
 
-    def __init__(self, run_dir: Path, first_round: int = 1) -> None:
+    Used directly (``RoundEvents(run_dir, first_round)`` opens the writer) or as an observer
+    (``RoundEvents(run_dir, first_round=None)``: ``on_start`` opens it at the run's first round, ``on_round`` adds the
+    round's row, ``on_end`` closes it)."""
+
+    def __init__(self, run_dir: Path, first_round: int | None = 1) -> None:
+        self.folder = Path(run_dir) / TB_DIR
+        self._writer: Any = None
+        if first_round is not None:
+            self.open(first_round)
+
+    def open(self, first_round: int) -> None:
+        """Open the writer; ``first_round`` > 1 (a resume) purges the events a killed run wrote from it on."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.folder = Path(run_dir) / TB_DIR
         self._writer = SummaryWriter(str(self.folder), purge_step=first_round if first_round > 1 else None)
 
+    def on_start(self, start: RunStart) -> None:
+        if self._writer is None:
+            self.open(start.first_round)
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.add_round(record.row)
+
+    def on_end(self, summary: Mapping[str, Any] | None) -> None:
+        self.close()
+
     def add_round(self, row: Mapping[str, Any]) -> None:
-        """The row's numeric, finite values at step ``row["round"]``; flushed, so a mirror copies them."""
+        """The row's numeric, finite values at step ``row["round"]``; flushed, so a mirror copies them. Raises
+        RuntimeError when the writer is not open."""
+        if self._writer is None:
+            raise RuntimeError("RoundEvents: the writer is not open (open() or on_start first)")
         step = int(row["round"])
         for column, tag in TAGS.items():
             value = row.get(column)
@@ -53,4 +78,7 @@ class RoundEvents:
         self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        """Flush and close the writer (again: nothing)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
