@@ -4,7 +4,7 @@ config -> backend starts (Ray, worker processes) -> data, base model + initial a
 -> backend completes (server, workers' models) -> per round: plan, cohort, train, aggregate, evaluate, record
 -> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/, tb/), mirrored to a URI when asked
 
-Start-up overlaps: the backend's first half needs only the config (:func:`fedsim.runtime.backend.start_backend`: on
+Start-up overlaps: the backend's first half needs only the config (:func:`fedsim.runtime.start.start_backend`: on
 Ray it starts the cluster and creates the worker actors, whose processes then import torch, transformers and PEFT),
 so it comes first (the model libraries import in a thread meanwhile, as ray.init mostly waits); this process then
 reads and tokenises the data and builds the base model (:func:`build_inputs`) while the workers import, and the
@@ -150,7 +150,8 @@ def run_simulation(
     # return at once and import torch / transformers / PEFT in their own processes); meanwhile this process builds
     # the data and base model (build_inputs); then the backend completes with them. Input errors surface before
     # anything is trained or written (the half-started backend is shut down first).
-    from fedsim.runtime.backend import RunSetup, start_backend
+    from fedsim.runtime.backend import RunSetup
+    from fedsim.runtime.start import start_backend
 
     freeze_gc_at_exit()  # the interpreter's exit skips its last full collection (see fedsim.process_lifecycle)
     # on Ray, the model libraries import in a thread while ray.init waits for the processes it spawns
