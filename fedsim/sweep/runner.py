@@ -24,6 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,7 @@ def _run_sweep(
     if parallel != 1 and todo:
         from fedsim.runtime.sweep_pool import run_cells_on_ray
 
-        run_cells_on_ray(todo, target, parallel, finished, log)
+        run_cells_on_ray(todo, partial(run_cell, progress=False), target, parallel, finished, log)
     else:
         for i, cell in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {cell.cell_id}")

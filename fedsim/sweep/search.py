@@ -141,19 +141,6 @@ class SearchSpec:
         }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class TrialOutcome:
-    """What the search's driver knows of one trial: its id, its place in the order trials were created, the sampled
-    values, whether it ended (complete, or stopped early by the scheduler, or failed) and, when it failed, the error
-    text."""
-
-    trial_id: str
-    index: int
-    params: Mapping[str, Any]
-    ended: bool
-    error: str | None = None
-
-
 def _trial_data(
     base: Mapping[str, Any], common: Mapping[str, Any], params: Mapping[str, Any], rules: Sequence[Rule]
 ) -> dict[str, Any]:
