@@ -32,12 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from fedsim.config.load import config_from_dict
 from fedsim.config.schema import Config
 from fedsim.errors import UserError
 from fedsim.report.records import run_record
 from fedsim.storage import Location, RunMirror, local_folder, local_location, parse_location, pull
 from fedsim.sweep.spec import Cell, SweepSpec
+from fedsim.validation import config_from_dict
 
 SWEEP_FILE = "sweep.parquet"
 CELLS_DIR = "cells"
