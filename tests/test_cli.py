@@ -14,8 +14,9 @@ import yaml
 
 from fedsim import __version__
 from fedsim.cli import main
-from fedsim.config.load import config_from_dict, list_presets, load_config
+from fedsim.config.load import list_presets
 from fedsim.errors import DataError
+from fedsim.validation import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,17 +8,10 @@ import importlib
 import pytest
 import yaml
 
-from fedsim.config.load import (
-    config_from_dict,
-    config_to_dict,
-    dump_config,
-    known_keys,
-    list_presets,
-    load_config,
-    validate,
-)
+from fedsim.config.load import config_to_dict, dump_config, known_keys, list_presets
 from fedsim.config.schema import Config, FederationConfig
 from fedsim.errors import ConfigError, UserError
+from fedsim.validation import config_from_dict, load_config, validate
 
 
 def _problems(source: str | None = "tiny", overrides: tuple[str, ...] = ()) -> list[str]:

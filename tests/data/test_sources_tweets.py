@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsim.config.checks import validate
 from fedsim.config.schema import Config, DataConfig
 from fedsim.data import sources, tweets
 from fedsim.data.sources import load_source, source_path_problem
 from fedsim.errors import DataError
+from fedsim.validation import validate
 
 
 def _csv_path() -> Path | None:
