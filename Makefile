@@ -13,7 +13,8 @@ export TOKENIZERS_PARALLELISM=false
 
 .PHONY: setup demo test lint clean
 
-# torch is pinned first (constraints.txt): torch==2.13.0 is the CPU wheel here and the CUDA build elsewhere.
+# torch is pinned first (constraints.txt): torch==2.13.0 is the CPU wheel here and the CUDA build elsewhere. The
+# constraints file also pins the tested versions of Ray, Opacus, PEFT, transformers, DeepSpeed and pyarrow.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -33,8 +34,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# ruff, then the import contracts of pyproject.toml [tool.importlinter] (layers, no cycles, Ray only in fedsim.runtime)
 lint: setup
 	$(VENV)/bin/ruff check fedsim tests
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .cache runs

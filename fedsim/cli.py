@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 
 from fedsim import __version__
-from fedsim.config.load import config_to_dict, list_presets, load_config
+from fedsim.config.load import config_to_dict, list_presets
 from fedsim.errors import UserError
 from fedsim.storage import (
     Location,
     parse_location,
 )
+from fedsim.validation import load_config
 
 _SKIP = ("label", "out_dir")  # summary keys already printed elsewhere; None values are skipped too
 # summary keys printed first (in this order) when present; the other scalar entries follow

@@ -6,7 +6,7 @@ observers record it (:mod:`fedsim.metrics.observers`: tables, TensorBoard, progr
 caller's) -> run directory (config.yaml, rounds/clients.parquet, summary.json, adapter/, tb/), mirrored to a URI
 when asked
 
-Start-up overlaps: the backend's first half needs only the config (:func:`fedsim.runtime.backend.start_backend`: on
+Start-up overlaps: the backend's first half needs only the config (:func:`fedsim.runtime.start.start_backend`: on
 Ray it starts the cluster and creates the worker actors, whose processes then import torch, transformers and PEFT),
 so it comes first (the model libraries import in a thread meanwhile, as ray.init mostly waits); this process then
 reads and tokenises the data and builds the base model (:func:`build_inputs`) while the workers import, and the
@@ -245,7 +245,8 @@ def start_run(cfg: Config, out_dir: Path) -> StartedRun:
         from fedsim.runtime.cluster import check as check_cluster  # fails here, before any work
 
         check_cluster(cfg.runtime.address, cfg.runtime)
-    from fedsim.runtime.backend import RunSetup, start_backend
+    from fedsim.runtime.backend import RunSetup
+    from fedsim.runtime.start import start_backend
 
     freeze_gc_at_exit()  # the interpreter's exit skips its last full collection (see fedsim.process_lifecycle)
     # on Ray, the model libraries import in a thread while ray.init waits for the processes it spawns

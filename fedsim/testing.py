@@ -29,8 +29,8 @@ import torch
 
 from fedsim.config.schema import Config, FederationConfig, MethodConfig
 from fedsim.methods.base import Method, registration_problems
-from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
+from fedsim.partial_sum import PartialSum
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
 
 __all__ = ["MethodContractError", "check_method", "contract_state"]

@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
 AdapterState = dict[str, torch.Tensor]
+#: a method's server-side state between rounds (JSON-able values; checkpointed with the global state)
+ServerState = dict[str, Any]
 
 
 def state_bytes(state: Mapping[str, torch.Tensor]) -> int:

@@ -13,9 +13,9 @@ import pytest
 
 import fedsim
 from fedsim.cli import main
-from fedsim.config.load import load_config
 from fedsim.metrics.observers import RunObserver
 from fedsim.metrics.tensorboard import TAGS
+from fedsim.validation import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- python-api-example"

@@ -14,8 +14,9 @@ import yaml
 
 from fedsim import __version__
 from fedsim.cli import main
-from fedsim.config.load import config_from_dict, list_presets, load_config
+from fedsim.config.load import list_presets
 from fedsim.errors import DataError
+from fedsim.validation import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def _run_error_cases() -> list:
         not _available("fedsim.methods.base", "available_methods"), reason="method registry not available"
     )
     skip_sources = pytest.mark.skipif(
-        not _available("fedsim.data.sources", "source_path_problem"), reason="data sources not available"
+        not _available("fedsim.data.registry", "source_path_problem"), reason="data sources not available"
     )
     cases.append(pytest.param(["--set", "method.name=nope"], "method.name", id="unknown-method", marks=skip_methods))
     cases.append(

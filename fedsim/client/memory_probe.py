@@ -37,7 +37,7 @@ def _probe_pass_size(cfg: Config) -> int:
     """Clients trained together in the probe: ``runtime.clients_per_pass``, or for ``auto`` the most the timing
     probe may choose (16, at most a round's cohort), 1 when batching is not possible."""
     from fedsim.client.pass_probe import CANDIDATES
-    from fedsim.config.batching import batching_blockers
+    from fedsim.methods.batching import batching_blockers
 
     k = cfg.runtime.clients_per_pass
     if k == "auto":

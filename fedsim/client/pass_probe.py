@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 from fedsim.client.batched_trainer import ClientInput
 from fedsim.client.worker import ClientWorker
-from fedsim.config.batching import batching_blockers
 from fedsim.config.schema import Config
+from fedsim.methods.batching import batching_blockers
 from fedsim.model.adapters import get_state
 
 #: the K values tried (powers of two: the gain per doubling is what decides)

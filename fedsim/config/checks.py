@@ -1,13 +1,15 @@
-"""Semantic checks of a :class:`~fedsim.config.schema.Config`: ranges, cross-key rules, registries."""
+"""Semantic checks of a :class:`~fedsim.config.schema.Config` that need nothing but the config: value types, declared
+choices, ranges and cross-key rules. Checks against what other packages declare (the method registry, model names,
+data sources, the fused-pass rules of ``runtime.clients_per_pass``, the form of ``runtime.address``) are
+application-level: :mod:`fedsim.validation` adds them (config/ sits below those packages and imports none of them)."""
 
 from __future__ import annotations
 
 import math
 
-from fedsim.config.batching import clients_per_pass_problems
-from fedsim.config.fields import _Bad, _convert, _get, _leaves, _show, _suggest
+from fedsim.config.fields import BadValue, convert, get_value, leaves, show, suggest
+from fedsim.config.privacy_ranges import delta_problem
 from fedsim.config.schema import Config
-from fedsim.privacy.checks import delta_problem
 
 
 def _proportion_problems(rows: list[list[float]] | None, required: bool) -> list[str]:
@@ -34,70 +36,26 @@ def _proportion_problems(rows: list[list[float]] | None, required: bool) -> list
     return out
 
 
-def _external_problems(cfg: Config) -> list[str]:
-    """Checks owned by other packages: the method registry (the method's capabilities against the privacy mode and
-    the LoRA variant; its own settings), the model name, the data source."""
-    from fedsim.data.sources import source_path_problem
-    from fedsim.methods.base import all_capabilities, available_methods, get_method
-    from fedsim.model.registry import model_name_problem
-
-    out: list[str] = []
-    from fedsim.errors import ConfigError
-    from fedsim.plugins import is_spec
-
-    known = available_methods()
-    method = None
-    if is_spec(cfg.method.name) and cfg.method.name not in known:  # a user method: imported and checked here
-        try:
-            method = get_method(cfg.method.name)
-        except ConfigError as e:
-            out.extend(e.problems)
-    elif cfg.method.name not in known:
-        out.append(
-            f"method.name: unknown method '{cfg.method.name}'{_suggest(cfg.method.name, known)}; "
-            f"known methods: {', '.join(known)} (a method of your own: module.path:ClassName)"
-        )
-    else:
-        method = get_method(cfg.method.name)
-    if method is not None:  # what the method declares it supports, and its own settings
-        out.extend(method.capabilities.problems(cfg, all_capabilities()))
-        out.extend(method.settings_problems(cfg))
-    for key, check in (("model.name", model_name_problem), ("data.source", source_path_problem)):
-        problem = check(_get(cfg, key))
-        if problem:
-            out.append(problem if problem.startswith(key) else f"{key}: {problem}")
-    return out
-
-
 def _task_problems(cfg: Config) -> list[str]:
-    """task.kind against the model and the data source (causal_lm needs a decoder with a causal-LM head and a
-    prompt/response source; the instruct-only sources need causal_lm) and task.max_new_tokens."""
-    from fedsim.data.sources import task_source_problem
-    from fedsim.model.registry import task_model_problem
-
-    out: list[str] = []
     if cfg.task.max_new_tokens < 1:
-        out.append(f"task.max_new_tokens must be >= 1 (got {_show(cfg.task.max_new_tokens)}); e.g. 16")
-    for problem in (task_model_problem(cfg.task.kind, cfg.model.name), task_source_problem(cfg.task.kind, cfg.data)):
-        if problem:
-            out.append(problem)
-    return out
+        return [f"task.max_new_tokens must be >= 1 (got {show(cfg.task.max_new_tokens)}); e.g. 16"]
+    return []
 
 
 def _privacy_problems(cfg: Config) -> list[str]:
     pr = cfg.privacy
     out: list[str] = []
     if pr.clip <= 0:
-        out.append(f"privacy.clip must be > 0 (got {_show(pr.clip)}); the per-example clipping norm, e.g. 2.0")
+        out.append(f"privacy.clip must be > 0 (got {show(pr.clip)}); the per-example clipping norm, e.g. 2.0")
     if pr.client_clip <= 0:
-        out.append(f"privacy.client_clip must be > 0 (got {_show(pr.client_clip)}); e.g. 1.0")
+        out.append(f"privacy.client_clip must be > 0 (got {show(pr.client_clip)}); e.g. 1.0")
     delta = delta_problem(pr.delta)
     if delta:
         out.append(delta)
     if pr.epsilon is not None and pr.epsilon <= 0:
-        out.append(f"privacy.epsilon must be > 0 (got {_show(pr.epsilon)}); e.g. 8, or null for no target")
+        out.append(f"privacy.epsilon must be > 0 (got {show(pr.epsilon)}); e.g. 8, or null for no target")
     if pr.noise_multiplier is not None and pr.noise_multiplier < 0:
-        out.append(f"privacy.noise_multiplier must be >= 0 (got {_show(pr.noise_multiplier)}); e.g. 1.0")
+        out.append(f"privacy.noise_multiplier must be >= 0 (got {show(pr.noise_multiplier)}); e.g. 1.0")
     if pr.mode != "none":
         if pr.epsilon is not None and pr.noise_multiplier is not None:
             out.append(
@@ -112,30 +70,34 @@ def _privacy_problems(cfg: Config) -> list[str]:
     return out
 
 
-def validate(cfg: Config) -> list[str]:
-    """Every semantic problem of ``cfg`` (empty list = valid); each line names the key and the fix.
-
-    Checks value types, declared choices, numeric ranges, cross-key constraints, and (when those
-    modules are importable) the method registry, the model name and the data source.
-    """
+def type_problems(cfg: Config) -> list[str]:
+    """One line per value of ``cfg`` that does not have its field's type (empty: every value fits)."""
     problems: list[str] = []
-    for key, _, tp in _leaves():
+    for key, _, tp in leaves():
         try:
-            _convert(_get(cfg, key), tp, key)
-        except _Bad as e:
+            convert(get_value(cfg, key), tp, key)
+        except BadValue as e:
             problems.append(str(e))
+    return problems
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem of ``cfg`` the config alone shows (empty list = valid as far as config/ can tell); each line
+    names the key and the fix. Checks value types, declared choices, numeric ranges and cross-key constraints; the
+    checks against other packages' registries are :func:`fedsim.validation.cross_package_problems`."""
+    problems = type_problems(cfg)
     if problems:  # range checks below assume the right types
         return problems
-    for key, f, _ in _leaves():
+    for key, f, _ in leaves():
         choices = f.metadata.get("choices")
-        value = _get(cfg, key)
+        value = get_value(cfg, key)
         if choices and value not in choices:
-            hint = _suggest(value, choices) if isinstance(value, str) else ""
-            problems.append(f"{key}: {_show(value)} is not one of {', '.join(map(str, choices))}{hint}")
+            hint = suggest(value, choices) if isinstance(value, str) else ""
+            problems.append(f"{key}: {show(value)} is not one of {', '.join(map(str, choices))}{hint}")
 
     def need(key: str, ok: bool, rule: str, fix: str) -> None:
         if not ok:
-            problems.append(f"{key} must be {rule} (got {_show(_get(cfg, key))}); {fix}")
+            problems.append(f"{key} must be {rule} (got {show(get_value(cfg, key))}); {fix}")
 
     lo, da, pa, fe, rt = cfg.lora, cfg.data, cfg.data.partition, cfg.federation, cfg.runtime
     need("seed", cfg.seed >= 0, ">= 0", "use any non-negative integer, e.g. 0")
@@ -162,7 +124,7 @@ def validate(cfg: Config) -> list[str]:
             f"{fe.clients} or raise federation.clients"
         )
     for key in ("federation.rounds", "federation.local_steps", "federation.batch_size", "federation.eval_every"):
-        need(key, _get(cfg, key) >= 1, ">= 1", "use a positive integer")
+        need(key, get_value(cfg, key) >= 1, ">= 1", "use a positive integer")
     need("federation.lr", fe.lr > 0, "> 0", "e.g. 0.5 for SGD or 5e-4 for AdamW")
     need("federation.local_eval_clients", fe.local_eval_clients >= 0, ">= 0", "e.g. 100; 0 turns local evaluation off")
     problems.extend(_privacy_problems(cfg))
@@ -188,7 +150,13 @@ def validate(cfg: Config) -> list[str]:
         "0 for CPU only, 0.25 for a quarter GPU, auto to size the share from a probe client",
     )
     need("runtime.eval_batch_size", rt.eval_batch_size >= 1, ">= 1", "e.g. 64")
-    problems.extend(clients_per_pass_problems(cfg))
+    k = rt.clients_per_pass  # its rules against the method and the other keys: fedsim.validation
+    need(
+        "runtime.clients_per_pass",
+        k == "auto" or k >= 1,
+        ">= 1 or auto",
+        "1 trains one client at a time, e.g. 8 trains eight together",
+    )
     need("runtime.checkpoint_every", rt.checkpoint_every >= 0, ">= 0", "e.g. 1; 0 = after the last round only")
     need("runtime.max_failed_fraction", 0.0 <= rt.max_failed_fraction <= 1.0, "in [0, 1]", "e.g. 0.5")
     need(
@@ -229,10 +197,4 @@ def validate(cfg: Config) -> list[str]:
             "runtime.gpus_per_worker: auto is not supported with runtime.zero.stage > 0; give each rank a number of "
             "GPUs (e.g. 1) or 0 for CPU"
         )
-    from fedsim.runtime.cluster import address_problem  # the form only (no network; that module imports no Ray)
-
-    address = address_problem(rt.address.strip())
-    if address:
-        problems.append(address)
-    problems.extend(_external_problems(cfg))
     return problems

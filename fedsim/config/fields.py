@@ -18,7 +18,7 @@ _SCI_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 _NO = object()  # "does not convert"
 
 
-class _Bad(Exception):
+class BadValue(Exception):
     """A value that does not fit its field's type (message is the full problem line)."""
 
 
@@ -26,36 +26,36 @@ class _Bad(Exception):
 
 
 @functools.cache
-def _fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
+def schema_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
     hints = typing.get_type_hints(cls)
     return tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
 
 
-def _is_section(tp: Any) -> bool:
+def is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _leaves(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:
-    for f, tp in _fields(cls):
-        if _is_section(tp):
-            yield from _leaves(tp, f"{prefix}{f.name}.")
+def leaves(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:
+    for f, tp in schema_fields(cls):
+        if is_section(tp):
+            yield from leaves(tp, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", f, tp
 
 
 def _sections(cls: type = Config, prefix: str = "") -> Iterator[str]:
-    for f, tp in _fields(cls):
-        if _is_section(tp):
+    for f, tp in schema_fields(cls):
+        if is_section(tp):
             yield f"{prefix}{f.name}"
             yield from _sections(tp, f"{prefix}{f.name}.")
 
 
 def known_keys() -> list[str]:
     """All dotted leaf keys of the config, in schema order (e.g. ``"data.partition.alpha"``)."""
-    return [key for key, _, _ in _leaves()]
+    return [key for key, _, _ in leaves()]
 
 
-def _get(cfg: Any, key: str) -> Any:
+def get_value(cfg: Any, key: str) -> Any:
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg
@@ -64,7 +64,7 @@ def _get(cfg: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------- conversion
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -91,7 +91,7 @@ def _describe(tp: Any, plural: bool = False) -> str:
         words = [_describe(a, plural) for a in inner] + (["null"] if len(inner) < len(args) else [])
         return " or ".join(words)
     if origin is typing.Literal:
-        return " or ".join(_show(a) for a in args)
+        return " or ".join(show(a) for a in args)
     if origin is list:
         return f"{'lists' if plural else 'a list'} of {_describe(args[0], plural=True)}"
     return _NAMES[tp][1 if plural else 0] if tp in _NAMES else str(tp)
@@ -109,18 +109,18 @@ def _scalar(value: Any, tp: type) -> Any:
     return value if isinstance(value, str) else _NO
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Convert one YAML value to the field type ``tp``; raise :class:`_Bad` naming ``key`` if it does not fit."""
+def convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert one YAML value to the field type ``tp``; raise :class:`BadValue` naming ``key`` if it does not fit."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = _Bad(f"{key}: expected {_describe(tp)}, got {_show(value)}")
+    bad = BadValue(f"{key}: expected {_describe(tp)}, got {show(value)}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         for i, member in enumerate(inner):  # the first member the value fits (int | Literal["auto"])
             try:
-                return _convert(value, member, key)
-            except _Bad as e:
+                return convert(value, member, key)
+            except BadValue as e:
                 if i + 1 < len(inner):
                     continue
                 if isinstance(value, (list, tuple)):  # keep the precise element-level message
@@ -140,27 +140,27 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if args[0] is str and isinstance(value, str):  # "query,value"
             return [s.strip() for s in value.split(",") if s.strip()]
         if not isinstance(value, (list, tuple)):
-            raise _Bad(
-                f"{key}: expected {_describe(tp)}, got {_show(value)}"
+            raise BadValue(
+                f"{key}: expected {_describe(tp)}, got {show(value)}"
                 + (" (or one comma-separated string)" if args[0] is str else "")
             )
-        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    raise _Bad(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - schema bug
+        return [convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    raise BadValue(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - schema bug
 
 
-def _suggest(word: str, candidates: Sequence[str]) -> str:
+def suggest(word: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _unknown_key(key: str) -> str:
+def unknown_key(key: str) -> str:
     keys = known_keys()
     last = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == last]
     if len(same_leaf) == 1 and "." not in key:  # "rounds" at top level -> "federation.rounds"
         hint = f" (did you mean '{same_leaf[0]}'?)"
     else:
-        hint = _suggest(key, keys + list(_sections()))
+        hint = suggest(key, keys + list(_sections()))
     if not hint:
         hint = "; run `fedsim validate quickstart` to see every key"
     return f"{key}: unknown key{hint}"

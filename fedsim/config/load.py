@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,14 @@ import yaml
 
 from fedsim.config.checks import validate
 from fedsim.config.fields import (
-    _Bad,
-    _convert,
-    _fields,
-    _is_section,
-    _show,
-    _suggest,
-    _unknown_key,
+    BadValue,
+    convert,
+    is_section,
     known_keys,
+    schema_fields,
+    show,
+    suggest,
+    unknown_key,
 )
 from fedsim.config.schema import LEGACY_METHOD_KEYS, Config
 from fedsim.errors import ConfigError
@@ -50,17 +50,20 @@ __all__ = [
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 DEFAULT_PRESET = "quickstart"
+#: checks a layer above config/ adds to the config's own (:func:`fedsim.validation.cross_package_problems`): a
+#: function from a converted config to its problem lines
+Checks = Callable[[Config], list[str]]
 _KEY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")  # a dotted key in --set key.path=value
 
 
-def _expand_dotted(data: Mapping[Any, Any]) -> dict[Any, Any]:
+def expand_dotted(data: Mapping[Any, Any]) -> dict[Any, Any]:
     """Turn ``{"a.b": 1}`` into ``{"a": {"b": 1}}`` (recursively; later keys win)."""
     out: dict[Any, Any] = {}
     for k, v in data.items():
-        v = _expand_dotted(v) if isinstance(v, Mapping) else v
+        v = expand_dotted(v) if isinstance(v, Mapping) else v
         if isinstance(k, str) and "." in k:
             head, rest = k.split(".", 1)
-            v = _expand_dotted({rest: v})
+            v = expand_dotted({rest: v})
             k = head
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge_nested(out[k], v)
@@ -94,21 +97,21 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str], failed: set[s
         return cls()
     if not isinstance(data, Mapping):
         where = prefix[:-1] or "the config"
-        problems.append(f"{where}: expected a mapping of keys, got {_show(data)}")
+        problems.append(f"{where}: expected a mapping of keys, got {show(data)}")
         failed.add(prefix[:-1])
         return cls()
-    fields = {f.name: tp for f, tp in _fields(cls)}
+    fields = {f.name: tp for f, tp in schema_fields(cls)}
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            problems.append(_unknown_key(key))
-        elif _is_section(fields[name]):
+            problems.append(unknown_key(key))
+        elif is_section(fields[name]):
             kwargs[name] = _build(fields[name], value, key + ".", problems, failed)
         else:
             try:
-                kwargs[name] = _convert(value, fields[name], key)
-            except _Bad as e:
+                kwargs[name] = convert(value, fields[name], key)
+            except BadValue as e:
                 problems.append(str(e))
                 failed.add(key)
     return cls(**kwargs)
@@ -135,23 +138,26 @@ def _moved_keys(data: Mapping[Any, Any]) -> dict[Any, Any]:
     return {**data, "method": method}
 
 
-def _from_dict(data: Any, problems: list[str]) -> Config:
+def _from_dict(data: Any, problems: list[str], checks: Checks | None) -> Config:
     failed: set[str] = set()
-    data = _moved_keys(_expand_dotted(data)) if isinstance(data, Mapping) else data
+    data = _moved_keys(expand_dotted(data)) if isinstance(data, Mapping) else data
     cfg = _build(Config, data, "", problems, failed)
     # semantic checks on fields that failed conversion would judge the substituted default
     problems.extend(p for p in validate(cfg) if not _mentions(p, failed))
+    if checks is not None:
+        problems.extend(p for p in checks(cfg) if not _mentions(p, failed))
     return cfg
 
 
-def config_from_dict(d: Mapping[str, Any]) -> Config:
+def config_from_dict(d: Mapping[str, Any], checks: Checks | None = None) -> Config:
     """Convert a nested (or dotted-key) mapping to a :class:`Config` and validate it.
 
     Missing keys take the schema defaults. Raises :class:`ConfigError` with every problem
-    (unknown keys, wrong types, disallowed choices and everything :func:`validate` finds).
+    (unknown keys, wrong types, disallowed choices, everything :func:`validate` finds and, when given, what
+    ``checks`` finds: :func:`fedsim.validation.config_from_dict` passes the cross-package checks).
     """
     problems: list[str] = []
-    cfg = _from_dict(d, problems)
+    cfg = _from_dict(d, problems, checks)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -183,7 +189,7 @@ def list_presets() -> list[tuple[str, str]]:
     return out
 
 
-def _resolve_source(source: str) -> tuple[Path, str]:
+def resolve_source(source: str) -> tuple[Path, str]:
     """Map a preset name or a file path to ``(path, label)``; raise ConfigError if neither exists."""
     preset = PRESETS_DIR / f"{source}.yaml"
     looks_like_path = "/" in source or "\\" in source or source.endswith((".yaml", ".yml"))
@@ -194,13 +200,13 @@ def _resolve_source(source: str) -> tuple[Path, str]:
         return path, path.stem
     names = [n for n, _ in list_presets()]
     if not looks_like_path:
-        msg = f"unknown preset '{source}'{_suggest(source, names)}; available presets: {', '.join(names)}"
+        msg = f"unknown preset '{source}'{suggest(source, names)}; available presets: {', '.join(names)}"
         raise ConfigError([msg + " (or give a path to a YAML file)"])
     what = "is not a file" if path.exists() else "not found; check the path"
     raise ConfigError([f"config file {source}: {what}, or use a preset name ({', '.join(names)})"])
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -211,7 +217,7 @@ def _read_yaml(path: Path) -> Any:
         return {}
     if not isinstance(data, Mapping):
         raise ConfigError(
-            [f"config file {path}: expected a mapping of sections (model:, data:, ...), got {_show(data)}"]
+            [f"config file {path}: expected a mapping of sections (model:, data:, ...), got {show(data)}"]
         )
     return data
 
@@ -240,20 +246,23 @@ def _apply_override(data: dict[Any, Any], text: str, problems: list[str]) -> Non
     node[parts[-1]] = value
 
 
-def load_config(source: str | None = None, overrides: Sequence[str] = ()) -> tuple[Config, str]:
+def load_config(
+    source: str | None = None, overrides: Sequence[str] = (), checks: Checks | None = None
+) -> tuple[Config, str]:
     """Load a preset (name) or YAML file (path), apply ``key.path=value`` overrides, validate.
 
     ``source=None`` means the ``quickstart`` preset. Override values are parsed with
     ``yaml.safe_load`` (``3`` -> int, ``0.5`` -> float, ``[a,b]`` -> list, ``null`` -> None).
     Returns ``(config, label)``: the label is the preset name or the file stem.
-    Raises :class:`ConfigError` listing every problem (source, overrides, keys, types, semantics).
+    Raises :class:`ConfigError` listing every problem (source, overrides, keys, types, semantics; with ``checks``,
+    also theirs: :func:`fedsim.validation.load_config` passes the cross-package checks).
     """
-    path, label = _resolve_source(DEFAULT_PRESET if source is None else str(source))
-    data = _expand_dotted(_read_yaml(path))
+    path, label = resolve_source(DEFAULT_PRESET if source is None else str(source))
+    data = expand_dotted(read_yaml(path))
     problems: list[str] = []
     for text in overrides:
         _apply_override(data, text, problems)
-    cfg = _from_dict(data, problems)
+    cfg = _from_dict(data, problems, checks)
     if problems:
         raise ConfigError(problems)
     return cfg, label

@@ -27,11 +27,7 @@ import numpy as np
 from fedsim.config.schema import DataConfig
 from fedsim.data.partition import apportion
 from fedsim.data.registry import load_dataset
-from fedsim.data.registry import source_path_problem as source_path_problem  # re-exported for config checks
-from fedsim.data.registry import task_source_problem as task_source_problem  # re-exported for config checks
-from fedsim.data.synthetic import make_synthetic as make_synthetic  # re-exported for benchmarks and tests
 from fedsim.data.types import Dataset
-from fedsim.data.types import TextDataset as TextDataset  # re-exported: its callers predate types.py
 from fedsim.errors import DataError
 from fedsim.seeding import numpy_rng
 

@@ -1,6 +1,6 @@
 """Aggregation maths as plain functions (no orchestration, no Ray, no model).
 
-The weighted mean has ONE definition, :meth:`fedsim.methods.partial_sum.PartialSum.mean` (float64
+The weighted mean has ONE definition, :meth:`fedsim.partial_sum.PartialSum.mean` (float64
 ``sum_k w_k x_k / sum_k w_k``, folded in the given order): the streamed linear methods use it through
 ``Method.aggregate_sums``, the buffered SVD family through :func:`weighted_means`. Besides, the SVD family's shared
 maths: the weighted mean of the clients' products (:func:`mean_product`), the truncated SVD
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of, is_residual, layers_of, lora_key, residual_key
+from fedsim.partial_sum import PartialSum
 from fedsim.types import AdapterState, ClientUpdate, RoundPlan
 
 #: how :func:`truncated_factors` may place the singular values (``method.svd_split``)

@@ -54,8 +54,8 @@ import torch
 
 from fedsim.config.schema import Config
 from fedsim.methods.base import Capabilities, Method, ServerState, register_method
-from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of, layer_of, layers_of
+from fedsim.partial_sum import PartialSum
 from fedsim.seeding import numpy_rng, torch_generator
 from fedsim.types import AdapterState, Role, RoundPlan, SignalContext
 

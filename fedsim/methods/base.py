@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
-from fedsim.methods.partial_sum import PartialSum
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, SignalContext
+from fedsim.partial_sum import PartialSum
+from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, ServerState, SignalContext
 
-ServerState = dict[str, Any]
+__all__ = ["ServerState"]  # re-exported: the methods import it from here
 
 _REGISTRY: dict[str, type[Method]] = {}
 _METHOD_MODULES = (

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedsim.config.privacy_ranges import delta_problem
 from fedsim.errors import ConfigError
-from fedsim.privacy.checks import delta_problem
 
 if TYPE_CHECKING:
     from opacus.accountants import PRVAccountant, RDPAccountant

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedsim.config.privacy_ranges import delta_problem
 from fedsim.errors import ConfigError
 from fedsim.privacy.accounting import ACCOUNTANTS, calibrate_noise, epsilon_for
-from fedsim.privacy.checks import delta_problem
 from fedsim.types import AdapterState
 
 _EPS_STABILITY = 1e-12

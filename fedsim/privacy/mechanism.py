@@ -33,12 +33,13 @@ Mechanisms:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from fedsim.methods.partial_sum import PartialSum
+from fedsim.partial_sum import PartialSum
 from fedsim.privacy.accounting import PrivacyLedger, would_exceed
 from fedsim.privacy.client_level import (
     client_level_epsilon,
@@ -47,14 +48,36 @@ from fedsim.privacy.client_level import (
     gaussian_noise,
 )
 from fedsim.seeding import torch_generator
-from fedsim.types import AdapterState, ClientTask, RoundPlan
+from fedsim.types import AdapterState, ClientTask, ClientUpdate, RoundPlan, ServerState
 
 if TYPE_CHECKING:
     from fedsim.config.schema import Config
-    from fedsim.methods.base import Method, ServerState
 
 #: the (seed, purpose, round) stream of the server's DP-FedAvg noise
 SERVER_NOISE = "server_noise"
+
+
+class DeclaresLinearity(Protocol):
+    """The part of a method's capabilities a mechanism reads: whether its aggregation is a weighted sum."""
+
+    @property
+    def linear(self) -> bool: ...
+
+
+class Aggregator(Protocol):
+    """What a mechanism needs of a method to aggregate (:class:`fedsim.methods.base.Method` satisfies it; privacy
+    sits below methods in the layers, so it names the interface, not the class)."""
+
+    @property
+    def capabilities(self) -> DeclaresLinearity: ...
+
+    def aggregate(
+        self, global_state: AdapterState, updates: Sequence[ClientUpdate], plan: RoundPlan, server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]: ...
+
+    def aggregate_sums(
+        self, global_state: AdapterState, sums: PartialSum, plan: RoundPlan, server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]: ...
 
 
 @dataclass(frozen=True)
@@ -94,7 +117,12 @@ class NoPrivacy:
 
     # ------------------------------------------------------------------ server side
     def aggregate(
-        self, method: Method, global_state: AdapterState, sums: PartialSum, plan: RoundPlan, server_state: ServerState
+        self,
+        method: Aggregator,
+        global_state: AdapterState,
+        sums: PartialSum,
+        plan: RoundPlan,
+        server_state: ServerState,
     ) -> tuple[AdapterState, ServerState]:
         """The new (global, server) state from the round's folded uploads: the method's own aggregation; no
         uploads (or nothing shared) = no change."""
@@ -164,7 +192,12 @@ class ClientLevelDP(NoPrivacy):
         return clipped, 1.0
 
     def aggregate(
-        self, method: Method, global_state: AdapterState, sums: PartialSum, plan: RoundPlan, server_state: ServerState
+        self,
+        method: Aggregator,
+        global_state: AdapterState,
+        sums: PartialSum,
+        plan: RoundPlan,
+        server_state: ServerState,
     ) -> tuple[AdapterState, ServerState]:
         """``global + (sum of clipped deltas + N(0, (sigma * clip)^2)) / m`` for the shared tensors, formed as the
         privatised weighted sum ``m * global + sum + noise`` of weight ``m`` and handed to the method's

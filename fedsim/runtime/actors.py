@@ -25,7 +25,7 @@ import ray
 import torch
 
 from fedsim.config.schema import Config
-from fedsim.methods.partial_sum import PartialSum
+from fedsim.partial_sum import PartialSum
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.runtime.server_home import ServerHome
 from fedsim.server.parameter_server import new_partial

@@ -1,4 +1,4 @@
-"""The backend protocol the driver talks to, and the factory. No Ray import at module level."""
+"""The backend protocol the driver talks to (the factory is :mod:`fedsim.runtime.start`). No Ray import."""
 
 from __future__ import annotations
 
@@ -75,45 +75,16 @@ class Backend(Protocol):
 
 
 class BackendStart(Protocol):
-    """A backend half-started from the config alone (:func:`start_backend`); the driver builds the data and model
-    meanwhile, then calls :meth:`complete` once (or :meth:`shutdown` when the inputs turned out bad)."""
+    """A backend half-started from the config alone (:func:`fedsim.runtime.start.start_backend`); the driver builds
+    the data and model meanwhile, then calls :meth:`complete` once (or :meth:`shutdown` when the inputs turned out
+    bad)."""
 
     def complete(self, setup: RunSetup) -> Backend:
         """The running backend, finished with ``setup`` (same config, privacy mechanism and run folder as given to
-        :func:`start_backend`). Raises UserError as the backend's start does, after releasing what it started."""
+        :func:`fedsim.runtime.start.start_backend`). Raises UserError as the backend's start does, after releasing
+        what it started."""
         ...
 
     def shutdown(self) -> None:
         """Release whatever was started (a local Ray this process started is stopped)."""
         ...
-
-
-@dataclass(frozen=True)
-class _LocalStart:
-    """The in-process backend has nothing to start before its inputs exist."""
-
-    def complete(self, setup: RunSetup) -> Backend:
-        from fedsim.runtime.local import LocalBackend
-
-        return LocalBackend(setup)
-
-    def shutdown(self) -> None:
-        pass
-
-
-def start_backend(cfg: Config, privacy: PrivacyMechanism, run_dir: Path | None) -> BackendStart:
-    """Begin starting the backend ``runtime.backend`` names with what needs only the config: for ``ray``, Ray itself
-    and the worker actors, whose processes import torch / transformers / PEFT while the caller builds the data and
-    model (:meth:`fedsim.runtime.ray_backend.RayBackend.begin`); returns once they are created. Call it from the
-    main thread (Ray ties the processes it starts to the thread that starts them). Raises UserError when the
-    cluster cannot hold the workers. Ray is imported only for ``ray``."""
-    if cfg.runtime.backend == "local":
-        return _LocalStart()
-    from fedsim.runtime.ray_backend import RayBackend
-
-    return RayBackend.begin(cfg, privacy, run_dir)
-
-
-def make_backend(setup: RunSetup) -> Backend:
-    """The backend named by ``runtime.backend``, started in one go (:func:`start_backend` + ``complete``)."""
-    return start_backend(setup.cfg, setup.privacy, setup.run_dir).complete(setup)

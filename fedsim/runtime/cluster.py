@@ -54,9 +54,14 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from fedsim.errors import UserError
+from fedsim.runtime.placement import capacity_problem, worker_bundle, zero_capacity_problem
+from fedsim.runtime.ray_compat import autoscaler_status, available_resources_per_node, resolve_auto_address
+
+if TYPE_CHECKING:
+    from fedsim.config.schema import RuntimeConfig
 
 KEY = "runtime.address"
 ENV = "RAY_ADDRESS"
@@ -158,17 +163,16 @@ def _resolve(target: Target) -> tuple[str, int] | None:
     address = target.address
     if address == "auto":
         try:  # Ray's own resolution: RAY_ADDRESS, then the newest `ray start`, then a running GCS process
-            from ray._private.services import canonicalize_bootstrap_address
-        except ImportError:
-            return None
-        try:
-            address = canonicalize_bootstrap_address("auto") or ""
+            resolved = resolve_auto_address()
         except ConnectionError as exc:
             raise UserError(
                 f"{target.source}: auto finds no running Ray cluster on this machine; start one with "
                 "`ray start --head`, give the head's address (host:6379), or leave runtime.address empty to start "
                 "a local Ray"
             ) from exc
+        if resolved is None:
+            return None
+        address = resolved
     found = _host_port(address.split("://", 1)[-1])
     if found is None:
         raise UserError(f"{target.source}: {address!r} is not a cluster address")
@@ -220,7 +224,7 @@ def check(address: str, runtime: Any = None) -> Target:
     """The preflight of a run on the Ray backend, before any data is read or file written: :func:`plan` with this
     process's environment, then :func:`probe` when it joins. With ``runtime`` (the run's ``RuntimeConfig``), a run
     that joins a cluster (or finds Ray initialised) also connects now and is refused when the cluster is fixed-size
-    and can never hold ``runtime.workers`` (:func:`fedsim.runtime.resources.refuse_if_never_fits`; the backend
+    and can never hold ``runtime.workers`` (:func:`refuse_if_never_fits`; the backend
     checks again). Raises UserError (see those)."""
     import ray
 
@@ -229,8 +233,6 @@ def check(address: str, runtime: Any = None) -> Target:
         probe(target)
     zero = getattr(runtime, "zero", None)
     if zero is not None and zero.stage > 0 and target.action == "start" and runtime.gpus_per_worker == 0:
-        from fedsim.runtime.placement import worker_bundle, zero_capacity_problem
-
         # the local Ray the run will start: this machine's CPUs (or what runtime.workers needs, if more)
         cpus = max(os.cpu_count() or 1, math.ceil(int(runtime.workers) * runtime.cpus_per_worker))
         bundle = worker_bundle(runtime.cpus_per_worker, 0.0, runtime.accelerator_type)
@@ -239,8 +241,6 @@ def check(address: str, runtime: Any = None) -> Target:
             raise UserError(problem)
     if runtime is not None and target.action != "start":
         connect(address)
-        from fedsim.runtime.resources import refuse_if_never_fits
-
         refuse_if_never_fits(runtime)
     return target
 
@@ -318,7 +318,6 @@ ClusterKind = Literal["fixed", "autoscaling", "unknown"]
 _READONLY_NODE_TYPE = re.compile(r"^node_[0-9a-f]{56}$")
 #: seconds to wait for the autoscaler monitor's first status (it writes one every 5 s, Ray's update interval)
 STATUS_WAIT_S = 12.0
-_STATUS_KEY = "__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS, read by `ray status`
 
 
 def kind_from_status(status: Mapping[str, Any] | None) -> ClusterKind:
@@ -335,13 +334,36 @@ def cluster_kind(wait_s: float = STATUS_WAIT_S) -> ClusterKind:
     autoscaler status). A head's monitor writes its first status a few seconds after the head starts, so a missing
     status is waited for up to ``wait_s`` seconds. Needs Ray initialised; never raises."""
     try:
-        from ray.experimental.internal_kv import _internal_kv_get
-
         deadline = time.monotonic() + wait_s
-        raw = _internal_kv_get(_STATUS_KEY)
+        raw = autoscaler_status()
         while not raw and time.monotonic() < deadline:
             time.sleep(0.5)
-            raw = _internal_kv_get(_STATUS_KEY)
+            raw = autoscaler_status()
         return kind_from_status(json.loads(raw)) if raw else "unknown"
     except Exception:  # an older / newer Ray, Ray Client, a status in another shape: do not guess
         return "unknown"
+
+
+def node_resources(free: bool) -> list[dict[str, float]]:
+    """The resources of each live node: their totals, or (``free``) what is unreserved now. Needs Ray initialised."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if not free:
+        return [dict(n.get("Resources") or {}) for n in alive]
+    per_node = available_resources_per_node()
+    return [dict(per_node.get(n["NodeID"], {})) for n in alive]
+
+
+def refuse_if_never_fits(rt: RuntimeConfig, started: bool = False) -> ClusterKind:
+    """The kind of the cluster this process is connected to (``started``: a Ray this run started, sized for it:
+    fixed); raises UserError naming ``runtime.workers`` and the per-worker keys when it is fixed-size and can never
+    hold the workers (:func:`fedsim.runtime.placement.capacity_problem`)."""
+    kind: ClusterKind = "fixed" if started else cluster_kind()
+    if kind == "fixed":
+        gpus = 0.0 if rt.gpus_per_worker == "auto" else rt.gpus_per_worker  # auto: at most one GPU, maybe none
+        bundle = worker_bundle(rt.cpus_per_worker, gpus, rt.accelerator_type)
+        problem = capacity_problem(rt.workers, node_resources(free=False), bundle)
+        if problem:
+            raise UserError(problem)
+    return kind

@@ -1,7 +1,7 @@
-"""Cluster sizing and what the actors need shipped: the nodes' resources, the refusal of a fixed-size cluster that
-can never hold the workers, ``runtime.gpus_per_worker: auto`` (a one-GPU memory probe) and the ``runtime_env`` that
-carries a user method's module to the actors. Used by :mod:`fedsim.runtime.ray_backend` and the preflight in
-:mod:`fedsim.runtime.cluster`; the arithmetic itself is pure (:mod:`fedsim.runtime.placement`,
+"""What the actors need shipped and how big they are: ``runtime.gpus_per_worker: auto`` (a one-GPU memory probe) and
+the ``runtime_env`` that carries a user method's module to the actors. The nodes' resources and the refusal of a
+fixed-size cluster that can never hold the workers are in :mod:`fedsim.runtime.cluster`. Used by
+:mod:`fedsim.runtime.ray_backend` and the sweep pool; the arithmetic itself is pure (:mod:`fedsim.runtime.placement`,
 :mod:`fedsim.runtime.gpu_share`)."""
 
 from __future__ import annotations
@@ -12,38 +12,12 @@ from typing import Any
 
 import ray
 
-from fedsim.config.schema import RuntimeConfig
 from fedsim.errors import UserError
 from fedsim.plugins import plugin_modules
 from fedsim.runtime.backend import RunSetup
-from fedsim.runtime.cluster import ClusterKind, cluster_kind
+from fedsim.runtime.cluster import node_resources
 from fedsim.runtime.gpu_share import gpu_share, workers_per_gpu
-from fedsim.runtime.placement import capacity_problem, worker_bundle
-
-
-def node_resources(free: bool) -> list[dict[str, float]]:
-    """The resources of each live node: their totals, or (``free``) what is unreserved now."""
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    if not free:
-        return [dict(n.get("Resources") or {}) for n in alive]
-    from ray._private.state import available_resources_per_node  # a DeveloperAPI (no public per-node view)
-
-    per_node = available_resources_per_node()
-    return [dict(per_node.get(n["NodeID"], {})) for n in alive]
-
-
-def refuse_if_never_fits(rt: RuntimeConfig, started: bool = False) -> ClusterKind:
-    """The kind of the cluster this process is connected to (``started``: a Ray this run started, sized for it:
-    fixed); raises UserError naming ``runtime.workers`` and the per-worker keys when it is fixed-size and can never
-    hold the workers (:func:`fedsim.runtime.placement.capacity_problem`)."""
-    kind: ClusterKind = "fixed" if started else cluster_kind()
-    if kind == "fixed":
-        gpus = 0.0 if rt.gpus_per_worker == "auto" else rt.gpus_per_worker  # auto: at most one GPU, maybe none
-        bundle = worker_bundle(rt.cpus_per_worker, gpus, rt.accelerator_type)
-        problem = capacity_problem(rt.workers, node_resources(free=False), bundle)
-        if problem:
-            raise UserError(problem)
-    return kind
+from fedsim.runtime.ray_compat import upload_py_modules
 
 
 def plugin_runtime_env(method_name: str) -> dict[str, Any]:
@@ -59,16 +33,11 @@ def modules_runtime_env(modules: list[str]) -> dict[str, Any]:
     the modules' folders on PYTHONPATH, which reaches the driver's own node only."""
     if not modules:
         return {}
-    try:
-        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
-    except ImportError:
-        path = [*sorted({os.path.dirname(m) for m in modules}), os.environ.get("PYTHONPATH", "")]
-        return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in path if p)}}
-    import tempfile
-
-    return upload_py_modules_if_needed(
-        {"py_modules": list(modules)}, include_gitignore=False, scratch_dir=tempfile.gettempdir()
-    )
+    uploaded = upload_py_modules(modules)
+    if uploaded is not None:
+        return uploaded
+    path = [*sorted({os.path.dirname(m) for m in modules}), os.environ.get("PYTHONPATH", "")]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in path if p)}}
 
 
 def resolve_gpu_share(setup: RunSetup) -> float:

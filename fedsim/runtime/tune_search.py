@@ -1,27 +1,28 @@
-"""Drive a sweep's ``search:`` with Ray Tune (the only Tune-specific part of searches).
+"""Drive a sweep's ``search:`` with Ray Tune (the only Tune-specific part of searches). The sweep's side (what a trial
+runs, what an ended trial reported, how trials are recorded) comes in as a
+:class:`~fedsim.runtime.tune_protocol.SearchTrials`; this module never imports :mod:`fedsim.sweep` (a layer above).
 
 One Tune trial = one fedsim run, in-process in the trial's actor (``runtime.backend: local``, seeds fixed by the
-config), into ``<out>/cells/<trial id>/``. After every evaluated round but the last the trial reports the search
-metric and ``round`` with ``tune.report``, so ASHA (``time_attr="round"``, ``max_t`` = the rounds) can stop it:
-Tune then ends the report call with ``SystemExit`` and the run folder keeps its rounds so far (tables and
-checkpoints are written before the report). The last round is reported after the run's summary.json is written,
-so a trial that reaches ``max_t`` is complete, not cut short.
+config), into ``<out>/cells/<trial id>/`` (:meth:`SearchTrials.run`). After every evaluated round but the last the
+trial reports the search metric and ``round`` with ``tune.report``, so ASHA (``time_attr="round"``, ``max_t`` =
+the rounds) can stop it: Tune then ends the report call with ``SystemExit`` and the run folder keeps its rounds so
+far (tables and checkpoints are written before the report). The last round is reported after the run's
+summary.json is written, so a trial that reaches ``max_t`` is complete, not cut short.
 
 The experiment lives in ``<out>/tune/``: when it holds a Tune experiment (``Tuner.can_restore``) the search is
 restored (``Tuner.restore``; Tune writes it through :mod:`fedsim.runtime.tune_storage`, so a kill leaves no
 half-written state file): trials that ended (complete, stopped) are kept, trials that were running or pending
 and trials that failed are run again from the start, the searcher continues from its saved state and ASHA's rungs
-are rebuilt from the ended trials' rounds (:class:`ResumableASHA`). The
-experiment state is saved every :data:`STATE_PERIOD_S` seconds at most, so a trial that ended within that time
-before a kill may run again. :class:`RecordTrials` (a Tune callback, pickled with the experiment) writes
-sweep.parquet through :func:`fedsim.sweep.search_run.publish` whenever a trial ends and at the end.
+are rebuilt from the ended trials' reported values (:class:`ResumableASHA`). The experiment state is saved every
+:data:`STATE_PERIOD_S` seconds at most, so a trial that ended within that time before a kill may run again.
+:class:`RecordTrials` (a Tune callback, pickled with the experiment) records the trials through
+:meth:`SearchTrials.record` whenever a trial ends and at the end.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -38,17 +39,17 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from fedsim.config.schema import Config
 from fedsim.runtime.cluster import connect, disconnect
+from fedsim.runtime.ray_compat import asha_bracket, asha_rung_values
 from fedsim.runtime.sweep_pool import cell_cpus
+from fedsim.runtime.tune_protocol import Domain, SearchPlan, SearchTrials, TrialOutcome
 from fedsim.runtime.tune_storage import drop_partial_writes, replacing_local_filesystem
-from fedsim.sweep.runner import CELLS_DIR
-from fedsim.sweep.search import Distribution, MetricTracker, SearchSpec, TrialOutcome, trial_config
 
 EXPERIMENT = "tune"  # <out>/tune: the Tune experiment
 #: seconds between saves of the experiment state (Tune's default adapts upwards from 10 s)
 STATE_PERIOD_S = 2
 
 
-def tune_domain(dist: Distribution) -> Any:
+def tune_domain(dist: Domain) -> Any:
     """The Tune search-space domain of a fedsim distribution (``randint``'s upper bound is included in fedsim's
     syntax, excluded in Tune's)."""
     a = dist.args
@@ -73,27 +74,16 @@ def trial_resources(cfg: Config, node_ip: str, cluster_gpus: float) -> dict[str,
     return {"cpu": cell_cpus(cfg), "gpu": float(gpus), f"node:{node_ip}": 0.001}
 
 
-def run_trial(params: dict[str, Any], spec: SearchSpec, cells: str, cwd: str) -> None:
-    """The Tune trainable: one fedsim run with the sampled ``params`` into ``cells/<trial id>`` (a restarted trial
-    starts over), reporting ``{metric, round}`` after each evaluated round and, last, after summary.json."""
-    from fedsim.simulation import run_simulation
-
+def run_trial(params: dict[str, Any], trials: SearchTrials, cwd: str) -> None:
+    """The Tune trainable: :meth:`SearchTrials.run` of this trial, in ``cwd``, each value it reports sent to Tune as
+    ``{metric: value, "round": round}``."""
     os.chdir(cwd)  # relative paths in the config mean what they mean for the sweep command, not Tune's trial dir
-    trial_id = tune.get_context().get_trial_id()
-    run_dir = Path(cells) / trial_id
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = trial_config(spec, params)
-    tracker = MetricTracker(spec.metric, spec.mode)
-    last = cfg.federation.rounds
+    metric = trials.plan.metric
 
-    def report(row: dict[str, Any]) -> None:
-        value = tracker.update(row)
-        if value is not None and row["round"] < last:
-            tune.report({spec.metric: value, "round": row["round"]})
+    def report(value: float, round: int) -> None:
+        tune.report({metric: value, "round": round})
 
-    run_simulation(cfg, run_dir, label=trial_id, progress=False, on_round=report)
-    if tracker.value is not None:
-        tune.report({spec.metric: tracker.value, "round": last})
+    trials.run(params, tune.get_context().get_trial_id(), report)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -124,21 +114,17 @@ def outcome(trial: Trial, ended: bool = False, error: str | None = None) -> Tria
 
 
 class RecordTrials(tune.Callback):
-    """Prints a line when a trial starts or ends; writes sweep.parquet when a trial ends and when the experiment
-    ends. It holds plain data only (``out``, ``spec``): it is pickled with the experiment and restored with it."""
+    """Prints a line when a trial starts; records the trials (:meth:`SearchTrials.record`) when a trial ends and
+    when the experiment ends. It holds plain data only (``search``): it is pickled with the experiment and restored
+    with it."""
 
-    def __init__(self, out: str, spec: SearchSpec) -> None:
-        self.out = out
-        self.spec = spec
+    def __init__(self, search: SearchTrials) -> None:
+        self.search = search
 
     def _publish(self, trials: list[Trial], ended: Mapping[str, str | None] | None = None) -> None:
-        from fedsim.sweep.search_run import describe_trial, publish
-
         ended = dict(ended or {})
         outcomes = [outcome(t, t.trial_id in ended, ended.get(t.trial_id)) for t in trials]
-        for row in publish(Path(self.out), self.spec, outcomes, ended=set(ended)):
-            if row["cell"] in ended:
-                print(describe_trial(row), flush=True)
+        self.search.record(outcomes, ended)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
@@ -154,7 +140,7 @@ class RecordTrials(tune.Callback):
         self._publish(trials)
 
 
-def _searcher(spec: SearchSpec, concurrent: int | None) -> Any:
+def _searcher(spec: SearchPlan, concurrent: int | None) -> Any:
     if spec.algorithm == "random":
         return BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrent or 0)
     import optuna as ot
@@ -168,37 +154,32 @@ def _searcher(spec: SearchSpec, concurrent: int | None) -> Any:
 class ResumableASHA(ASHAScheduler):
     """ASHA (``time_attr="round"``, ``max_t`` = the rounds) whose rungs survive a restore. Tune saves no scheduler
     state, so a restored search would judge new trials against empty rungs; here the trials that had ended are
-    replayed into their bracket, round by round, from their run folders' rounds.parquet (the values they reported)
-    when the restored experiment adds them back. Plain data only: it is pickled with the experiment."""
+    replayed into their bracket, round by round, from the values they reported (:meth:`SearchTrials.reported`) when
+    the restored experiment adds them back. Plain data only: it is pickled with the experiment."""
 
-    def __init__(self, spec: SearchSpec, cells: str) -> None:
+    def __init__(self, search: SearchTrials) -> None:
+        spec = search.plan
         super().__init__(
             time_attr="round",
             max_t=spec.config.federation.rounds,
             grace_period=spec.grace_period,
             reduction_factor=spec.reduction_factor,
         )
-        self.spec = spec
-        self.cells = cells
+        self.search = search
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         super().on_trial_add(tune_controller, trial)
         if trial.status != Trial.TERMINATED:  # a new trial, or one a restore runs again
             return
-        from fedsim.report.records import read_run_table
-
-        bracket = self._trial_info[trial.trial_id]  # ASHA's bookkeeping (Ray 2.60): trial id -> its bracket
-        tracker = MetricTracker(self.spec.metric, self.spec.mode)
-        table = read_run_table(Path(self.cells) / trial.trial_id, "rounds") or {}
-        for values in zip(*table.values(), strict=True):
-            row = dict(zip(table, values, strict=True))
-            value = tracker.update(row)
-            if value is not None and row["round"] < self._max_t:
-                bracket.on_result(trial, row["round"], self._metric_op * value)
+        bracket = asha_bracket(self, trial.trial_id)
+        max_t, metric_op = asha_rung_values(self)
+        for round, value in self.search.reported(trial.trial_id):
+            if round < max_t:
+                bracket.on_result(trial, round, metric_op * value)
 
 
-def _scheduler(spec: SearchSpec, cells: str) -> Any:
-    return ResumableASHA(spec, cells) if spec.scheduler == "asha" else FIFOScheduler()
+def _scheduler(search: SearchTrials) -> Any:
+    return ResumableASHA(search) if search.plan.scheduler == "asha" else FIFOScheduler()
 
 
 @contextmanager
@@ -216,20 +197,20 @@ def _tune_env() -> Iterator[None]:
                 os.environ.pop(k, None)
 
 
-def run_tune(spec: SearchSpec, out: Path, max_concurrent: int | str, log: Any = print) -> None:
-    """Run (or continue) the search ``spec`` into the local folder ``out`` on Ray Tune; returns when every trial
-    has ended or the experiment was interrupted (Ctrl-C). Starts a local Ray or joins a cluster as
-    :func:`fedsim.runtime.cluster.connect` decides (``runtime.address`` of the base config). Each trial holds
-    :func:`trial_resources` on this node; ``max_concurrent`` ("auto": as many as fit) caps the trials at once."""
+def run_tune(search: SearchTrials, out: Path, max_concurrent: int | str, log: Any = print) -> None:
+    """Run (or continue) the search ``search`` (its Tune experiment in ``<out>/tune``; ``out``: a local folder) on
+    Ray Tune; returns when every trial has ended or the experiment was interrupted (Ctrl-C). Starts a local Ray
+    or joins a cluster as :func:`fedsim.runtime.cluster.connect` decides (``runtime.address`` of the base config).
+    Each trial holds :func:`trial_resources` on this node; ``max_concurrent`` ("auto": as many as fit) caps the
+    trials at once."""
+    spec = search.plan
     out = Path(out).resolve()
     experiment = out / EXPERIMENT
     storage = replacing_local_filesystem()  # a kill never leaves a half-written state file for the restore
     connection = connect(spec.config.runtime.address, cpus_needed=cell_cpus(spec.config))
     try:
         need = trial_resources(spec.config, ray.util.get_node_ip_address(), ray.cluster_resources().get("GPU", 0))
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec, cells=str(out / CELLS_DIR), cwd=os.getcwd()), need
-        )
+        trainable = tune.with_resources(tune.with_parameters(run_trial, trials=search, cwd=os.getcwd()), need)
         with _tune_env():
             if tune.Tuner.can_restore(str(experiment), storage_filesystem=storage):
                 log(f"search: continuing the Tune experiment in {experiment}")
@@ -247,7 +228,7 @@ def run_tune(spec: SearchSpec, out: Path, max_concurrent: int | str, log: Any = 
                         mode=spec.mode,
                         num_samples=spec.samples,
                         search_alg=_searcher(spec, concurrent),
-                        scheduler=_scheduler(spec, str(out / CELLS_DIR)),
+                        scheduler=_scheduler(search),
                         reuse_actors=True,
                     ),
                     run_config=tune.RunConfig(
@@ -255,7 +236,7 @@ def run_tune(spec: SearchSpec, out: Path, max_concurrent: int | str, log: Any = 
                         storage_path=str(out),
                         storage_filesystem=storage,
                         verbose=0,
-                        callbacks=[RecordTrials(str(out), spec), JsonLoggerCallback(), CSVLoggerCallback()],
+                        callbacks=[RecordTrials(search), JsonLoggerCallback(), CSVLoggerCallback()],
                     ),
                 )
             with warnings.catch_warnings():  # Optuna, when a restored trial that was running reports round 1 again

@@ -31,9 +31,9 @@ from fedsim.config.schema import Config
 from fedsim.errors import UserError
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.runtime.actors import FAULT_ENVS, WorkerActor
-from fedsim.runtime.cluster import ClusterKind, Connection
+from fedsim.runtime.cluster import ClusterKind, Connection, node_resources, refuse_if_never_fits
 from fedsim.runtime.placement import auto_workers, bundle_text, growth, worker_bundle, zero_capacity_problem
-from fedsim.runtime.resources import node_resources, plugin_runtime_env, refuse_if_never_fits
+from fedsim.runtime.resources import plugin_runtime_env
 from fedsim.runtime.worker_pool import WorkerPool
 
 #: Ray restarts a dead worker actor this many times over the run

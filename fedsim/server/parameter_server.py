@@ -2,7 +2,7 @@
 
 Plain Python; :mod:`fedsim.runtime` runs it in-process or as a Ray actor.
 
-Streaming aggregation: uploads are folded into a per-round :class:`~fedsim.methods.partial_sum.PartialSum` as they
+Streaming aggregation: uploads are folded into a per-round :class:`~fedsim.partial_sum.PartialSum` as they
 arrive, either one client at a time (:meth:`ParameterServer.receive`) or as a worker's pre-summed partial
 (:meth:`ParameterServer.receive_partial`). For ``linear`` methods that is a float64 running sum (memory: one copy of
 the shared tensors, whatever the cohort size; the result does not depend on arrival order beyond float64 rounding);
@@ -19,7 +19,7 @@ from typing import Any
 
 from fedsim.config.schema import Config
 from fedsim.methods.base import Method, make_method
-from fedsim.methods.partial_sum import PartialSum
+from fedsim.partial_sum import PartialSum
 from fedsim.privacy.mechanism import NoPrivacy, PrivacyMechanism
 from fedsim.types import AdapterState, ClientUpdate, RoundPlan
 

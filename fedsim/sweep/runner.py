@@ -24,6 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from fedsim.config.load import config_from_dict
 from fedsim.config.schema import Config
 from fedsim.errors import UserError
 from fedsim.report.records import run_record
 from fedsim.storage import Location, RunMirror, local_folder, local_location, parse_location, pull
 from fedsim.sweep.spec import Cell, SweepSpec
+from fedsim.validation import config_from_dict
 
 SWEEP_FILE = "sweep.parquet"
 CELLS_DIR = "cells"
@@ -234,7 +235,7 @@ def _run_sweep(
     if parallel != 1 and todo:
         from fedsim.runtime.sweep_pool import run_cells_on_ray
 
-        run_cells_on_ray(todo, target, parallel, finished, log)
+        run_cells_on_ray(todo, partial(run_cell, progress=False), target, parallel, finished, log)
     else:
         for i, cell in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {cell.cell_id}")

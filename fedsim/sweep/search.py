@@ -41,11 +41,12 @@ from typing import Any
 
 import yaml
 
-from fedsim.config.fields import _unknown_key, known_keys
-from fedsim.config.load import config_from_dict, config_to_dict
+from fedsim.config.fields import known_keys, unknown_key
+from fedsim.config.load import config_to_dict
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.sweep.settings import Rule, run_data, set_dotted
+from fedsim.validation import config_from_dict
 
 ALGORITHMS = ("optuna", "random")
 SCHEDULERS = ("none", "asha")
@@ -139,19 +140,6 @@ class SearchSpec:
             "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
             "rules": [[w, s] for w, s in self.rules],
         }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TrialOutcome:
-    """What the search's driver knows of one trial: its id, its place in the order trials were created, the sampled
-    values, whether it ended (complete, or stopped early by the scheduler, or failed) and, when it failed, the error
-    text."""
-
-    trial_id: str
-    index: int
-    params: Mapping[str, Any]
-    ended: bool
-    error: str | None = None
 
 
 def _trial_data(
@@ -272,7 +260,7 @@ def _space(raw: Any, problems: list[str]) -> dict[str, Distribution]:
     for key, value in raw.items():
         key = str(key)
         if key not in keys:
-            problems.append(f"search.space.{_unknown_key(key)}; the space takes dotted config keys, as --set does")
+            problems.append(f"search.space.{unknown_key(key)}; the space takes dotted config keys, as --set does")
             continue
         dist = parse_distribution(value)
         if isinstance(dist, str):

@@ -12,14 +12,16 @@ Layout of ``--out``::
 Once a continued search ends, the cells/ and tb/ folders of trials its restored Tune state never knew (started
 after the last save before a kill) are removed (:func:`drop_lost_trials`).
 
-The Tune-specific part is :mod:`fedsim.runtime.tune_search`; this module reads and writes files only.
+The Tune-specific part is :mod:`fedsim.runtime.tune_search`, which calls back :class:`SweepTrials` (through
+:class:`fedsim.runtime.tune_protocol.SearchTrials`) to run, replay and record trials; this module imports no Ray.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,10 @@ import pyarrow.parquet as pq
 
 from fedsim.errors import UserError
 from fedsim.report.records import COMPLETE, read_run_table, run_record
+from fedsim.runtime.tune_protocol import Report, TrialOutcome
 from fedsim.storage import Location, local_location
 from fedsim.sweep.runner import CELLS_DIR, HPARAMS_DIR, SWEEP_FILE, write_hparams, write_table
-from fedsim.sweep.search import MetricTracker, SearchSpec, TrialOutcome, same_base, shared_config
+from fedsim.sweep.search import MetricTracker, SearchSpec, same_base, shared_config, trial_config
 from fedsim.sweep.spec import SweepSpec
 
 SEARCH_FILE = "search.json"
@@ -123,6 +126,62 @@ def publish(
         if row["cell"] in ended and row["status"] != UNFINISHED:
             write_hparams(out, row)
     return rows
+
+
+@dataclass(frozen=True)
+class SweepTrials:
+    """The trials of the search ``spec`` run into ``<out>/cells/<trial id>/`` (``out``: the sweep's local folder,
+    as a string: plain data, pickled with the Tune experiment)."""
+
+    spec: SearchSpec
+    out: str
+
+    @property
+    def plan(self) -> SearchSpec:
+        return self.spec
+
+    @property
+    def cells(self) -> Path:
+        return Path(self.out) / CELLS_DIR
+
+    def run(self, params: Mapping[str, Any], trial_id: str, report: Report) -> None:
+        """One fedsim run with the sampled ``params`` into ``cells/<trial id>`` (a restarted trial starts over),
+        reporting the metric after each evaluated round but the last and, last, after summary.json is written (so
+        a trial that reaches the last round is complete, not cut short). Raises ConfigError for a bad sample."""
+        from fedsim.simulation import run_simulation
+
+        run_dir = self.cells / trial_id
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = trial_config(self.spec, params)
+        tracker = MetricTracker(self.spec.metric, self.spec.mode)
+        last = cfg.federation.rounds
+
+        def on_round(row: dict[str, Any]) -> None:
+            value = tracker.update(row)
+            if value is not None and row["round"] < last:
+                report(value, row["round"])
+
+        run_simulation(cfg, run_dir, label=trial_id, progress=False, on_round=on_round)
+        if tracker.value is not None:
+            report(tracker.value, last)
+
+    def reported(self, trial_id: str) -> Iterator[tuple[int, float]]:
+        """``(round, value)`` of each evaluated round before the last, from the trial's rounds.parquet: the values it
+        reported while it ran."""
+        tracker = MetricTracker(self.spec.metric, self.spec.mode)
+        table = read_run_table(self.cells / trial_id, "rounds") or {}
+        last = self.spec.config.federation.rounds
+        for values in zip(*table.values(), strict=True):
+            row = dict(zip(table, values, strict=True))
+            value = tracker.update(row)
+            if value is not None and row["round"] < last:
+                yield row["round"], value
+
+    def record(self, trials: Sequence[TrialOutcome], ended: Mapping[str, str | None]) -> None:
+        """Write sweep.parquet (and the HParams of the trials in ``ended``); print a line for each ended trial."""
+        for row in publish(Path(self.out), self.spec, trials, ended=set(ended)):
+            if row["cell"] in ended:
+                print(describe_trial(row), flush=True)
 
 
 def check_same_search(out: Path, spec: SearchSpec) -> None:
@@ -221,7 +280,8 @@ def run_search(
     from fedsim.runtime.tune_search import run_tune
 
     before = trial_folders(folder)
-    run_tune(spec, folder, spec.max_concurrent if max_concurrent is None else max_concurrent, log)
+    concurrent = spec.max_concurrent if max_concurrent is None else max_concurrent
+    run_tune(SweepTrials(spec, str(folder)), folder, concurrent, log)
     table = folder / SWEEP_FILE
     rows = pq.read_table(table).to_pylist() if table.is_file() else []
     lost = drop_lost_trials(folder, rows, before, spec.samples)

@@ -35,11 +35,12 @@ from typing import Any
 
 import yaml
 
-from fedsim.config.load import _resolve_source, config_from_dict
+from fedsim.config.load import resolve_source
 from fedsim.config.schema import Config
 from fedsim.errors import ConfigError
 from fedsim.sweep.search import SearchSpec, parse_search, quote_distributions
 from fedsim.sweep.settings import parse_rules, run_data
+from fedsim.validation import config_from_dict
 
 _TOP_KEYS = ("name", "base", "set", "grid", "search", "rules", "parallel")
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
@@ -127,10 +128,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         local = path.parent / base_name
         source = str(local) if local.suffix in (".yaml", ".yml") and local.is_file() else base_name
         try:
-            base_path, _ = _resolve_source(source)
-            from fedsim.config.load import _expand_dotted, _read_yaml
+            base_path, _ = resolve_source(source)
+            from fedsim.config.load import expand_dotted, read_yaml
 
-            base = _expand_dotted(_read_yaml(base_path))
+            base = expand_dotted(read_yaml(base_path))
         except ConfigError as e:
             problems.extend(f"base: {p}" for p in e.problems)
     common = raw.get("set") or {}

@@ -221,9 +221,9 @@ def test_workers_a_fixed_cluster_can_never_hold_exit_2_naming_the_keys(three_nod
 def test_a_placement_group_that_is_never_placed_fails_after_the_timeout(three_nodes, tmp_path, monkeypatch, capsys):
     # as on a cluster whose kind is unknown (no autoscaler status): no refusal up front, the group waits and
     # the run fails after runtime.placement_timeout_s instead of hanging
-    from fedsim.runtime import resources
+    from fedsim.runtime import cluster
 
-    monkeypatch.setattr(resources, "cluster_kind", lambda: "unknown")
+    monkeypatch.setattr(cluster, "cluster_kind", lambda: "unknown")
     address = three_nodes[0].address
     argv = ["run", "tiny", "--set", "runtime.backend=ray", "--set", f"runtime.address={address}", "--set",
             "runtime.workers=5", "--set", "runtime.placement_timeout_s=3", "--out", str(tmp_path / "run")]  # fmt: skip

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from fedsim.cli import main
-from fedsim.config.batching import batching_blockers
-from fedsim.config.load import load_config
 from fedsim.methods.base import all_capabilities
+from fedsim.methods.batching import batching_blockers
+from fedsim.validation import load_config
 
 DETERMINISTIC = "model.base_dropout=false"
 

@@ -9,7 +9,7 @@ import sys
 
 SCRIPT = r"""
 import sys
-from fedsim.config.load import load_config
+from fedsim.validation import load_config
 load_config("tiny", ["privacy.mode=sample", "privacy.epsilon=8"])
 heavy = [m for m in ("peft", "opacus", "transformers.modeling_utils", "datasets") if m in sys.modules]
 print(",".join(heavy))

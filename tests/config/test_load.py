@@ -8,17 +8,10 @@ import importlib
 import pytest
 import yaml
 
-from fedsim.config.load import (
-    config_from_dict,
-    config_to_dict,
-    dump_config,
-    known_keys,
-    list_presets,
-    load_config,
-    validate,
-)
+from fedsim.config.load import config_to_dict, dump_config, known_keys, list_presets
 from fedsim.config.schema import Config, FederationConfig
 from fedsim.errors import ConfigError, UserError
+from fedsim.validation import config_from_dict, load_config, validate
 
 
 def _problems(source: str | None = "tiny", overrides: tuple[str, ...] = ()) -> list[str]:
@@ -328,7 +321,7 @@ def test_unknown_method_lists_known_methods():
 
 
 def test_nonexistent_data_path_is_reported(tmp_path):
-    _needs("fedsim.data.sources", "source_path_problem")
+    _needs("fedsim.data.registry", "source_path_problem")
     missing = tmp_path / "nonexistent.csv"
     problems = _problems("tiny", (f"data.source=csv:{missing}",))
     assert any(p.startswith("data.source") for p in problems), problems

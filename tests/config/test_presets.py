@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fedsim.config.load import PRESETS_DIR, config_to_dict, known_keys, list_presets, load_config, validate
+from fedsim.config.load import PRESETS_DIR, config_to_dict, known_keys, list_presets
+from fedsim.validation import load_config, validate
 
 PRESETS = [name for name, _ in list_presets()]
 METHOD_PRESETS = ["fedavg_lora", "ffa_lora", "fedsa_lora"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.errors import ConfigError
+from fedsim.validation import load_config
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from fedsim.config.load import config_from_dict, config_to_dict, load_config
+from fedsim.config.load import config_to_dict
 from fedsim.errors import ConfigError
+from fedsim.validation import config_from_dict, load_config
 
 
 def test_workers_takes_an_integer_or_auto_and_round_trips():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.errors import ConfigError
 from fedsim.model import registry
+from fedsim.validation import load_config
 
 
 def _problems(preset: str, overrides: list[str]) -> list[str]:

@@ -9,7 +9,8 @@ import pytest
 
 from fedsim.config.schema import Config, DataConfig, FederationConfig, PartitionConfig
 from fedsim.data.federated import build_federated_data, tokenize
-from fedsim.data.sources import TextDataset, make_synthetic
+from fedsim.data.synthetic import make_synthetic
+from fedsim.data.types import TextDataset
 from fedsim.errors import DataError
 
 MAX_LEN = 16

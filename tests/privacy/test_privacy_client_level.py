@@ -11,7 +11,7 @@ import torch
 from fedsim.config.schema import Config, FederationConfig, MethodConfig, PrivacyConfig
 from fedsim.errors import ConfigError
 from fedsim.methods.base import make_method
-from fedsim.methods.partial_sum import PartialSum
+from fedsim.partial_sum import PartialSum
 from fedsim.privacy.client_level import (
     client_level_epsilon,
     client_level_noise_multiplier,

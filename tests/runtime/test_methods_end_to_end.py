@@ -17,10 +17,10 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.errors import ConfigError
 from fedsim.methods.base import LORA_VARIANTS, PRIVACY_MODES, all_capabilities
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 CAPS = all_capabilities()
 BACKENDS = ("local", "ray")

@@ -7,10 +7,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.errors import ConfigError
 from fedsim.privacy.dpsgd import poisson_rate
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 
 def _run(tmp_path, *overrides: str):

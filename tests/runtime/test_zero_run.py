@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from fedsim.config.load import load_config  # noqa: E402
 from fedsim.errors import ConfigError, UserError  # noqa: E402
 from fedsim.simulation import run_simulation  # noqa: E402
+from fedsim.validation import load_config
 
 COMMON = [
     "method.name=ffa_lora",

@@ -1,4 +1,5 @@
-"""Range checks of privacy settings shared by the config checks and the privacy functions (no heavy imports)."""
+"""Range checks of privacy settings shared by the config checks and the privacy functions (no heavy imports; in
+config/ so that the config checks need nothing from the layers above)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 One fused pass runs the frozen base once over the K clients' concatenated batches, so it is exact (each client's
 result equals its one-at-a-time training) only when nothing in the base differs per client or draws randomness
-per client. :func:`batching_blockers` lists what stands in the way for a config; the config checks turn each into a
-problem when ``clients_per_pass`` is a number > 1, and ``auto`` falls back to K = 1 (and says why on stderr).
+per client. :func:`batching_blockers` lists what stands in the way for a config (the method's declared capabilities
+among them); :mod:`fedsim.validation` turns each into a problem when ``clients_per_pass`` is a number > 1, and
+``auto`` falls back to K = 1 (and says why on stderr).
 """
 
 from __future__ import annotations
@@ -62,17 +63,10 @@ def batching_blockers(cfg: Config) -> list[str]:
 
 
 def clients_per_pass_problems(cfg: Config) -> list[str]:
-    """Problems of ``runtime.clients_per_pass`` (its type is checked with the schema): < 1, or > 1 with a
-    :func:`batching_blockers` reason (each line names both keys and the fix)."""
+    """Problems of a ``runtime.clients_per_pass`` > 1: one per :func:`batching_blockers` reason (each line names both
+    keys and the fix). Empty for ``auto``, 1, and values < 1 (the config's own checks report those)."""
     k = cfg.runtime.clients_per_pass
-    if k == "auto":
-        return []
-    if k < 1:
-        return [
-            f"runtime.clients_per_pass must be >= 1 or auto (got {k}); 1 trains one client at a time, e.g. 8 trains "
-            "eight together"
-        ]
-    if k == 1:
+    if k == "auto" or k <= 1:
         return []
     return [
         f"runtime.clients_per_pass: {k} does not work with {why}, or set runtime.clients_per_pass: 1"
