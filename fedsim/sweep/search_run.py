@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from fedsim.errors import UserError
+from fedsim.metrics.observers import RoundRecord, RunObserver
 from fedsim.report.records import COMPLETE, read_run_table, run_record
 from fedsim.runtime.tune_protocol import Report, TrialOutcome
 from fedsim.storage import Location, local_location
@@ -153,17 +154,8 @@ class SweepTrials:
         run_dir = self.cells / trial_id
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = trial_config(self.spec, params)
-        tracker = MetricTracker(self.spec.metric, self.spec.mode)
-        last = cfg.federation.rounds
-
-        def on_round(row: dict[str, Any]) -> None:
-            value = tracker.update(row)
-            if value is not None and row["round"] < last:
-                report(value, row["round"])
-
-        run_simulation(cfg, run_dir, label=trial_id, progress=False, on_round=on_round)
-        if tracker.value is not None:
-            report(tracker.value, last)
+        reporter = TrialReport(MetricTracker(self.spec.metric, self.spec.mode), report)
+        run_simulation(cfg, run_dir, label=trial_id, progress=False, observers=[reporter])
 
     def reported(self, trial_id: str) -> Iterator[tuple[int, float]]:
         """``(round, value)`` of each evaluated round before the last, from the trial's rounds.parquet: the values it
@@ -182,6 +174,24 @@ class SweepTrials:
         for row in publish(Path(self.out), self.spec, trials, ended=set(ended)):
             if row["cell"] in ended:
                 print(describe_trial(row), flush=True)
+
+
+class TrialReport(RunObserver):
+    """The round observer of a search trial: reports the search metric after each evaluated round but the last (its
+    tables, checkpoint and sync written: the observers before it), and the last round's value once summary.json is
+    written (``on_end``), so a trial that reaches the last round is complete when the scheduler sees it."""
+
+    def __init__(self, tracker: MetricTracker, report: Report) -> None:
+        self.tracker, self.report = tracker, report
+
+    def on_round(self, record: RoundRecord) -> None:
+        value = self.tracker.update(dict(record.row))
+        if value is not None and not record.is_last:
+            self.report(value, record.row["round"])
+
+    def on_end(self, summary: Mapping[str, Any] | None) -> None:
+        if summary is not None and self.tracker.value is not None:
+            self.report(self.tracker.value, summary["rounds"])
 
 
 def check_same_search(out: Path, spec: SearchSpec) -> None:
