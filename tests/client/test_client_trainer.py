@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedsim.client.trainer import LocalTrainer, batch_schedule
+from fedsim.client.step_loop import batch_schedule
 from fedsim.config.schema import FederationConfig, LoraConfig, ModelConfig, PrivacyConfig
 from fedsim.model.adapters import adapter_keys, attach_adapter, factor_of, get_state, parameters_for, set_state
 from fedsim.model.build import BaseBlueprint, blueprint_of, build_base_model, build_tokenizer, model_from_blueprint
 from fedsim.seeding import torch_generator
+from tests.client.world import trainer_on
 
 WORDS = ["cat", "dog", "cow", "owl", "pig", "hen", "fox", "bee"]
 TEXTS = [f"the {WORDS[i % 8]} and {WORDS[(3 * i) % 8]} sat on mat {i % 5}" for i in range(24)]
@@ -71,9 +72,9 @@ def _base_weights(model):
 def test_ffa_style_training_changes_b_only(mode, optimizer):
     model = _model()
     ids, mask = _data(False)[1:]
-    trainer = LocalTrainer(model, _fed(optimizer=optimizer), _dp() if mode == "sample" else PrivacyConfig(), SEED)
+    trainer = trainer_on(model, _fed(optimizer=optimizer), _dp() if mode == "sample" else PrivacyConfig(), SEED)
     before, base_before = get_state(model), _base_weights(model)
-    out = trainer.train(_keys(model, "B"), ids, mask, LABELS, round=0, client_id=1)
+    out = trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=0, client_id=1)
     after = get_state(model)
     assert (out.steps, out.examples) == (3, len(LABELS)) and math.isfinite(out.train_loss) and out.seconds > 0
     for k in _keys(model, "A"):
@@ -92,8 +93,8 @@ def test_training_is_deterministic_per_seed_round_and_client(mode):
 
     def run(round, client):
         model = _model(lora_dropout=0.2)  # base dropout 0.1 and LoRA dropout both active
-        trainer = LocalTrainer(model, _fed(), privacy, SEED)
-        trainer.train(adapter_keys(model), ids, mask, LABELS, round=round, client_id=client)
+        trainer = trainer_on(model, _fed(), privacy, SEED)
+        trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=round, client_id=client)
         return get_state(model)
 
     torch.manual_seed(1)
@@ -112,14 +113,14 @@ def test_reused_trainer_equals_fresh_trainer():
     ids, mask = _data(False)[1:]
     model = _model(train_head=True)
     init = get_state(model)
-    trainer = LocalTrainer(model, _fed(), _dp(), SEED)
-    trainer.train(_keys(model, "B"), ids[:12], mask[:12], LABELS[:12], round=0, client_id=3)
+    trainer = trainer_on(model, _fed(), _dp(), SEED)
+    trainer.train_one(_keys(model, "B"), ids[:12], mask[:12], LABELS[:12], round=0, client_id=3)
     set_state(model, init)
-    trainer.train(_keys(model, {"A", "head"}), ids, mask, LABELS, round=0, client_id=4)
+    trainer.train_one(_keys(model, {"A", "head"}), ids, mask, LABELS, round=0, client_id=4)
     reused = get_state(model)
 
     fresh_model = _model(train_head=True)
-    LocalTrainer(fresh_model, _fed(), _dp(), SEED).train(
+    trainer_on(fresh_model, _fed(), _dp(), SEED).train_one(
         _keys(fresh_model, {"A", "head"}), ids, mask, LABELS, round=0, client_id=4
     )
     fresh = get_state(fresh_model)
@@ -136,10 +137,10 @@ def test_gradient_copies_only_when_asked_and_training_unchanged(mode):
     states = []
     for keep in (True, False):
         model = _model(train_head=True)
-        trainer = LocalTrainer(model, _fed(), privacy, SEED, keep_gradients=keep)
-        trainer.train(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
+        trainer = trainer_on(model, _fed(), privacy, SEED, keep_gradients=keep)
+        trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
         states.append(get_state(model))
-        kept = (trainer.last_grads, trainer.prev_grads, trainer.prev_step)
+        kept = (trainer.last.last_grads, trainer.last.prev_grads, trainer.last.prev_step)
         assert all(len(x) > 0 for x in kept) if keep else all(len(x) == 0 for x in kept)
         for p in model.parameters():
             assert p.grad is None and getattr(p, "grad_sample", None) is None and not hasattr(p, "_current_grad_sample")
@@ -153,16 +154,16 @@ def test_a_non_finite_loss_raises_and_the_trainer_serves_the_next_client(mode):
     model = _model()
     init = get_state(model)
     privacy = _dp() if mode == "sample" else PrivacyConfig()
-    trainer = LocalTrainer(model, _fed(), privacy, SEED)
+    trainer = trainer_on(model, _fed(), privacy, SEED)
     set_state(model, {k: torch.full_like(v, float("nan")) for k, v in init.items()})
     with pytest.raises(FloatingPointError, match=r"round 1, client 7: training loss is nan at local step 1"):
-        trainer.train(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=7)
+        trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=7)
     assert not model.training
     assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in model.parameters())
     set_state(model, init)  # the same trainer, next client: as if the failed one had never run
-    trainer.train(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=8)
+    trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=8)
     fresh = _model()
-    LocalTrainer(fresh, _fed(), privacy, SEED).train(_keys(fresh, "B"), ids, mask, LABELS, round=1, client_id=8)
+    trainer_on(fresh, _fed(), privacy, SEED).train_one(_keys(fresh, "B"), ids, mask, LABELS, round=1, client_id=8)
     assert all(torch.equal(get_state(model)[k], v) for k, v in get_state(fresh).items())
 
 
@@ -195,10 +196,10 @@ def test_dp_each_example_contributes_at_most_clip():
     grads = _per_example_grads(model, keys, ids[:6], mask[:6], LABELS[:6])
     norms = [_norm(g) for g in grads]
     clip = float(np.median(norms))
-    trainer = LocalTrainer(model, _fed(local_steps=1, batch_size=4, lr=1.0), _dp(noise=0.0, clip=clip), SEED)
+    trainer = trainer_on(model, _fed(local_steps=1, batch_size=4, lr=1.0), _dp(noise=0.0, clip=clip), SEED)
     for i, raw in enumerate(norms):
         set_state(model, init)
-        trainer.train(keys, ids[i : i + 1], mask[i : i + 1], LABELS[i : i + 1], round=0, client_id=i)
+        trainer.train_one(keys, ids[i : i + 1], mask[i : i + 1], LABELS[i : i + 1], round=0, client_id=i)
         after = get_state(model)
         update = _norm([after[k] - init[k] for k in keys])
         assert update <= clip * (1 + 1e-4)
@@ -233,12 +234,12 @@ def test_dp_update_equals_sum_of_clipped_per_example_gradients(factors):
     want = expected(norms)
     lr = 0.5 / max(float(v.abs().max()) for v in want.values())  # updates of order 1: well above float rounding
     want = {k: lr * v for k, v in want.items()}
-    trainer = LocalTrainer(model, _fed(local_steps=1, batch_size=batch, lr=lr), _dp(noise=0.0, clip=clip), SEED)
-    trainer.train(keys, ids, mask, labels, round=round, client_id=client)
+    trainer = trainer_on(model, _fed(local_steps=1, batch_size=batch, lr=lr), _dp(noise=0.0, clip=clip), SEED)
+    trainer.train_one(keys, ids, mask, labels, round=round, client_id=client)
     after = get_state(model)
     for k in keys:
         torch.testing.assert_close(after[k] - init[k], want[k], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(trainer.last_grads[k], -want[k] / lr, rtol=1e-4, atol=1e-5 / lr)
+        torch.testing.assert_close(trainer.last.last_grads[k], -want[k] / lr, rtol=1e-4, atol=1e-5 / lr)
     for k in set(adapter_keys(model)) - set(keys):
         assert torch.equal(after[k], init[k])
     if factors == "B":  # clipping by the norm over A and B as well would give a visibly different update
@@ -262,8 +263,8 @@ def test_empty_poisson_batches_are_noise_only_steps(noise):
     client = _all_empty_client(len(LABELS), 1, 2, round=0)
     model = _model()
     init = get_state(model)
-    trainer = LocalTrainer(model, fed, _dp(noise=7.0), SEED)  # overridden per call (per-client calibration)
-    out = trainer.train(_keys(model, "B"), ids, mask, LABELS, 0, client, noise_multiplier=noise)
+    trainer = trainer_on(model, fed, _dp(noise=7.0), SEED)  # overridden per call (per-client calibration)
+    out = trainer.train_one(_keys(model, "B"), ids, mask, LABELS, 0, client, noise_multiplier=noise)
     after = get_state(model)
     assert out.steps == 2 and math.isnan(out.train_loss)
     assert all(torch.equal(after[k], init[k]) for k in _keys(model, "A"))
@@ -284,9 +285,9 @@ def test_non_dp_batch_schedule():
 def test_evaluate_matches_direct_computation():
     ids, mask = _data(False)[1:]
     model = _model(train_head=True)
-    trainer = LocalTrainer(model, _fed(), PrivacyConfig(), SEED)
+    trainer = trainer_on(model, _fed(), PrivacyConfig(), SEED)
     model.train()  # evaluate must switch to eval mode itself
-    loss_sum, correct, count = trainer.evaluate(ids, mask, LABELS, batch_size=5)
+    loss_sum, correct, count = trainer.executor.live.evaluate(ids, mask, LABELS, batch_size=5)
     assert not model.training
     with torch.no_grad():
         logits = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
@@ -296,4 +297,4 @@ def test_evaluate_matches_direct_computation():
     assert loss_sum == pytest.approx(float(F.cross_entropy(logits, y, reduction="sum")), rel=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert trainer.evaluate(ids, mask, LABELS, batch_size=100)[1:] == (correct, count)
+        assert trainer.executor.live.evaluate(ids, mask, LABELS, batch_size=100)[1:] == (correct, count)
