@@ -45,7 +45,8 @@ class Executor(Protocol):
     def open(self, keys: Sequence[str], starts: Starts) -> list[list[torch.Tensor]]:
         """Make the clients' start states (None: what the live model holds now) trainable on ``keys``; returns each
         client's trained tensors in the order of ``keys``. Clears every gradient state first; puts the model in
-        training mode. KeyError for unknown keys; ValueError for more clients than :attr:`max_clients`."""
+        training mode. KeyError for unknown keys. The step loop gives at most :attr:`max_clients` clients, at least
+        one."""
         ...
 
     def forward(self, batches: Sequence[tuple[int, Batch]]) -> list[float]:
@@ -73,12 +74,6 @@ class Executor(Protocol):
         ...
 
 
-def one_client(starts: Sequence[object]) -> None:
-    """Raise ValueError unless exactly one client is given (executors that train one client per call)."""
-    if len(starts) != 1:
-        raise ValueError(f"this executor trains one client per call, got {len(starts)}")
-
-
 class SingleExecutor:
     """One client per call on the live model (in place)."""
 
@@ -90,7 +85,6 @@ class SingleExecutor:
         self.loss: torch.Tensor | None = None
 
     def open(self, keys: Sequence[str], starts: Starts) -> list[list[torch.Tensor]]:
-        one_client(starts)
         if starts[0] is not None:
             self.live.load(dict(starts[0]))
         set_trainable(self.live.model, keys)

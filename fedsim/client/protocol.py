@@ -13,6 +13,12 @@ from typing import Protocol, runtime_checkable
 from fedsim.methods.base import Method
 from fedsim.types import AdapterState, ClientResult, ClientTask, ClientUpdate, EvalResult, EvalTask, RoundPlan
 
+#: ``train_many``'s tasks, start states (one for all tasks, or one per task), kept states and ledgers (JSON) per task
+Tasks = Sequence[ClientTask]
+States = AdapterState | Sequence[AdapterState]
+Kepts = Sequence[AdapterState | None]
+Ledgers = Sequence[dict | None]
+
 
 @dataclass(frozen=True)
 class ClientOutput:
@@ -37,13 +43,7 @@ class Worker(Protocol):
         """Train one client from (global, its kept state) and its ledger."""
         ...
 
-    def train_many(
-        self,
-        tasks: Sequence[ClientTask],
-        global_state: AdapterState | Sequence[AdapterState],
-        kepts: Sequence[AdapterState | None],
-        ledgers: Sequence[dict | None],
-    ) -> list[ClientOutput]:
+    def train_many(self, tasks: Tasks, global_state: States, kepts: Kepts, ledgers: Ledgers) -> list[ClientOutput]:
         """Train several clients of one round (each as :meth:`train` would); one output per task, in order."""
         ...
 

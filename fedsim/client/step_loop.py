@@ -9,7 +9,7 @@ seeding, the non-finite-loss failure, the gradient copies a method's signals rea
 
 Determinism: every random draw of client ``k`` in round ``t`` comes from ``(seed, t, k)``: batch sampling from
 ``torch_generator(seed, "batches", t, k)``, dropout from ``torch.manual_seed(derive_seed(seed, "dropout", t, k))``
-(inside ``fork_rng``, so the caller's global RNG is left as it was; a fused pass draws nothing: it needs
+(inside :func:`isolated_rng`, so the caller's global RNG is left as it was; a fused pass draws nothing: it needs
 ``model.base_dropout: false`` and no LoRA dropout) and DP noise from the generator seeded
 ``derive_seed(seed, "dp_noise", t, k)``. Tensors outside the trainable set are never written.
 
@@ -20,6 +20,7 @@ Under DP every step is a DP-SGD step, an empty Poisson batch included (noise onl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -67,6 +68,13 @@ def batch_schedule(n: int, batch_size: int, steps: int, dp: bool, generator: tor
         out.append(perm[pos : pos + size])
         pos += size
     return out
+
+
+def isolated_rng(device: torch.device | None) -> contextlib.AbstractContextManager[None]:
+    """A block whose draws from torch's global RNG (CPU, and ``device``'s when it is a GPU) leave the caller's RNG
+    state as it was: the one place fedsim forks the global RNG."""
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 @dataclass(frozen=True)
@@ -146,27 +154,32 @@ class LocalTrainer:
     ) -> list[ClientTrained | Exception]:
         """Train every client of ``clients`` (at most the executor's ``max_clients``) on ``keys``, the same
         trained set for all; one result per client, in order: what it trained, or the exception that stopped it
-        (ValueError for mismatched array lengths, FloatingPointError for a non-finite loss; the others go on).
+        (ValueError for mismatched array lengths, the non-finite-loss error of :meth:`_step`; the other clients go
+        on).
         ``steps`` overrides ``federation.local_steps`` (the timing probe). Raises ValueError for an empty ``keys``
         or too many clients, KeyError for unknown keys. Leaves the model in eval mode without gradient state."""
         started = time.perf_counter()
         keys = list(keys)
         if not keys:
             raise ValueError("train() needs at least one trainable adapter key")
-        runs = [self._run(i, c, round, steps) for i, c in enumerate(clients)]
         ex = self.executor
+        if ex.max_clients is not None and len(clients) > ex.max_clients:
+            raise ValueError(f"this executor trains at most {ex.max_clients} client(s) per call, got {len(clients)}")
+        if not clients:
+            return []
+        runs = [self._run(i, c, round, steps) for i, c in enumerate(clients)]
         out: list[ClientTrained | Exception] = []
         try:
             params = ex.open(keys, [c.start for c in clients])
             for run, mine in zip(runs, params, strict=True):
                 run.params, run.optimizer = mine, self._optimizer(mine, run, round)
             device = ex.live.device
-            with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            with isolated_rng(device):
                 with warnings.catch_warnings():
                     # Opacus' full backward hooks on the first adapted layer (whose input needs no grad): harmless
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    if runs:  # dropout draws of a lone client (a fused pass draws none)
-                        torch.manual_seed(derive_seed(self.seed, "dropout", round, runs[0].client.client_id))
+                    # dropout draws of a lone client (a fused pass draws none)
+                    torch.manual_seed(derive_seed(self.seed, "dropout", round, runs[0].client.client_id))
                     for i in range(max((len(r.schedule) for r in runs), default=0)):
                         self._step(i, keys, [r for r in runs if r.error is None and i < len(r.schedule)], round, device)
             share = (time.perf_counter() - started) / max(1, len(runs))
@@ -222,7 +235,8 @@ class LocalTrainer:
 
     def _step(self, i: int, keys: list[str], active: list[_Run], round: int, device: torch.device) -> None:
         """Local step ``i`` of the ``active`` clients: zero their gradients, one forward/backward of the non-empty
-        batches, then each client's own optimiser step and gradient copies."""
+        batches, then each client's own optimiser step and gradient copies. A client whose loss is not finite
+        takes no step and ends with the error raised below (a diverged client never reaches the aggregate)."""
         for run in active:
             run.optimizer.zero_grad(set_to_none=True)
             if len(run.schedule[i]) == 0:
@@ -232,7 +246,7 @@ class LocalTrainer:
             batches = [(r.position, tuple(t[r.schedule[i]].to(device) for t in r.data)) for r in rows]
             values = self.executor.forward(batches)
             for run, (_, batch), value in zip(rows, batches, values, strict=True):
-                if not math.isfinite(value):  # never let a diverged client reach the aggregate
+                if not math.isfinite(value):
                     run.error = FloatingPointError(
                         f"round {round}, client {run.client.client_id}: training loss is {value} at local step "
                         f"{i + 1}; lower federation.lr (or check this client's data)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 
 from fedsim.client.causal_lm import evaluate_lm
 from fedsim.client.engine import Engine, build_engine
-from fedsim.client.protocol import ClientOutput
+from fedsim.client.protocol import ClientOutput, Kepts, Ledgers, States, Tasks
 from fedsim.client.step_loop import ClientInput, ClientTrained, LocalTrainer
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
@@ -124,13 +124,7 @@ class ClientWorker:
             return self._failed(pre, exc)
         return self._finish(pre, start, res)
 
-    def train_many(
-        self,
-        tasks: Sequence[ClientTask],
-        global_state: AdapterState | Sequence[AdapterState],
-        kepts: Sequence[AdapterState | None],
-        ledgers: Sequence[dict | None],
-    ) -> list[ClientOutput]:
+    def train_many(self, tasks: Tasks, global_state: States, kepts: Kepts, ledgers: Ledgers) -> list[ClientOutput]:
         """Train several clients of one round TOGETHER (``runtime.clients_per_pass``; see
         :class:`fedsim.client.executors.FusedExecutor`); one output per task, in order, each equal to what
         :meth:`train` gives that client alone (up to float rounding; ``seconds`` is its share of the pass). An

@@ -48,6 +48,7 @@ from fedsim.client.engine import Engine
 from fedsim.client.executors import SingleExecutor, Starts
 from fedsim.client.live_model import Batch, LiveModel
 from fedsim.client.padding import trim_padding
+from fedsim.client.step_loop import isolated_rng
 from fedsim.config.schema import Config
 from fedsim.model.adapters import attach_adapter
 from fedsim.model.build import BaseBlueprint
@@ -104,7 +105,7 @@ def partitioned_base(bp: BaseBlueprint, stage: int, offload: str = "none") -> to
     # no random init (it would index partitioned tensors, and every weight is overwritten below)
     init, PreTrainedModel.initialize_weights = PreTrainedModel.initialize_weights, lambda self: None
     try:
-        with torch.random.fork_rng(devices=[]):
+        with isolated_rng(None):  # construction draws (the weights are overwritten below)
             # no dtype override: buffers computed at construction (rotary inv_freq) come out as in the plain model
             zero_init = deepspeed.zero.Init(
                 config_dict_or_path=ds_config(stage, offload),

@@ -22,14 +22,14 @@ Ray: :func:`fedsim.runtime.cluster.check`).
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fedsim.client.protocol import ClientOutput, Worker
+from fedsim.client.protocol import ClientOutput, Kepts, Ledgers, States, Tasks, Worker
 from fedsim.config.schema import Config
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.runtime.actors import Shared, WorkerBase
@@ -133,13 +133,7 @@ class GroupWorker:
     ) -> ClientOutput:
         return self._together("train", task, global_state, kept, ledger_json)
 
-    def train_many(
-        self,
-        tasks: Sequence[ClientTask],
-        global_state: AdapterState | Sequence[AdapterState],
-        kepts: Sequence[AdapterState | None],
-        ledgers: Sequence[dict | None],
-    ) -> list[ClientOutput]:
+    def train_many(self, tasks: Tasks, global_state: States, kepts: Kepts, ledgers: Ledgers) -> list[ClientOutput]:
         return self._together("train_many", list(tasks), global_state, list(kepts), list(ledgers))
 
     def evaluate(self, task: EvalTask, state: AdapterState) -> EvalResult:
