@@ -25,7 +25,7 @@ SEED = 0
 
 
 @functools.cache
-def _data(no_dropout: bool) -> tuple[BaseBlueprint, np.ndarray, np.ndarray]:
+def tiny_bert_data(no_dropout: bool) -> tuple[BaseBlueprint, np.ndarray, np.ndarray]:
     cfg = ModelConfig(name="tiny-bert")
     tok = build_tokenizer(cfg, TEXTS)
     enc = tok(TEXTS, padding="max_length", max_length=14, truncation=True, return_tensors="np")
@@ -36,9 +36,9 @@ def _data(no_dropout: bool) -> tuple[BaseBlueprint, np.ndarray, np.ndarray]:
     return bp, enc["input_ids"], enc["attention_mask"]
 
 
-def _model(no_dropout=False, train_head=False, lora_dropout=0.0, b_scale=0.3):
+def lora_model(no_dropout=False, train_head=False, lora_dropout=0.0, b_scale=0.3):
     """tiny-bert with LoRA; B set to seeded random values so that A receives gradients too."""
-    bp = _data(no_dropout)[0]
+    bp = tiny_bert_data(no_dropout)[0]
     model = attach_adapter(
         model_from_blueprint(bp), LoraConfig(r=4, dropout=lora_dropout, train_head=train_head), "bert", seed=SEED
     )
@@ -54,11 +54,11 @@ def _keys(model, factors):
     return [k for k in adapter_keys(model) if factor_of(k) in factors]
 
 
-def _fed(**kw):
+def fed_config(**kw):
     return FederationConfig(**{"local_steps": 3, "batch_size": 6, "lr": 0.5, **kw})
 
 
-def _dp(noise=1.0, clip=0.05):
+def dp_config(noise=1.0, clip=0.05):
     return PrivacyConfig(mode="sample", noise_multiplier=noise, clip=clip)
 
 
@@ -70,9 +70,10 @@ def _base_weights(model):
 
 @pytest.mark.parametrize(("mode", "optimizer"), [("none", "sgd"), ("none", "adamw"), ("sample", "sgd")])
 def test_ffa_style_training_changes_b_only(mode, optimizer):
-    model = _model()
-    ids, mask = _data(False)[1:]
-    trainer = trainer_on(model, _fed(optimizer=optimizer), _dp() if mode == "sample" else PrivacyConfig(), SEED)
+    model = lora_model()
+    ids, mask = tiny_bert_data(False)[1:]
+    privacy = dp_config() if mode == "sample" else PrivacyConfig()
+    trainer = trainer_on(model, fed_config(optimizer=optimizer), privacy, SEED)
     before, base_before = get_state(model), _base_weights(model)
     out = trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=0, client_id=1)
     after = get_state(model)
@@ -88,12 +89,12 @@ def test_ffa_style_training_changes_b_only(mode, optimizer):
 
 @pytest.mark.parametrize("mode", ["none", "sample"])
 def test_training_is_deterministic_per_seed_round_and_client(mode):
-    ids, mask = _data(False)[1:]
-    privacy = _dp() if mode == "sample" else PrivacyConfig()
+    ids, mask = tiny_bert_data(False)[1:]
+    privacy = dp_config() if mode == "sample" else PrivacyConfig()
 
     def run(round, client):
-        model = _model(lora_dropout=0.2)  # base dropout 0.1 and LoRA dropout both active
-        trainer = trainer_on(model, _fed(), privacy, SEED)
+        model = lora_model(lora_dropout=0.2)  # base dropout 0.1 and LoRA dropout both active
+        trainer = trainer_on(model, fed_config(), privacy, SEED)
         trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=round, client_id=client)
         return get_state(model)
 
@@ -110,17 +111,17 @@ def test_training_is_deterministic_per_seed_round_and_client(mode):
 
 def test_reused_trainer_equals_fresh_trainer():
     """One wrapped model serves many clients: nothing leaks, trainable sets can change per client."""
-    ids, mask = _data(False)[1:]
-    model = _model(train_head=True)
+    ids, mask = tiny_bert_data(False)[1:]
+    model = lora_model(train_head=True)
     init = get_state(model)
-    trainer = trainer_on(model, _fed(), _dp(), SEED)
+    trainer = trainer_on(model, fed_config(), dp_config(), SEED)
     trainer.train_one(_keys(model, "B"), ids[:12], mask[:12], LABELS[:12], round=0, client_id=3)
     set_state(model, init)
     trainer.train_one(_keys(model, {"A", "head"}), ids, mask, LABELS, round=0, client_id=4)
     reused = get_state(model)
 
-    fresh_model = _model(train_head=True)
-    trainer_on(fresh_model, _fed(), _dp(), SEED).train_one(
+    fresh_model = lora_model(train_head=True)
+    trainer_on(fresh_model, fed_config(), dp_config(), SEED).train_one(
         _keys(fresh_model, {"A", "head"}), ids, mask, LABELS, round=0, client_id=4
     )
     fresh = get_state(fresh_model)
@@ -132,12 +133,12 @@ def test_reused_trainer_equals_fresh_trainer():
 def test_gradient_copies_only_when_asked_and_training_unchanged(mode):
     """keep_gradients=False (methods without signals): the same trained tensors, no gradient copies kept, and
     the per-client clean-up leaves no gradient or Opacus buffer on any tensor."""
-    ids, mask = _data(False)[1:]
-    privacy = _dp() if mode == "sample" else PrivacyConfig()
+    ids, mask = tiny_bert_data(False)[1:]
+    privacy = dp_config() if mode == "sample" else PrivacyConfig()
     states = []
     for keep in (True, False):
-        model = _model(train_head=True)
-        trainer = trainer_on(model, _fed(), privacy, SEED, keep_gradients=keep)
+        model = lora_model(train_head=True)
+        trainer = trainer_on(model, fed_config(), privacy, SEED, keep_gradients=keep)
         trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
         states.append(get_state(model))
         kept = (trainer.last.last_grads, trainer.last.prev_grads, trainer.last.prev_step)
@@ -150,11 +151,11 @@ def test_gradient_copies_only_when_asked_and_training_unchanged(mode):
 
 @pytest.mark.parametrize("mode", ["none", "sample"])
 def test_a_non_finite_loss_raises_and_the_trainer_serves_the_next_client(mode):
-    ids, mask = _data(False)[1:]
-    model = _model()
+    ids, mask = tiny_bert_data(False)[1:]
+    model = lora_model()
     init = get_state(model)
-    privacy = _dp() if mode == "sample" else PrivacyConfig()
-    trainer = trainer_on(model, _fed(), privacy, SEED)
+    privacy = dp_config() if mode == "sample" else PrivacyConfig()
+    trainer = trainer_on(model, fed_config(), privacy, SEED)
     set_state(model, {k: torch.full_like(v, float("nan")) for k, v in init.items()})
     with pytest.raises(FloatingPointError, match=r"round 1, client 7: training loss is nan at local step 1"):
         trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=7)
@@ -162,8 +163,8 @@ def test_a_non_finite_loss_raises_and_the_trainer_serves_the_next_client(mode):
     assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in model.parameters())
     set_state(model, init)  # the same trainer, next client: as if the failed one had never run
     trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=8)
-    fresh = _model()
-    trainer_on(fresh, _fed(), privacy, SEED).train_one(_keys(fresh, "B"), ids, mask, LABELS, round=1, client_id=8)
+    fresh = lora_model()
+    trainer_on(fresh, fed_config(), privacy, SEED).train_one(_keys(fresh, "B"), ids, mask, LABELS, round=1, client_id=8)
     assert all(torch.equal(get_state(model)[k], v) for k, v in get_state(fresh).items())
 
 
@@ -189,14 +190,14 @@ def _norm(gs):
 def test_dp_each_example_contributes_at_most_clip():
     """Single-example shards (batch 4 > n = 1: q = 1, expected batch q * n = 1; no noise): the update is the
     clipped gradient itself."""
-    ids, mask = _data(True)[1:]
-    model = _model(no_dropout=True)
+    ids, mask = tiny_bert_data(True)[1:]
+    model = lora_model(no_dropout=True)
     keys = _keys(model, "B")
     init = get_state(model)
     grads = _per_example_grads(model, keys, ids[:6], mask[:6], LABELS[:6])
     norms = [_norm(g) for g in grads]
     clip = float(np.median(norms))
-    trainer = trainer_on(model, _fed(local_steps=1, batch_size=4, lr=1.0), _dp(noise=0.0, clip=clip), SEED)
+    trainer = trainer_on(model, fed_config(local_steps=1, batch_size=4, lr=1.0), dp_config(noise=0.0, clip=clip), SEED)
     for i, raw in enumerate(norms):
         set_state(model, init)
         trainer.train_one(keys, ids[i : i + 1], mask[i : i + 1], LABELS[i : i + 1], round=0, client_id=i)
@@ -209,10 +210,10 @@ def test_dp_each_example_contributes_at_most_clip():
 
 @pytest.mark.parametrize("factors", ["B", "AB"])
 def test_dp_update_equals_sum_of_clipped_per_example_gradients(factors):
-    ids, mask = _data(True)[1:]
+    ids, mask = tiny_bert_data(True)[1:]
     n, batch, round, client = 12, 6, 1, 2
     ids, mask, labels = ids[:n], mask[:n], LABELS[:n]
-    model = _model(no_dropout=True)
+    model = lora_model(no_dropout=True)
     keys = _keys(model, factors)
     init = get_state(model)
     all_grads = _per_example_grads(model, adapter_keys(model), ids, mask, labels)
@@ -234,7 +235,8 @@ def test_dp_update_equals_sum_of_clipped_per_example_gradients(factors):
     want = expected(norms)
     lr = 0.5 / max(float(v.abs().max()) for v in want.values())  # updates of order 1: well above float rounding
     want = {k: lr * v for k, v in want.items()}
-    trainer = trainer_on(model, _fed(local_steps=1, batch_size=batch, lr=lr), _dp(noise=0.0, clip=clip), SEED)
+    fed = fed_config(local_steps=1, batch_size=batch, lr=lr)
+    trainer = trainer_on(model, fed, dp_config(noise=0.0, clip=clip), SEED)
     trainer.train_one(keys, ids, mask, labels, round=round, client_id=client)
     after = get_state(model)
     for k in keys:
@@ -258,12 +260,12 @@ def _all_empty_client(n, batch, steps, round):
 
 @pytest.mark.parametrize("noise", [0.0, 1.0])
 def test_empty_poisson_batches_are_noise_only_steps(noise):
-    ids, mask = _data(False)[1:]
-    fed = _fed(local_steps=2, batch_size=1)  # q = 1/24
+    ids, mask = tiny_bert_data(False)[1:]
+    fed = fed_config(local_steps=2, batch_size=1)  # q = 1/24
     client = _all_empty_client(len(LABELS), 1, 2, round=0)
-    model = _model()
+    model = lora_model()
     init = get_state(model)
-    trainer = trainer_on(model, fed, _dp(noise=7.0), SEED)  # overridden per call (per-client calibration)
+    trainer = trainer_on(model, fed, dp_config(noise=7.0), SEED)  # overridden per call (per-client calibration)
     out = trainer.train_one(_keys(model, "B"), ids, mask, LABELS, 0, client, noise_multiplier=noise)
     after = get_state(model)
     assert out.steps == 2 and math.isnan(out.train_loss)
@@ -283,9 +285,9 @@ def test_non_dp_batch_schedule():
 
 
 def test_evaluate_matches_direct_computation():
-    ids, mask = _data(False)[1:]
-    model = _model(train_head=True)
-    trainer = trainer_on(model, _fed(), PrivacyConfig(), SEED)
+    ids, mask = tiny_bert_data(False)[1:]
+    model = lora_model(train_head=True)
+    trainer = trainer_on(model, fed_config(), PrivacyConfig(), SEED)
     model.train()  # evaluate must switch to eval mode itself
     loss_sum, correct, count = trainer.executor.live.evaluate(ids, mask, LABELS, batch_size=5)
     assert not model.training
