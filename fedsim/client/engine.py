@@ -1,4 +1,5 @@
-"""What a worker computes with: its live model and its executors, chosen ONCE from the config.
+"""What a worker computes with: its live model and its executors, chosen ONCE from the config
+(:func:`fedsim.client.worker.build_engine`).
 
 ``runtime.zero.stage > 0``: the base is partitioned over the ranks of a ZeRO group (:mod:`fedsim.client.zero`)
 and clients train one at a time, each batch split over the ranks. Otherwise one process holds the whole base;
@@ -46,13 +47,3 @@ def plain_engine(cfg: Config, blueprint: BaseBlueprint) -> Engine:
         return sum(p.numel() * p.element_size() for p in base.parameters())
 
     return Engine(live, SingleExecutor(live), lambda: FusedExecutor(live), resident)
-
-
-def build_engine(cfg: Config, blueprint: BaseBlueprint) -> Engine:
-    """The engine ``cfg`` asks for (module docstring). A ZeRO engine needs this process to have joined its group
-    (:func:`fedsim.client.zero.init_group`)."""
-    if cfg.runtime.zero.stage > 0:
-        from fedsim.client.zero import zero_engine  # DeepSpeed: imported only for ZeRO groups
-
-        return zero_engine(cfg, blueprint)
-    return plain_engine(cfg, blueprint)

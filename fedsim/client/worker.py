@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedsim.client.causal_lm import evaluate_lm
-from fedsim.client.engine import Engine, build_engine
+from fedsim.client.engine import Engine, plain_engine
 from fedsim.client.protocol import ClientOutput, Kepts, Ledgers, States, Tasks
 from fedsim.client.step_loop import ClientInput, ClientTrained, LocalTrainer
 from fedsim.config.schema import Config
@@ -37,7 +37,17 @@ from fedsim.types import (
     state_bytes,
 )
 
-__all__ = ["ClientOutput", "ClientWorker"]
+__all__ = ["ClientOutput", "ClientWorker", "build_engine"]
+
+
+def build_engine(cfg: Config, blueprint: BaseBlueprint) -> Engine:
+    """The engine ``cfg`` asks for (:mod:`fedsim.client.engine`): ``runtime.zero.stage > 0`` the ZeRO engine
+    (this process must have joined its group: :func:`fedsim.client.zero.init_group`), else the whole base here."""
+    if cfg.runtime.zero.stage > 0:
+        from fedsim.client.zero import zero_engine  # DeepSpeed: imported only for ZeRO groups
+
+        return zero_engine(cfg, blueprint)
+    return plain_engine(cfg, blueprint)
 
 
 @dataclass
