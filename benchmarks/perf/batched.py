@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, set_run_env  # noqa: E402
 
-from fedsim.client.trainer import batch_schedule  # noqa: E402
+from fedsim.client.step_loop import batch_schedule  # noqa: E402
 from fedsim.client.worker import ClientOutput, ClientWorker  # noqa: E402
 from fedsim.config.load import config_from_dict  # noqa: E402
 from fedsim.config.schema import Config  # noqa: E402

@@ -50,7 +50,7 @@ from _common import (  # noqa: E402
     set_run_env,
 )
 
-from fedsim.client.trainer import batch_schedule  # noqa: E402
+from fedsim.client.step_loop import batch_schedule  # noqa: E402
 from fedsim.config.load import config_from_dict  # noqa: E402
 from fedsim.config.schema import Config  # noqa: E402
 from fedsim.data.federated import build_federated_data  # noqa: E402

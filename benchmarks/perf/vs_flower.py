@@ -244,7 +244,7 @@ def flower_train(msg: Any, context: Any) -> Any:
     import torch
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-    from fedsim.client.trainer import batch_schedule
+    from fedsim.client.step_loop import batch_schedule
     from fedsim.model.adapters import get_state, set_state
     from fedsim.seeding import derive_seed, torch_generator
 

@@ -109,11 +109,11 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], blob: str, out
     saved = torch.load(blob, mmap=True, weights_only=False)
     bp, data, state = saved["bp"], saved["data"], saved["state"]
     if cfg.runtime.zero.stage:
-        from fedsim.client.zero_worker import ZeroClientWorker, init_group
+        from fedsim.client.zero import init_group
 
         init_group(rank, world, "127.0.0.1", port, use_cuda=False)
-        worker = ZeroClientWorker(0, cfg, bp, data)
-        base_bytes = worker.compute.resident_bytes()
+        worker = ClientWorker(0, cfg, bp, data)  # runtime.zero.stage > 0: the ZeRO engine
+        base_bytes = worker.resident_bytes()
     else:
         worker = ClientWorker(0, cfg, bp, data)
         base_bytes = sum(  # named_parameters lists a tied weight once

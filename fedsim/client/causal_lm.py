@@ -1,5 +1,5 @@
 """Causal-LM losses and evaluation over left-padded rows (labels -100 outside the response), shared by the
-one-client trainer, the batched trainer and the ZeRO worker.
+step loop's executors (one client, a fused pass, a ZeRO group) and evaluation.
 
 The loss of one example is the MEAN negative log-likelihood over ITS response tokens; a batch's loss is the mean of
 those per-example losses, so under Opacus (``loss_reduction="mean"``) each example's per-sample gradient is the

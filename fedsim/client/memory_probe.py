@@ -20,7 +20,6 @@ from fedsim.data.federated import FederatedData
 from fedsim.model.build import BaseBlueprint
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.privacy.sampling import poisson_rate
-from fedsim.server.parameter_server import ParameterServer
 from fedsim.types import AdapterState, ClientTask
 
 
@@ -63,7 +62,8 @@ def probe_client_memory(
     worker = ClientWorker(-1, cfg, blueprint, data, privacy)
     sizes = [len(ix) for ix in data.client_train]
     cid = max(range(len(sizes)), key=lambda c: (sizes[c], -c))
-    plan = ParameterServer(cfg, initial_state, privacy).plan(1)
+    method = worker.method  # round 1's plan, as the server computes it from the initial state
+    plan = method.plan(1, sorted(initial_state), method.init_server_state(initial_state))
     fields = {}
     if cfg.privacy.mode == "sample":  # memory depends on the expected batch, not on sigma
         fields = {"noise_multiplier": 1.0, "sample_rate": poisson_rate(cfg.federation.batch_size, sizes[cid])}

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 
+from fedsim.compat import peft_cast_lora_input
 from fedsim.model.adapters import ADAPTER, adapter_key, adapter_keys
 from fedsim.model.keys import HEAD_PREFIX
 from fedsim.privacy.multi_grad_sampler import grouped_linear_grad_samples, linear_grad_samples
@@ -281,7 +282,7 @@ class MultiAdapter:
             self._check_rows(x)
             result = layer.base_layer(x, *args, **kwargs)
             dtype = result.dtype
-            x = layer._cast_input_dtype(x, layer.lora_A[ADAPTER].weight.dtype)
+            x = peft_cast_lora_input(layer, x, layer.lora_A[ADAPTER].weight.dtype)
             scaling = layer.scaling[ADAPTER]
             rec = _LoRARecord(tuple(self.groups), self._samples, key_a, key_b)
             factors = [self.tensors[g.slot][key] for key in (key_a, key_b) for g in self.groups]

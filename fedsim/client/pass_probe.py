@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from fedsim.client.batched_trainer import ClientInput
+from fedsim.client.step_loop import ClientInput
 from fedsim.client.worker import ClientWorker
 from fedsim.config.schema import Config
 from fedsim.methods.batching import batching_blockers
@@ -32,26 +32,26 @@ GAIN = 1.05
 def probe_clients_per_pass(worker: ClientWorker, limit: int) -> tuple[int, dict[int, float]]:
     """Time passes of K <= ``limit`` clients on ``worker`` (module docstring); returns (chosen K, examples per
     second by K). Raises what training raises (a probe client that fails is not timed: its K is skipped)."""
-    from fedsim.client.batched_trainer import BatchedTrainer
-
     sizes = [len(ix) for ix in worker.data.client_train]
     order = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))
     state = get_state(worker.model)
     method = worker.method
     keys = method.plan(1, sorted(state), method.init_server_state(state)).trained
-    trainer = BatchedTrainer(worker.trainer)
+    trainer = worker.fused_trainer()
+    if trainer is None:
+        raise ValueError("this worker trains one client at a time (a ZeRO group): there is no K to probe")
     candidates = [k for k in CANDIDATES if k <= max(1, min(limit, len(order)))]
     inputs = {}
     for cid in order[: candidates[-1]]:
         ids, mask, labels = worker.data.client_arrays(worker.data.client_train[cid])
         inputs[cid] = ClientInput(cid, state, ids, mask, labels, 1.0)
-    trainer.train(keys, [inputs[order[0]]], 0, steps=1)  # warm-up (allocations, first-call costs)
+    trainer.train(keys, [inputs[order[0]]], round=0, steps=1)  # warm-up (allocations, first-call costs)
     rates: dict[int, float] = {}
     best = 1
     for k in candidates:
         chunk = [inputs[c] for c in order[:k]]
         t0 = time.perf_counter()
-        out = trainer.train(keys, chunk, 0, steps=PROBE_STEPS)
+        out = trainer.train(keys, chunk, round=0, steps=PROBE_STEPS)
         seconds = time.perf_counter() - t0
         if any(isinstance(o, Exception) for o in out):
             continue

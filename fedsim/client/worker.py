@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedsim.client.causal_lm import evaluate_lm
-from fedsim.client.trainer import LocalTrainer, TrainOutcome
+from fedsim.client.engine import Engine, plain_engine
+from fedsim.client.protocol import ClientOutput, Kepts, Ledgers, States, Tasks
+from fedsim.client.step_loop import ClientInput, ClientTrained, LocalTrainer
 from fedsim.config.schema import Config
 from fedsim.data.federated import FederatedData
 from fedsim.methods.base import make_method
-from fedsim.model.adapters import attach_adapter, get_state, set_state
-from fedsim.model.build import BaseBlueprint, model_from_blueprint
-from fedsim.model.keys import is_residual, layer_of
+from fedsim.model.build import BaseBlueprint
 from fedsim.privacy.mechanism import NoPrivacy, PrivacyMechanism
 from fedsim.privacy.sampling import expected_batch_size
 from fedsim.types import (
@@ -37,18 +37,17 @@ from fedsim.types import (
     state_bytes,
 )
 
-if TYPE_CHECKING:  # the batched trainer is imported by train_many, the first time a worker trains K clients
-    from fedsim.client.batched_trainer import BatchedTrainer, ClientTrained
+__all__ = ["ClientOutput", "ClientWorker", "build_engine"]
 
 
-@dataclass(frozen=True)
-class ClientOutput:
-    """One client's round: metadata, what goes to the server, what the client keeps."""
+def build_engine(cfg: Config, blueprint: BaseBlueprint) -> Engine:
+    """The engine ``cfg`` asks for (:mod:`fedsim.client.engine`): ``runtime.zero.stage > 0`` the ZeRO engine
+    (this process must have joined its group: :func:`fedsim.client.zero.init_group`), else the whole base here."""
+    if cfg.runtime.zero.stage > 0:
+        from fedsim.client.zero import zero_engine  # DeepSpeed: imported only for ZeRO groups
 
-    result: ClientResult
-    upload: ClientUpdate | None
-    keep: AdapterState | None
-    ledger: dict | None = None  # the client's updated PrivacyLedger (JSON) when the privacy mechanism keeps one
+        return zero_engine(cfg, blueprint)
+    return plain_engine(cfg, blueprint)
 
 
 @dataclass
@@ -66,8 +65,10 @@ class _Pre:
 
 
 class ClientWorker:
-    """Builds the model once; ``train`` / ``evaluate`` swap adapter tensors in place per client. ``privacy``: the
-    run's mechanism (default none), asked for everything privacy-related around a client's training."""
+    """One worker: an :class:`fedsim.client.engine.Engine` (its model and executors, from the config unless
+    given) and the step loop over them; ``train`` / ``evaluate`` swap adapter tensors in place per client.
+    ``privacy``: the run's mechanism (default none), asked for everything privacy-related around a client's
+    training. Satisfies :class:`fedsim.client.protocol.Worker`."""
 
     def __init__(
         self,
@@ -76,54 +77,41 @@ class ClientWorker:
         blueprint: BaseBlueprint,
         data: FederatedData,
         privacy: PrivacyMechanism | None = None,
+        *,
+        engine: Engine | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.cfg = cfg
         self.data = data
         self.privacy = privacy if privacy is not None else NoPrivacy()
-        threads = max(1, int(cfg.runtime.cpus_per_worker))
-        torch.set_num_threads(threads)
-        base = model_from_blueprint(blueprint)
-        gpus = cfg.runtime.gpus_per_worker  # "auto": the Ray backend resolves it first; the local backend takes a GPU
-        self.device = torch.device("cuda" if (gpus == "auto" or gpus > 0) and torch.cuda.is_available() else "cpu")
-        self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task).to(self.device)
+        torch.set_num_threads(max(1, int(cfg.runtime.cpus_per_worker)))
+        self.engine = engine if engine is not None else build_engine(cfg, blueprint)
+        self.live = self.engine.live
+        self.model = self.live.model
+        self.device = self.live.device
         self.method = make_method(cfg)
         # gradient copies only for a method whose client signals read them
-        keep = self.method.capabilities.signals
-        self.trainer = LocalTrainer(
-            self.model,
-            cfg.federation,
-            cfg.privacy,
-            cfg.seed,
-            base_dropout=cfg.model.base_dropout,
-            keep_gradients=keep,
-        )
-        self._batched: BatchedTrainer | None = None  # built on the first train_many
-        self._w0: dict[str, torch.Tensor] = {}  # original base weights of layers that received a residual
-        self._applied: dict[str, torch.Tensor] = {}  # residual currently folded into each base weight
+        self.keep_gradients = self.method.capabilities.signals
+        self.trainer = self._trainer(self.engine.one)
+        self._fused: LocalTrainer | None = None  # built on the first train_many (engines that fuse clients)
 
-    def _base_weight(self, layer: str) -> torch.nn.Parameter:
-        module = self.model.base_model.model.get_submodule(layer)
-        return module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+    def _trainer(self, executor: Any) -> LocalTrainer:
+        cfg = self.cfg
+        return LocalTrainer(executor, cfg.federation, cfg.privacy, cfg.seed, keep_gradients=self.keep_gradients)
 
-    @torch.no_grad()
-    def _load(self, state: AdapterState) -> None:
-        """Put ``state`` into the model: base weight = W0 + residual for residual keys, adapter tensors in place."""
-        for key, residual in state.items():
-            if not is_residual(key):
-                continue
-            if key in self._applied and torch.equal(self._applied[key], residual):
-                continue
-            layer = layer_of(key)
-            weight = self._base_weight(layer)
-            if layer not in self._w0:
-                self._w0[layer] = weight.detach().clone()
-            weight.copy_(self._w0[layer] + residual.to(device=weight.device, dtype=weight.dtype))
-            self._applied[key] = residual.detach().clone()
-        set_state(self.model, {k: v for k, v in state.items() if not is_residual(k)})
+    def fused_trainer(self) -> LocalTrainer | None:
+        """The step loop over the engine's fused executor (built on first use; ValueError for adapters it cannot
+        batch); None when the engine trains one client at a time."""
+        if self._fused is None and self.engine.fused is not None:
+            self._fused = self._trainer(self.engine.fused())
+        return self._fused
 
     def _weight(self, examples: int) -> float:
         return float(examples) if self.cfg.federation.weighting == "examples" else 1.0
+
+    def _input(self, task: ClientTask, pre: _Pre, start: AdapterState) -> ClientInput:
+        ids, mask, labels = self.data.client_arrays(pre.idx)
+        return ClientInput(task.client_id, start, ids, mask, labels, self.privacy.dpsgd_noise(task))
 
     def train(
         self, task: ClientTask, global_state: AdapterState, kept: AdapterState | None, ledger_json: dict | None = None
@@ -139,42 +127,28 @@ class ClientWorker:
             return pre
         try:
             start = self.method.client_start(global_state, kept, task.plan)
-            self._load(start)
-            ids, mask, labels = self.data.client_arrays(pre.idx)
-            outcome = self.trainer.train(
-                task.plan.trained,
-                ids,
-                mask,
-                labels,
-                round=task.round,
-                client_id=task.client_id,
-                noise_multiplier=self.privacy.dpsgd_noise(task),
-            )
-            after = get_state(self.model, task.plan.trained)
+            (res,) = self.trainer.train(task.plan.trained, [self._input(task, pre, start)], round=task.round)
+            if isinstance(res, Exception):
+                raise res
         except Exception as exc:  # a failing client is reported and left out of the aggregate
             return self._failed(pre, exc)
-        return self._finish(pre, start, after, outcome)
+        return self._finish(pre, start, res)
 
-    def train_many(
-        self,
-        tasks: Sequence[ClientTask],
-        global_state: AdapterState | Sequence[AdapterState],
-        kepts: Sequence[AdapterState | None],
-        ledgers: Sequence[dict | None],
-    ) -> list[ClientOutput]:
+    def train_many(self, tasks: Tasks, global_state: States, kepts: Kepts, ledgers: Ledgers) -> list[ClientOutput]:
         """Train several clients of one round TOGETHER (``runtime.clients_per_pass``; see
-        :mod:`fedsim.client.batched_trainer`); one output per task, in order, each equal to what :meth:`train` gives
-        that client alone (up to float rounding; ``seconds`` is its share of the pass). ``global_state``: one
+        :class:`fedsim.client.executors.FusedExecutor`); one output per task, in order, each equal to what
+        :meth:`train` gives that client alone (up to float rounding; ``seconds`` is its share of the pass). An
+        engine that does not fuse clients (a ZeRO group) trains them one after another. ``global_state``: one
         state for all tasks, or one per task. Never raises for client errors; raises ValueError when the tasks are
         not of one round with one trained set, or the lists differ in length."""
-        from fedsim.client.batched_trainer import BatchedTrainer, ClientInput
-
         tasks = list(tasks)
         globals_ = list(global_state) if isinstance(global_state, (list, tuple)) else [global_state] * len(tasks)
         if not len(globals_) == len(kepts) == len(ledgers) == len(tasks):
             raise ValueError("train_many needs one global state (or one per task), kept state and ledger per task")
         if len({(t.round, tuple(t.plan.trained)) for t in tasks}) > 1:
             raise ValueError("train_many trains clients of one round with one trained set together")
+        if self.engine.fused is None:
+            return [self.train(*args) for args in zip(tasks, globals_, kepts, ledgers, strict=True)]
         outputs: list[ClientOutput | None] = [None] * len(tasks)
         todo: list[tuple[int, _Pre, AdapterState, ClientInput]] = []
         for i, (task, g, kept, ledger) in enumerate(zip(tasks, globals_, kepts, ledgers, strict=True)):
@@ -184,32 +158,23 @@ class ClientWorker:
                 continue
             try:
                 start = self.method.client_start(g, kept, task.plan)
-                ids, mask, labels = self.data.client_arrays(pre.idx)
-                noise = self.privacy.dpsgd_noise(task)
-                todo.append((i, pre, start, ClientInput(task.client_id, start, ids, mask, labels, noise)))
+                todo.append((i, pre, start, self._input(task, pre, start)))
             except Exception as exc:
                 outputs[i] = self._failed(pre, exc)
         if todo:
             try:
-                if self._batched is None:
-                    self._batched = BatchedTrainer(self.trainer)
-                trained = self._batched.train(tasks[0].plan.trained, [c for *_, c in todo], tasks[0].round)
+                fused = self.fused_trainer()
+                assert fused is not None
+                trained = fused.train(tasks[0].plan.trained, [c for *_, c in todo], round=tasks[0].round)
             except Exception as exc:  # the pass itself failed: every client of it is a failed row
                 trained = [exc] * len(todo)
             for (i, pre, start, _), res in zip(todo, trained, strict=True):
-                outputs[i] = self._failed(pre, res) if isinstance(res, Exception) else self._adopt(pre, start, res)
+                if isinstance(res, Exception):
+                    outputs[i] = self._failed(pre, res)
+                    continue
+                pre.t0 = time.perf_counter() - pre.elapsed - res.outcome.seconds  # its own work + its pass share
+                outputs[i] = self._finish(pre, start, res)
         return [out for out in outputs if out is not None]
-
-    def _adopt(self, pre: _Pre, start: AdapterState, res: ClientTrained) -> ClientOutput:
-        """:meth:`_finish` for a client trained in a pass: first its last gradients (and last batch) go to the
-        trainer, where the method's signals read them, and its start + trained tensors into the model when the
-        method asks for raw losses (which evaluate the model)."""
-        keys = pre.task.plan.trained
-        if self.method.needs_raw_loss(pre.task.round):
-            set_state(self.model, {**start, **res.trained})
-        self.trainer.adopt_signals(keys, res.last_grads, res.prev_grads, res.prev_step, res.last_batch)
-        pre.t0 = time.perf_counter() - pre.elapsed - res.outcome.seconds  # its own work + its share of the pass
-        return self._finish(pre, start, res.trained, res.outcome)
 
     def _begin(self, task: ClientTask, global_state: AdapterState, ledger_json: dict | None) -> _Pre | ClientOutput:
         """What every client's training starts with: its row metadata, bytes down, ledger; the final output
@@ -252,16 +217,22 @@ class ClientWorker:
         )
         return ClientOutput(result, None, None, None)
 
-    def _finish(self, pre: _Pre, start: AdapterState, after: AdapterState, outcome: TrainOutcome) -> ClientOutput:
+    def _finish(self, pre: _Pre, start: AdapterState, res: ClientTrained) -> ClientOutput:
         """A trained client's output: the privatised upload and weight, the ledger charged for the steps taken, the
-        kept tensors, the method's signals (from the trainer's last gradients)."""
-        task, privacy, plan = pre.task, self.privacy, pre.task.plan
+        kept tensors, the method's signals (from its last gradients; raw losses evaluate the model with its start +
+        trained tensors loaded)."""
+        task, privacy, plan, outcome, after = pre.task, self.privacy, pre.task.plan, res.outcome, res.trained
         upload_t, weight = privacy.upload(
             {k: start[k] for k in plan.uploaded}, {k: after[k] for k in plan.uploaded}, self._weight(outcome.examples)
         )
         ledger = privacy.charge(pre.ledger, task, outcome.steps)  # only the steps really taken
         keep = {k: after[k] for k in plan.kept} or None
-        signals = self.method.client_signal(plan, self.trainer.last_grads, self._signal_context(task, len(pre.idx)))
+        raw_loss = None
+        if self.method.needs_raw_loss(task.round):
+            self.live.load({**start, **after})
+            raw_loss = self._raw_loss(list(plan.trained), res)
+        context = self._signal_context(task, len(pre.idx), res, raw_loss)
+        signals = self.method.client_signal(plan, res.last_grads, context)
         upload = ClientUpdate(task.client_id, weight, upload_t, signals) if upload_t else None
         result = ClientResult(
             **pre.base,
@@ -275,7 +246,20 @@ class ClientWorker:
         )
         return ClientOutput(result, upload, keep, ledger.to_json() if ledger is not None else None)
 
-    def _signal_context(self, task: ClientTask, n: int) -> SignalContext:
+    def _raw_loss(self, keys: list[str], res: ClientTrained) -> Callable[[dict[str, torch.Tensor]], float]:
+        """The loss of ``res``'s last non-empty batch at (trained tensors + offsets), in eval mode: RAW data,
+        outside any DP guarantee. The callable raises RuntimeError when the client had no non-empty batch."""
+
+        def raw_loss(offsets: dict[str, torch.Tensor]) -> float:
+            if res.last_batch is None:
+                raise RuntimeError("raw_loss: the client's training had no non-empty batch")
+            return self.live.raw_loss(keys, res.last_batch, offsets)
+
+        return raw_loss
+
+    def _signal_context(
+        self, task: ClientTask, n: int, res: ClientTrained, raw_loss: Callable[[dict[str, torch.Tensor]], float] | None
+    ) -> SignalContext:
         fe = self.cfg.federation
         batch = float(expected_batch_size(fe.batch_size, n))
         return SignalContext(
@@ -284,10 +268,10 @@ class ClientWorker:
             lr=fe.lr,
             batch_size=batch,
             noise_std=self.privacy.signal_noise_std(task, batch),
-            prev_grads=self.trainer.prev_grads,
-            prev_step=self.trainer.prev_step,
+            prev_grads=res.prev_grads,
+            prev_step=res.prev_step,
             plain_sgd=fe.optimizer == "sgd",
-            raw_loss=self.trainer.raw_loss if self.method.needs_raw_loss(task.round) else None,
+            raw_loss=raw_loss,
         )
 
     def evaluate(self, task: EvalTask, state: AdapterState) -> EvalResult:
@@ -295,13 +279,13 @@ class ClientWorker:
 
         causal_lm: ``loss_sum`` sums the per-example mean response losses, ``correct`` counts exact-match greedy
         answers, ``token_loss_sum`` / ``tokens`` give the perplexity."""
-        self._load(state)
+        self.live.load(state)
         idx = np.asarray(task.indices, dtype=np.int64)
         ids, mask, labels = self.data.client_arrays(idx)
         lm = self.data.lm
         if lm is not None:
             loss_sum, correct, count, tok_sum, tokens = evaluate_lm(
-                self.trainer.model,
+                self.model,
                 ids,
                 mask,
                 labels,
@@ -312,9 +296,13 @@ class ClientWorker:
                 self.cfg.task.max_new_tokens,
             )
             return EvalResult(task.name, loss_sum, correct, count, token_loss_sum=tok_sum, tokens=tokens)
-        loss_sum, correct, count = self.trainer.evaluate(ids, mask, labels, self.cfg.runtime.eval_batch_size)
+        loss_sum, correct, count = self.live.evaluate(ids, mask, labels, self.cfg.runtime.eval_batch_size)
         return EvalResult(task.name, loss_sum, correct, count)
 
     def personal_state(self, global_state: AdapterState, kept: AdapterState | None, plan: RoundPlan) -> AdapterState:
         """Client k's personalised model: the global state with its kept tensors."""
         return self.method.client_start(global_state, kept, plan)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the frozen base this process holds (a ZeRO rank: its partitions)."""
+        return int(self.engine.resident_bytes())

@@ -14,8 +14,14 @@ from collections.abc import Iterable
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.utils.module_utils import requires_grad, trainable_parameters
 
+from fedsim.compat import (
+    opacus_clear_param,
+    opacus_count_forward,
+    opacus_module_trains,
+    opacus_trainable_parameters,
+    opacus_wrapped_module,
+)
 from fedsim.privacy.sampling import (  # re-exported: they were defined here
     expected_batch_size,
     poisson_indices,
@@ -45,7 +51,7 @@ __all__ = [
 
 def _trains(module: torch.nn.Module) -> bool:
     """Whether a hooked module has per-example gradients to compute now (a VeRA layer: any of its lambdas)."""
-    return vera_trains(module) if is_vera_layer(module) else requires_grad(module)
+    return vera_trains(module) if is_vera_layer(module) else opacus_module_trains(module)
 
 
 class _FrozenAwareGradSampleModule(GradSampleModule):
@@ -82,8 +88,8 @@ class _FrozenAwareGradSampleModule(GradSampleModule):
         if not hasattr(module, "activations"):
             module.activations = []
         module.activations.append([captured])
-        for _, p in trainable_parameters(module):
-            p._forward_counter += 1
+        for _, p in opacus_trainable_parameters(module):
+            opacus_count_forward(p)
 
     def capture_backprops_hook(self, module, _forward_input, forward_output, loss_reduction, batch_first):  # noqa: D102
         if not _trains(module):
@@ -103,17 +109,33 @@ def wrap_for_dp(model: torch.nn.Module) -> GradSampleModule:
     return gsm
 
 
+class _GroupDPOptimizer(DPOptimizer):
+    """DP-SGD over a torch.distributed group: the per-rank clipped sums are all-reduced before the noise draw (the
+    same on every rank: every rank's generator is seeded alike)."""
+
+    def add_noise(self) -> None:  # noqa: D102
+        import torch.distributed as dist
+
+        for p in self.params:
+            dist.all_reduce(p.summed_grad, op=dist.ReduceOp.SUM)
+        super().add_noise()
+
+
 def make_dp_optimizer(
     optimizer: torch.optim.Optimizer,
     noise_multiplier: float,
     clip: float,
     expected_batch_size: int,
     generator: torch.Generator,
+    *,
+    across_group: bool = False,
 ) -> DPOptimizer:
     """DP-SGD around ``optimizer``: per-example clipping to ``clip`` over the optimizer's parameters, Gaussian noise
     of std ``noise_multiplier * clip`` drawn from ``generator``, sum divided by ``expected_batch_size``.
+    ``across_group``: the clipped sums of every rank of the current torch.distributed group are added first (a ZeRO
+    worker group, whose ranks each hold a slice of the batch).
     """
-    return DPOptimizer(
+    return (_GroupDPOptimizer if across_group else DPOptimizer)(
         optimizer,
         noise_multiplier=float(noise_multiplier),
         max_grad_norm=float(clip),
@@ -126,7 +148,7 @@ def make_dp_optimizer(
 def dp_hooked_modules(gsm: GradSampleModule) -> list[torch.nn.Module]:
     """The modules of ``gsm``'s model that carry Opacus hooks (and so may hold activations); call right after
     :func:`wrap_for_dp`, while every tensor that may ever be trained still requires grad."""
-    return list(gsm.iterate_submodules(gsm._module))
+    return list(gsm.iterate_submodules(opacus_wrapped_module(gsm)))
 
 
 def clear_dp_state(params: Iterable[torch.nn.Parameter], modules: Iterable[torch.nn.Module]) -> None:
@@ -135,14 +157,7 @@ def clear_dp_state(params: Iterable[torch.nn.Parameter], modules: Iterable[torch
     worker, which knows both once and does not walk the whole model."""
     for p in params:
         p.grad = None
-        if hasattr(p, "grad_sample"):
-            p.grad_sample = None
-        if hasattr(p, "summed_grad"):
-            p.summed_grad = None
-        if hasattr(p, "_current_grad_sample"):
-            del p._current_grad_sample
-        if hasattr(p, "_forward_counter"):
-            p._forward_counter = 0
+        opacus_clear_param(p)
     for m in modules:
         if hasattr(m, "activations"):
             m.activations = []

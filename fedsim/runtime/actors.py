@@ -32,7 +32,7 @@ from fedsim.server.parameter_server import new_partial
 from fedsim.types import AdapterState, ClientResult, ClientTask, EvalResult, EvalTask, RoundPlan
 
 if TYPE_CHECKING:
-    from fedsim.client.worker import ClientWorker
+    from fedsim.client.protocol import Worker
 
 #: the parameter server and the client store, one actor process (see fedsim.runtime.server_home)
 ServerHomeActor = ray.remote(num_cpus=0)(ServerHome)
@@ -104,7 +104,7 @@ class WorkerBase:
         self.worker_id = worker_id
         self.privacy = privacy  # a small frozen value, not an object-store ref
         self.cfg = cfg
-        self._worker: ClientWorker | None = None  # built by _attach
+        self._worker: Worker | None = None  # built by _attach
         self.server: Any = None
         self.store: Any = None
         self._partials: dict[int, PartialSum] = {}  # round -> this worker's not yet flushed uploads
@@ -112,15 +112,16 @@ class WorkerBase:
         self._started: dict[int, int] = {}  # round -> clients started (fault injection)
         import_worker_modules(cfg)  # now, while the driver builds the data and model (see the function)
 
-    def _attach(self, shared: Shared) -> ClientWorker:
-        """The ClientWorker, built on first use in this process from the blueprint and data in shared memory."""
+    def _attach(self, shared: Shared) -> Worker:
+        """The worker, built on first use in this process from the blueprint and data in shared memory."""
         if self._worker is None:
             self.server, self.store = shared.server, shared.store
             self._worker = self._build(shared)
         return self._worker
 
-    def _build(self, shared: Shared) -> ClientWorker:
-        """The worker's model, from the blueprint and data in shared memory."""
+    def _build(self, shared: Shared) -> Worker:
+        """The worker (a :class:`fedsim.client.worker.ClientWorker`), from the blueprint and data in shared
+        memory."""
         from fedsim.client.worker import ClientWorker
 
         blueprint, data = ray.get([shared.blueprint, shared.data])
@@ -173,8 +174,12 @@ class WorkerBase:
         """``runtime.clients_per_pass: auto``: the timing probe on this worker
         (:func:`fedsim.client.pass_probe.probe_clients_per_pass`; changes no state)."""
         from fedsim.client.pass_probe import probe_clients_per_pass
+        from fedsim.client.worker import ClientWorker
 
-        return probe_clients_per_pass(self._attach(shared), limit)
+        worker = self._attach(shared)
+        if not isinstance(worker, ClientWorker):
+            raise ValueError("the clients-per-pass probe needs a one-process worker (runtime.zero.stage: 0)")
+        return probe_clients_per_pass(worker, limit)
 
     def flush(self, round: int) -> list[ClientResult]:
         """Send this worker's partial sum of ``round`` to the server (one message) and forget it; returns the

@@ -3,7 +3,8 @@
 Rank 0 (the *leader*, a :class:`ZeroLeaderActor`) is what the Ray backend sees as a worker: it talks to the
 ClientStore and ParameterServer and folds its clients' uploads into a partial sum exactly as a
 :class:`fedsim.runtime.actors.WorkerActor` does (it is one). Ranks 1..G-1 (:class:`ZeroRankActor`) only compute:
-for every call the leader makes on its :class:`fedsim.client.zero_worker.ZeroClientWorker` (build, train, evaluate)
+for every call the leader makes on its :class:`fedsim.client.worker.ClientWorker` (built with the ZeRO engine of
+:mod:`fedsim.client.zero`: build, train, train_many, evaluate)
 it first sends the same call, with the same arguments, to every peer, then computes its own share, then waits for
 the peers; the torch.distributed collectives inside make the G processes compute together. The group's process
 group is formed on the leader's first call: the leader picks its node address and a free port, every rank joins
@@ -22,16 +23,20 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from fedsim.client.protocol import ClientOutput, Kepts, Ledgers, States, Tasks, Worker
 from fedsim.config.schema import Config
 from fedsim.privacy.mechanism import PrivacyMechanism
 from fedsim.runtime.actors import Shared, WorkerBase
-from fedsim.types import AdapterState, ClientTask, EvalTask
+from fedsim.types import AdapterState, ClientTask, EvalResult, EvalTask, RoundPlan
+
+if TYPE_CHECKING:  # torch and the model code load in the actors, not where this module is imported
+    from fedsim.client.worker import ClientWorker
 
 
 def _free_port() -> int:
@@ -56,16 +61,18 @@ def shareable_blueprint(bp: Any) -> Any:
 
 def _build_rank(
     rank: int, world: int, addr: str, port: int, worker_id: int, cfg: Config, privacy: PrivacyMechanism, shared: Shared
-) -> Any:
-    """Join the group and build this rank's ZeroClientWorker (blueprint and data from shared memory)."""
+) -> ClientWorker:
+    """Join the group and build this rank's ClientWorker over the ZeRO engine (blueprint and data from shared
+    memory)."""
     import torch
 
-    from fedsim.client.zero_worker import ZeroClientWorker, init_group
+    from fedsim.client.worker import ClientWorker
+    from fedsim.client.zero import init_group
 
     use_cuda = torch.cuda.is_available() and not (cfg.runtime.gpus_per_worker == 0)
     init_group(rank, world, addr, port, use_cuda)
     blueprint, data = ray.get([shared.blueprint, shared.data])
-    worker = ZeroClientWorker(worker_id, cfg, blueprint, data, privacy)
+    worker = ClientWorker(worker_id, cfg, blueprint, data, privacy)  # cfg.runtime.zero: the ZeRO engine
     del blueprint  # the whole base's weights: only this rank's partitions stay
     return worker
 
@@ -76,7 +83,7 @@ class ZeroRankActor:
 
     def __init__(self, worker_id: int, rank: int, world: int, cfg: Config, privacy: PrivacyMechanism) -> None:
         self.worker_id, self.rank, self.world, self.cfg, self.privacy = worker_id, rank, world, cfg, privacy
-        self.worker: Any = None
+        self.worker: ClientWorker | None = None
 
     def build(self, addr: str, port: int, shared: Shared) -> bool:
         """Join the leader's process group at ``addr:port`` and build this rank's model."""
@@ -85,40 +92,55 @@ class ZeroRankActor:
 
     def train(self, task: ClientTask, global_state: AdapterState, kept: AdapterState | None, ledger: Any) -> None:
         """This rank's share of one client's training (the leader keeps the result)."""
-        self.worker.train(task, global_state, kept, ledger)
+        self._built().train(task, global_state, kept, ledger)
+
+    def train_many(self, tasks: list[ClientTask], global_state: Any, kepts: list[Any], ledgers: list[Any]) -> None:
+        """This rank's share of several clients' training (the leader keeps the results)."""
+        self._built().train_many(tasks, global_state, kepts, ledgers)
 
     def evaluate(self, task: EvalTask, state: AdapterState) -> None:
         """This rank's share of an evaluation (the leader keeps the result)."""
-        self.worker.evaluate(task, state)
+        self._built().evaluate(task, state)
 
     def resident_bytes(self) -> int:
         """Bytes of the base this rank holds (its partitions)."""
-        return int(self.worker.compute.resident_bytes())
+        return self._built().resident_bytes()
+
+    def _built(self) -> ClientWorker:
+        if self.worker is None:
+            raise RuntimeError("ZeRO rank used before build()")
+        return self.worker
 
 
-class _GroupWorker:
-    """The leader's view of its group: a ClientWorker whose train / evaluate run on every rank."""
+class GroupWorker:
+    """The leader's view of its group, a :class:`fedsim.client.protocol.Worker`: every training and evaluation call
+    is sent to the peers first, then computed by the leader's own rank (the collectives inside make the G
+    processes compute together), then the peers are waited for; the leader's result is the group's."""
 
-    def __init__(self, local: Any, peers: list[Any]) -> None:
+    def __init__(self, local: ClientWorker, peers: list[Any]) -> None:
         self.local, self.peers = local, peers
         self.method = local.method
 
-    def train(self, task: ClientTask, global_state: AdapterState, kept: AdapterState | None, ledger: Any) -> Any:
-        refs = [p.train.remote(task, global_state, kept, ledger) for p in self.peers]
+    def _together(self, name: str, *args: Any) -> Any:
+        refs = [getattr(p, name).remote(*args) for p in self.peers]
         try:
-            return self.local.train(task, global_state, kept, ledger)
+            return getattr(self.local, name)(*args)
         finally:
             ray.get(refs)
 
-    def evaluate(self, task: EvalTask, state: AdapterState) -> Any:
-        refs = [p.evaluate.remote(task, state) for p in self.peers]
-        try:
-            return self.local.evaluate(task, state)
-        finally:
-            ray.get(refs)
+    def train(
+        self, task: ClientTask, global_state: AdapterState, kept: AdapterState | None, ledger_json: dict | None = None
+    ) -> ClientOutput:
+        return self._together("train", task, global_state, kept, ledger_json)
 
-    def personal_state(self, *args: Any) -> AdapterState:
-        return self.local.personal_state(*args)
+    def train_many(self, tasks: Tasks, global_state: States, kepts: Kepts, ledgers: Ledgers) -> list[ClientOutput]:
+        return self._together("train_many", list(tasks), global_state, list(kepts), list(ledgers))
+
+    def evaluate(self, task: EvalTask, state: AdapterState) -> EvalResult:
+        return self._together("evaluate", task, state)
+
+    def personal_state(self, global_state: AdapterState, kept: AdapterState | None, plan: RoundPlan) -> AdapterState:
+        return self.local.personal_state(global_state, kept, plan)
 
 
 class ZeroLeader(WorkerBase):
@@ -128,17 +150,23 @@ class ZeroLeader(WorkerBase):
         super().__init__(worker_id, cfg, privacy)
         self.peers = peers
 
-    def _build(self, shared: Shared) -> Any:
+    def _build(self, shared: Shared) -> Worker:
         addr, port, world = ray.util.get_node_ip_address(), _free_port(), len(self.peers) + 1
         refs = [p.build.remote(addr, port, shared) for p in self.peers]
         local = _build_rank(0, world, addr, port, self.worker_id, self.cfg, self.privacy, shared)
         ray.get(refs)
-        return _GroupWorker(local, self.peers)
+        return GroupWorker(local, self.peers)
 
     def resident_bytes(self, shared: Shared) -> list[int]:
         """Bytes of the base each rank holds (rank order)."""
-        worker = self._attach(shared)
-        return [int(worker.local.compute.resident_bytes()), *ray.get([p.resident_bytes.remote() for p in self.peers])]
+        self._attach(shared)
+        local = self._group().local
+        return [local.resident_bytes(), *ray.get([p.resident_bytes.remote() for p in self.peers])]
+
+    def _group(self) -> GroupWorker:
+        if not isinstance(self._worker, GroupWorker):
+            raise RuntimeError("the ZeRO leader has not built its group yet")
+        return self._worker
 
 
 ZeroLeaderActor = ray.remote(ZeroLeader)

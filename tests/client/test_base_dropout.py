@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.client.trainer import LocalTrainer
 from fedsim.config.schema import LoraConfig, ModelConfig, PrivacyConfig
 from fedsim.model.adapters import adapter_keys, attach_adapter, get_state
 from fedsim.model.build import build_base_model, build_tokenizer
 from fedsim.model.train_mode import set_train_mode
-from tests.client.test_client_trainer import LABELS, SEED, TEXTS, _data, _dp, _fed, _model
+from tests.client.test_client_trainer import LABELS, SEED, TEXTS, dp_config, fed_config, lora_model, tiny_bert_data
+from tests.client.world import trainer_on
 
 
 def test_only_the_adapter_parts_train_without_base_dropout():
@@ -36,25 +36,25 @@ def test_only_the_adapter_parts_train_without_base_dropout():
 
 
 def test_a_deterministic_base_trains_as_a_base_without_dropout():
-    ids, mask = _data(False)[1:]
+    ids, mask = tiny_bert_data(False)[1:]
     results = []
     for no_dropout, base_dropout in ((False, False), (True, True)):
-        model = _model(no_dropout=no_dropout, train_head=True)
-        trainer = LocalTrainer(model, _fed(), _dp(), SEED, base_dropout=base_dropout)
-        trainer.train(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
+        model = lora_model(no_dropout=no_dropout, train_head=True)
+        trainer = trainer_on(model, fed_config(), dp_config(), SEED, base_dropout=base_dropout)
+        trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
         results.append(get_state(model))
     for k, v in results[1].items():
         torch.testing.assert_close(results[0][k], v, rtol=1e-6, atol=1e-7)
 
 
 def test_lora_dropout_still_applies_and_draws_nothing_from_the_global_rng():
-    ids, mask = _data(False)[1:]
+    ids, mask = tiny_bert_data(False)[1:]
 
     def run(lora_dropout, global_seed):
         torch.manual_seed(global_seed)
-        model = _model(lora_dropout=lora_dropout)
-        trainer = LocalTrainer(model, _fed(), PrivacyConfig(), SEED, base_dropout=False)
-        trainer.train(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
+        model = lora_model(lora_dropout=lora_dropout)
+        trainer = trainer_on(model, fed_config(), PrivacyConfig(), SEED, base_dropout=False)
+        trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
         return get_state(model)
 
     plain, dropped, again = run(0.0, 1), run(0.5, 1), run(0.5, 2)

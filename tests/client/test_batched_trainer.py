@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from fedsim.client.trainer import batch_schedule
+from fedsim.client.step_loop import batch_schedule
 from fedsim.client.worker import ClientOutput, ClientWorker
 from fedsim.config.load import load_config
 from fedsim.methods.base import make_method

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from fedsim.client.causal_lm import causal_lm_forward, causal_lm_losses, evaluate_lm, prompt_pass
-from fedsim.client.trainer import LocalTrainer
 from fedsim.config.schema import FederationConfig, LoraConfig, ModelConfig, PrivacyConfig
 from fedsim.data.instruct import IGNORE, make_arithmetic, response_labels, tokenize_instruct
 from fedsim.model.adapters import adapter_keys, attach_adapter, parameters_for, set_state
 from fedsim.model.build import build_base_model, build_tokenizer
 from fedsim.privacy.dpsgd import make_dp_optimizer, wrap_for_dp
+from tests.client.world import trainer_on
 
 L = 32
 
@@ -129,8 +129,8 @@ def test_trainer_trains_the_response_and_evaluates_greedy_answers(setup):
     ds, tok, ids, mask, start, labels = setup
     model = _model(tok)
     fed = FederationConfig(local_steps=3, batch_size=4, lr=0.1)
-    trainer = LocalTrainer(model, fed, PrivacyConfig(mode="sample", noise_multiplier=0.5), seed=0)
-    out = trainer.train(adapter_keys(model), ids, mask, labels, round=1, client_id=0)
+    trainer = trainer_on(model, fed, PrivacyConfig(mode="sample", noise_multiplier=0.5), seed=0)
+    out = trainer.train_one(adapter_keys(model), ids, mask, labels, round=1, client_id=0)
     assert out.steps == 3 and np.isfinite(out.train_loss)
     lm = LMData(start, tuple(ds.answers), "number", tok, tok.pad_token_id, tok.eos_token_id, False)
     loss_sum, correct, n, tok_sum, tokens = evaluate_lm(model, ids, mask, labels, start, list(ds.answers), lm, 5, 3)

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedsim.client.trainer import LocalTrainer, batch_schedule
+from fedsim.client.step_loop import batch_schedule
 from fedsim.config.schema import FederationConfig, LoraConfig, ModelConfig, PrivacyConfig
 from fedsim.model.adapters import adapter_keys, attach_adapter, factor_of, get_state, parameters_for, set_state
 from fedsim.model.build import BaseBlueprint, blueprint_of, build_base_model, build_tokenizer, model_from_blueprint
 from fedsim.seeding import torch_generator
+from tests.client.world import trainer_on
 
 WORDS = ["cat", "dog", "cow", "owl", "pig", "hen", "fox", "bee"]
 TEXTS = [f"the {WORDS[i % 8]} and {WORDS[(3 * i) % 8]} sat on mat {i % 5}" for i in range(24)]
@@ -24,7 +25,7 @@ SEED = 0
 
 
 @functools.cache
-def _data(no_dropout: bool) -> tuple[BaseBlueprint, np.ndarray, np.ndarray]:
+def tiny_bert_data(no_dropout: bool) -> tuple[BaseBlueprint, np.ndarray, np.ndarray]:
     cfg = ModelConfig(name="tiny-bert")
     tok = build_tokenizer(cfg, TEXTS)
     enc = tok(TEXTS, padding="max_length", max_length=14, truncation=True, return_tensors="np")
@@ -35,9 +36,9 @@ def _data(no_dropout: bool) -> tuple[BaseBlueprint, np.ndarray, np.ndarray]:
     return bp, enc["input_ids"], enc["attention_mask"]
 
 
-def _model(no_dropout=False, train_head=False, lora_dropout=0.0, b_scale=0.3):
+def lora_model(no_dropout=False, train_head=False, lora_dropout=0.0, b_scale=0.3):
     """tiny-bert with LoRA; B set to seeded random values so that A receives gradients too."""
-    bp = _data(no_dropout)[0]
+    bp = tiny_bert_data(no_dropout)[0]
     model = attach_adapter(
         model_from_blueprint(bp), LoraConfig(r=4, dropout=lora_dropout, train_head=train_head), "bert", seed=SEED
     )
@@ -53,11 +54,11 @@ def _keys(model, factors):
     return [k for k in adapter_keys(model) if factor_of(k) in factors]
 
 
-def _fed(**kw):
+def fed_config(**kw):
     return FederationConfig(**{"local_steps": 3, "batch_size": 6, "lr": 0.5, **kw})
 
 
-def _dp(noise=1.0, clip=0.05):
+def dp_config(noise=1.0, clip=0.05):
     return PrivacyConfig(mode="sample", noise_multiplier=noise, clip=clip)
 
 
@@ -69,11 +70,12 @@ def _base_weights(model):
 
 @pytest.mark.parametrize(("mode", "optimizer"), [("none", "sgd"), ("none", "adamw"), ("sample", "sgd")])
 def test_ffa_style_training_changes_b_only(mode, optimizer):
-    model = _model()
-    ids, mask = _data(False)[1:]
-    trainer = LocalTrainer(model, _fed(optimizer=optimizer), _dp() if mode == "sample" else PrivacyConfig(), SEED)
+    model = lora_model()
+    ids, mask = tiny_bert_data(False)[1:]
+    privacy = dp_config() if mode == "sample" else PrivacyConfig()
+    trainer = trainer_on(model, fed_config(optimizer=optimizer), privacy, SEED)
     before, base_before = get_state(model), _base_weights(model)
-    out = trainer.train(_keys(model, "B"), ids, mask, LABELS, round=0, client_id=1)
+    out = trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=0, client_id=1)
     after = get_state(model)
     assert (out.steps, out.examples) == (3, len(LABELS)) and math.isfinite(out.train_loss) and out.seconds > 0
     for k in _keys(model, "A"):
@@ -87,13 +89,13 @@ def test_ffa_style_training_changes_b_only(mode, optimizer):
 
 @pytest.mark.parametrize("mode", ["none", "sample"])
 def test_training_is_deterministic_per_seed_round_and_client(mode):
-    ids, mask = _data(False)[1:]
-    privacy = _dp() if mode == "sample" else PrivacyConfig()
+    ids, mask = tiny_bert_data(False)[1:]
+    privacy = dp_config() if mode == "sample" else PrivacyConfig()
 
     def run(round, client):
-        model = _model(lora_dropout=0.2)  # base dropout 0.1 and LoRA dropout both active
-        trainer = LocalTrainer(model, _fed(), privacy, SEED)
-        trainer.train(adapter_keys(model), ids, mask, LABELS, round=round, client_id=client)
+        model = lora_model(lora_dropout=0.2)  # base dropout 0.1 and LoRA dropout both active
+        trainer = trainer_on(model, fed_config(), privacy, SEED)
+        trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=round, client_id=client)
         return get_state(model)
 
     torch.manual_seed(1)
@@ -109,17 +111,17 @@ def test_training_is_deterministic_per_seed_round_and_client(mode):
 
 def test_reused_trainer_equals_fresh_trainer():
     """One wrapped model serves many clients: nothing leaks, trainable sets can change per client."""
-    ids, mask = _data(False)[1:]
-    model = _model(train_head=True)
+    ids, mask = tiny_bert_data(False)[1:]
+    model = lora_model(train_head=True)
     init = get_state(model)
-    trainer = LocalTrainer(model, _fed(), _dp(), SEED)
-    trainer.train(_keys(model, "B"), ids[:12], mask[:12], LABELS[:12], round=0, client_id=3)
+    trainer = trainer_on(model, fed_config(), dp_config(), SEED)
+    trainer.train_one(_keys(model, "B"), ids[:12], mask[:12], LABELS[:12], round=0, client_id=3)
     set_state(model, init)
-    trainer.train(_keys(model, {"A", "head"}), ids, mask, LABELS, round=0, client_id=4)
+    trainer.train_one(_keys(model, {"A", "head"}), ids, mask, LABELS, round=0, client_id=4)
     reused = get_state(model)
 
-    fresh_model = _model(train_head=True)
-    LocalTrainer(fresh_model, _fed(), _dp(), SEED).train(
+    fresh_model = lora_model(train_head=True)
+    trainer_on(fresh_model, fed_config(), dp_config(), SEED).train_one(
         _keys(fresh_model, {"A", "head"}), ids, mask, LABELS, round=0, client_id=4
     )
     fresh = get_state(fresh_model)
@@ -131,15 +133,15 @@ def test_reused_trainer_equals_fresh_trainer():
 def test_gradient_copies_only_when_asked_and_training_unchanged(mode):
     """keep_gradients=False (methods without signals): the same trained tensors, no gradient copies kept, and
     the per-client clean-up leaves no gradient or Opacus buffer on any tensor."""
-    ids, mask = _data(False)[1:]
-    privacy = _dp() if mode == "sample" else PrivacyConfig()
+    ids, mask = tiny_bert_data(False)[1:]
+    privacy = dp_config() if mode == "sample" else PrivacyConfig()
     states = []
     for keep in (True, False):
-        model = _model(train_head=True)
-        trainer = LocalTrainer(model, _fed(), privacy, SEED, keep_gradients=keep)
-        trainer.train(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
+        model = lora_model(train_head=True)
+        trainer = trainer_on(model, fed_config(), privacy, SEED, keep_gradients=keep)
+        trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
         states.append(get_state(model))
-        kept = (trainer.last_grads, trainer.prev_grads, trainer.prev_step)
+        kept = (trainer.last.last_grads, trainer.last.prev_grads, trainer.last.prev_step)
         assert all(len(x) > 0 for x in kept) if keep else all(len(x) == 0 for x in kept)
         for p in model.parameters():
             assert p.grad is None and getattr(p, "grad_sample", None) is None and not hasattr(p, "_current_grad_sample")
@@ -149,20 +151,20 @@ def test_gradient_copies_only_when_asked_and_training_unchanged(mode):
 
 @pytest.mark.parametrize("mode", ["none", "sample"])
 def test_a_non_finite_loss_raises_and_the_trainer_serves_the_next_client(mode):
-    ids, mask = _data(False)[1:]
-    model = _model()
+    ids, mask = tiny_bert_data(False)[1:]
+    model = lora_model()
     init = get_state(model)
-    privacy = _dp() if mode == "sample" else PrivacyConfig()
-    trainer = LocalTrainer(model, _fed(), privacy, SEED)
+    privacy = dp_config() if mode == "sample" else PrivacyConfig()
+    trainer = trainer_on(model, fed_config(), privacy, SEED)
     set_state(model, {k: torch.full_like(v, float("nan")) for k, v in init.items()})
     with pytest.raises(FloatingPointError, match=r"round 1, client 7: training loss is nan at local step 1"):
-        trainer.train(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=7)
+        trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=7)
     assert not model.training
     assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in model.parameters())
     set_state(model, init)  # the same trainer, next client: as if the failed one had never run
-    trainer.train(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=8)
-    fresh = _model()
-    LocalTrainer(fresh, _fed(), privacy, SEED).train(_keys(fresh, "B"), ids, mask, LABELS, round=1, client_id=8)
+    trainer.train_one(_keys(model, "B"), ids, mask, LABELS, round=1, client_id=8)
+    fresh = lora_model()
+    trainer_on(fresh, fed_config(), privacy, SEED).train_one(_keys(fresh, "B"), ids, mask, LABELS, round=1, client_id=8)
     assert all(torch.equal(get_state(model)[k], v) for k, v in get_state(fresh).items())
 
 
@@ -188,17 +190,17 @@ def _norm(gs):
 def test_dp_each_example_contributes_at_most_clip():
     """Single-example shards (batch 4 > n = 1: q = 1, expected batch q * n = 1; no noise): the update is the
     clipped gradient itself."""
-    ids, mask = _data(True)[1:]
-    model = _model(no_dropout=True)
+    ids, mask = tiny_bert_data(True)[1:]
+    model = lora_model(no_dropout=True)
     keys = _keys(model, "B")
     init = get_state(model)
     grads = _per_example_grads(model, keys, ids[:6], mask[:6], LABELS[:6])
     norms = [_norm(g) for g in grads]
     clip = float(np.median(norms))
-    trainer = LocalTrainer(model, _fed(local_steps=1, batch_size=4, lr=1.0), _dp(noise=0.0, clip=clip), SEED)
+    trainer = trainer_on(model, fed_config(local_steps=1, batch_size=4, lr=1.0), dp_config(noise=0.0, clip=clip), SEED)
     for i, raw in enumerate(norms):
         set_state(model, init)
-        trainer.train(keys, ids[i : i + 1], mask[i : i + 1], LABELS[i : i + 1], round=0, client_id=i)
+        trainer.train_one(keys, ids[i : i + 1], mask[i : i + 1], LABELS[i : i + 1], round=0, client_id=i)
         after = get_state(model)
         update = _norm([after[k] - init[k] for k in keys])
         assert update <= clip * (1 + 1e-4)
@@ -208,10 +210,10 @@ def test_dp_each_example_contributes_at_most_clip():
 
 @pytest.mark.parametrize("factors", ["B", "AB"])
 def test_dp_update_equals_sum_of_clipped_per_example_gradients(factors):
-    ids, mask = _data(True)[1:]
+    ids, mask = tiny_bert_data(True)[1:]
     n, batch, round, client = 12, 6, 1, 2
     ids, mask, labels = ids[:n], mask[:n], LABELS[:n]
-    model = _model(no_dropout=True)
+    model = lora_model(no_dropout=True)
     keys = _keys(model, factors)
     init = get_state(model)
     all_grads = _per_example_grads(model, adapter_keys(model), ids, mask, labels)
@@ -233,12 +235,13 @@ def test_dp_update_equals_sum_of_clipped_per_example_gradients(factors):
     want = expected(norms)
     lr = 0.5 / max(float(v.abs().max()) for v in want.values())  # updates of order 1: well above float rounding
     want = {k: lr * v for k, v in want.items()}
-    trainer = LocalTrainer(model, _fed(local_steps=1, batch_size=batch, lr=lr), _dp(noise=0.0, clip=clip), SEED)
-    trainer.train(keys, ids, mask, labels, round=round, client_id=client)
+    fed = fed_config(local_steps=1, batch_size=batch, lr=lr)
+    trainer = trainer_on(model, fed, dp_config(noise=0.0, clip=clip), SEED)
+    trainer.train_one(keys, ids, mask, labels, round=round, client_id=client)
     after = get_state(model)
     for k in keys:
         torch.testing.assert_close(after[k] - init[k], want[k], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(trainer.last_grads[k], -want[k] / lr, rtol=1e-4, atol=1e-5 / lr)
+        torch.testing.assert_close(trainer.last.last_grads[k], -want[k] / lr, rtol=1e-4, atol=1e-5 / lr)
     for k in set(adapter_keys(model)) - set(keys):
         assert torch.equal(after[k], init[k])
     if factors == "B":  # clipping by the norm over A and B as well would give a visibly different update
@@ -257,13 +260,13 @@ def _all_empty_client(n, batch, steps, round):
 
 @pytest.mark.parametrize("noise", [0.0, 1.0])
 def test_empty_poisson_batches_are_noise_only_steps(noise):
-    ids, mask = _data(False)[1:]
-    fed = _fed(local_steps=2, batch_size=1)  # q = 1/24
+    ids, mask = tiny_bert_data(False)[1:]
+    fed = fed_config(local_steps=2, batch_size=1)  # q = 1/24
     client = _all_empty_client(len(LABELS), 1, 2, round=0)
-    model = _model()
+    model = lora_model()
     init = get_state(model)
-    trainer = LocalTrainer(model, fed, _dp(noise=7.0), SEED)  # overridden per call (per-client calibration)
-    out = trainer.train(_keys(model, "B"), ids, mask, LABELS, 0, client, noise_multiplier=noise)
+    trainer = trainer_on(model, fed, dp_config(noise=7.0), SEED)  # overridden per call (per-client calibration)
+    out = trainer.train_one(_keys(model, "B"), ids, mask, LABELS, 0, client, noise_multiplier=noise)
     after = get_state(model)
     assert out.steps == 2 and math.isnan(out.train_loss)
     assert all(torch.equal(after[k], init[k]) for k in _keys(model, "A"))
@@ -282,11 +285,11 @@ def test_non_dp_batch_schedule():
 
 
 def test_evaluate_matches_direct_computation():
-    ids, mask = _data(False)[1:]
-    model = _model(train_head=True)
-    trainer = LocalTrainer(model, _fed(), PrivacyConfig(), SEED)
+    ids, mask = tiny_bert_data(False)[1:]
+    model = lora_model(train_head=True)
+    trainer = trainer_on(model, fed_config(), PrivacyConfig(), SEED)
     model.train()  # evaluate must switch to eval mode itself
-    loss_sum, correct, count = trainer.evaluate(ids, mask, LABELS, batch_size=5)
+    loss_sum, correct, count = trainer.executor.live.evaluate(ids, mask, LABELS, batch_size=5)
     assert not model.training
     with torch.no_grad():
         logits = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
@@ -296,4 +299,4 @@ def test_evaluate_matches_direct_computation():
     assert loss_sum == pytest.approx(float(F.cross_entropy(logits, y, reduction="sum")), rel=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert trainer.evaluate(ids, mask, LABELS, batch_size=100)[1:] == (correct, count)
+        assert trainer.executor.live.evaluate(ids, mask, LABELS, batch_size=100)[1:] == (correct, count)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedsim.client.trainer import LocalTrainer
 from fedsim.config.schema import FederationConfig, LoraConfig, ModelConfig, PrivacyConfig
 from fedsim.model.adapters import adapter_keys, attach_adapter, get_state, set_state
 from fedsim.model.build import build_base_model, build_tokenizer
 from fedsim.model.keys import factor_of
+from tests.client.world import trainer_on
 
 TEXTS = [f"the {w} sat on mat {i}" for i, w in enumerate("cat cow pig hen owl ant bee elk".split())]
 
@@ -24,12 +24,12 @@ def _setup():
 
 def test_training_lambda_b_only_leaves_lambda_d_and_projections_untouched():
     model, ids, mask, labels = _setup()
-    trainer = LocalTrainer(model, FederationConfig(local_steps=3, batch_size=4, lr=0.5), PrivacyConfig(), seed=0)
+    trainer = trainer_on(model, FederationConfig(local_steps=3, batch_size=4, lr=0.5), PrivacyConfig(), seed=0)
     keys = adapter_keys(model)
     b_keys = [k for k in keys if factor_of(k) == "B"]
     before = get_state(model)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    out = trainer.train(b_keys, ids, mask, labels, round=1, client_id=0)
+    out = trainer.train_one(b_keys, ids, mask, labels, round=1, client_id=0)
     after = get_state(model)
     assert out.steps == 3 and np.isfinite(out.train_loss)
     for k in keys:
@@ -38,17 +38,17 @@ def test_training_lambda_b_only_leaves_lambda_d_and_projections_untouched():
         else:  # lambda_d (the A side) and the head: bit-identical
             assert torch.equal(after[k], before[k]), k
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
-    assert set(trainer.last_grads) == set(b_keys)
+    assert set(trainer.last.last_grads) == set(b_keys)
 
 
 def test_training_both_vectors_moves_both():
     # lambda_b starts at zero (so lambda_d gets no gradient at first); start from lambda_b = 1 to see both move.
     model, ids, mask, labels = _setup()
-    trainer = LocalTrainer(model, FederationConfig(local_steps=3, batch_size=4, lr=0.5), PrivacyConfig(), seed=0)
+    trainer = trainer_on(model, FederationConfig(local_steps=3, batch_size=4, lr=0.5), PrivacyConfig(), seed=0)
     ab = [k for k in adapter_keys(model) if factor_of(k) in ("A", "B")]
     set_state(model, {k: torch.ones_like(v) for k, v in get_state(model).items() if factor_of(k) == "B"})
     before = get_state(model)
-    trainer.train(ab, ids, mask, labels, round=1, client_id=0)
+    trainer.train_one(ab, ids, mask, labels, round=1, client_id=0)
     after = get_state(model)
     assert all(not torch.equal(after[k], before[k]) for k in ab)
     assert all(torch.equal(after[k], before[k]) for k in before if factor_of(k) == "head")
@@ -59,30 +59,32 @@ DP = PrivacyConfig(mode="sample", noise_multiplier=1.0, clip=1.0)
 
 def test_dp_ffa_style_training_leaves_lambda_d_bit_identical():
     model, ids, mask, labels = _setup()
-    trainer = LocalTrainer(model, FederationConfig(local_steps=3, batch_size=4, lr=0.5), DP, seed=0)
+    trainer = trainer_on(model, FederationConfig(local_steps=3, batch_size=4, lr=0.5), DP, seed=0)
     keys = adapter_keys(model)
     b_keys = [k for k in keys if factor_of(k) == "B"]
     before = get_state(model)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    out = trainer.train(b_keys, ids, mask, labels, round=1, client_id=0)
+    out = trainer.train_one(b_keys, ids, mask, labels, round=1, client_id=0)
     after = get_state(model)
     assert out.steps == 3
     for k in keys:
         assert torch.equal(after[k], before[k]) is (k not in b_keys), k
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
-    assert set(trainer.last_grads) == set(b_keys)
+    assert set(trainer.last.last_grads) == set(b_keys)
 
 
 def test_dp_training_of_both_vectors_is_seeded_and_one_wrap_serves_other_key_sets():
     def run(seed):
         model, ids, mask, labels = _setup()
-        trainer = LocalTrainer(model, FederationConfig(local_steps=2, batch_size=4, lr=0.5), DP, seed=seed)
+        trainer = trainer_on(model, FederationConfig(local_steps=2, batch_size=4, lr=0.5), DP, seed=seed)
         keys = adapter_keys(model)
         set_state(model, {k: torch.ones_like(v) for k, v in get_state(model).items() if factor_of(k) == "B"})
         start = get_state(model)
-        trainer.train([k for k in keys if factor_of(k) in ("A", "B")], ids, mask, labels, round=1, client_id=0)
+        trainer.train_one([k for k in keys if factor_of(k) in ("A", "B")], ids, mask, labels, round=1, client_id=0)
         first = get_state(model)
-        trainer.train([k for k in keys if factor_of(k) == "A"], ids, mask, labels, round=1, client_id=1)  # FedSA-ish
+        trainer.train_one(
+            [k for k in keys if factor_of(k) == "A"], ids, mask, labels, round=1, client_id=1
+        )  # FedSA-ish
         return start, first, get_state(model)
 
     start, first, second = run(0)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fedsim.client.padding import trim_padding
-from fedsim.client.trainer import LocalTrainer
 from fedsim.config.schema import FederationConfig, LoraConfig, ModelConfig, PrivacyConfig
 from fedsim.model.adapters import adapter_keys, attach_adapter, get_state
 from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer, model_from_blueprint
+from tests.client.world import trainer_on
 
 TEXTS = [f"the cat {'and dog ' * (i % 4)}sat on mat {i}" for i in range(16)]
 LABELS = np.array([i % 2 for i in range(16)])
@@ -57,8 +57,8 @@ def test_training_sees_only_the_used_columns_and_equals_the_padded_batch(mode):
         hook = base.register_forward_pre_hook(
             lambda m, a, kw, seen=seen: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
         )
-        trainer = LocalTrainer(model, fed, privacy, seed=0)
-        trainer.train(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
+        trainer = trainer_on(model, fed, privacy, seed=0)
+        trainer.train_one(adapter_keys(model), ids, mask, LABELS, round=1, client_id=2)
         hook.remove()
         assert seen and max(seen) <= int(mask.sum(1).max())  # never the padded width
         states.append(get_state(model))

@@ -54,13 +54,13 @@ def _privacy(cfg):
 
 
 def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    from fedsim.client.zero_worker import ZeroClientWorker, init_group
+    from fedsim.client.zero import init_group
 
     torch.set_num_threads(1)
     init_group(rank, world, "127.0.0.1", port, use_cuda=False)
     cfg, bp, data, state, task = _setup(overrides)
-    worker = ZeroClientWorker(0, cfg, bp, data, _privacy(cfg))
-    resident = worker.compute.resident_bytes()
+    worker = ClientWorker(0, cfg, bp, data, _privacy(cfg))  # runtime.zero.stage 3: the ZeRO engine
+    resident = worker.resident_bytes()
     res = worker.train(task, state, None, None)
     if rank == 0:
         assert res.result.status == "ok", res.result.error

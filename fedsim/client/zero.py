@@ -1,4 +1,5 @@
-"""One rank of a ZeRO worker group (torch + DeepSpeed, no Ray): a frozen base partitioned across G processes.
+"""The engine of one rank of a ZeRO worker group (torch + DeepSpeed, no Ray): a frozen base partitioned over G
+processes.
 
 A group of G processes (one torch.distributed group: gloo on CPU, NCCL on GPU) holds ONE frozen base model between
 them. The base is built under ``deepspeed.zero.Init`` (every parameter is partitioned as it is created; each rank
@@ -34,25 +35,23 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from opacus.optimizers import DPOptimizer
 
 from fedsim.client.causal_lm import causal_lm_forward
-from fedsim.client.trainer import LocalTrainer
-from fedsim.client.worker import ClientWorker
+from fedsim.client.engine import Engine
+from fedsim.client.executors import SingleExecutor, Starts
+from fedsim.client.live_model import Batch, LiveModel
+from fedsim.client.padding import trim_padding
+from fedsim.client.step_loop import isolated_rng
 from fedsim.config.schema import Config
-from fedsim.data.federated import FederatedData
-from fedsim.methods.base import make_method
 from fedsim.model.adapters import attach_adapter
 from fedsim.model.build import BaseBlueprint
-from fedsim.model.keys import is_residual
-from fedsim.privacy.mechanism import NoPrivacy, PrivacyMechanism
 from fedsim.types import AdapterState
 
 
@@ -106,7 +105,7 @@ def partitioned_base(bp: BaseBlueprint, stage: int, offload: str = "none") -> to
     # no random init (it would index partitioned tensors, and every weight is overwritten below)
     init, PreTrainedModel.initialize_weights = PreTrainedModel.initialize_weights, lambda self: None
     try:
-        with torch.random.fork_rng(devices=[]):
+        with isolated_rng(None):  # construction draws (the weights are overwritten below)
             # no dtype override: buffers computed at construction (rotary inv_freq) come out as in the plain model
             zero_init = deepspeed.zero.Init(
                 config_dict_or_path=ds_config(stage, offload),
@@ -219,102 +218,91 @@ class PartitionedCompute:
             yield
 
 
-class _GroupDPOptimizer(DPOptimizer):
-    """DP-SGD over a group: the per-rank clipped sums are all-reduced before the (same on every rank) noise draw."""
+class ZeroExecutor:
+    """One client per call whose every batch is split over the ranks of the current process group (module
+    docstring); ``compute`` gathers the partitioned base. Loading, clean-up and trained state are the
+    one-client executor's (``single``, on the same live model)."""
 
-    def add_noise(self) -> None:  # noqa: D102
-        for p in self.params:
-            dist.all_reduce(p.summed_grad, op=dist.ReduceOp.SUM)
-        super().add_noise()
+    max_clients = 1
 
+    def __init__(self, single: SingleExecutor, compute: PartitionedCompute) -> None:
+        self.single, self.compute, self.live = single, compute, single.live
+        self.pending: tuple[torch.Tensor, bool] | None = None
 
-class ZeroTrainer(LocalTrainer):
-    """:class:`LocalTrainer` whose batches are split over the ranks of the current process group (see the module
-    docstring); ``compute`` gathers the partitioned base."""
+    def open(self, keys: Sequence[str], starts: Starts) -> list[list[torch.Tensor]]:
+        return self.single.open(keys, starts)
 
-    def __init__(self, model: Any, compute: PartitionedCompute, *args: Any, **kwargs: Any) -> None:
-        super().__init__(model, *args, **kwargs)
-        self.compute = compute
-
-    def _dp_optimizer(
-        self, optimizer: torch.optim.Optimizer, sigma: float, expected: int, generator: torch.Generator
-    ) -> torch.optim.Optimizer:
-        return _GroupDPOptimizer(
-            optimizer,
-            noise_multiplier=float(sigma),
-            max_grad_norm=float(self.privacy.clip),
-            expected_batch_size=int(expected),
-            loss_reduction="mean",
-            generator=generator,
-        )
-
-    def _backward(self, batch: tuple[torch.Tensor, ...], params: list[torch.nn.Parameter]) -> float:
+    def forward(self, batches: Sequence[tuple[int, Batch]]) -> list[float]:
+        """This rank's slice of the batch forward; returns the WHOLE batch's mean loss (all-reduced: the same on
+        every rank, so every rank takes the same branch after the finiteness check)."""
+        ((_, batch),) = batches
+        batch = trim_padding(*batch)
         rank, world = dist.get_rank(), dist.get_world_size()
         n = int(batch[0].shape[0])
         bounds = np.linspace(0, n, world + 1).round().astype(int)
         lo, hi = int(bounds[rank]), int(bounds[rank + 1])
         dummy = hi <= lo
-        local = tuple(t[:1] if dummy else t[lo:hi] for t in batch)
+        ids, mask, labels = (t[:1] if dummy else t[lo:hi] for t in batch)
+        if labels.dim() != 2:
+            raise ValueError("ZeRO worker groups train causal LMs only (labels [n, L])")
         with self.compute.training():
-            ids, mask, labels = local
-            if labels.dim() != 2:
-                raise ValueError("ZeRO worker groups train causal LMs only (labels [n, L])")
-            per_example = causal_lm_forward(self._forward_module, ids, mask, labels)[0]
-            if self.dp:  # Opacus: the mean over this rank's examples -> one per-example gradient per example
-                loss = per_example.mean() * (0.0 if dummy else 1.0)
-            else:  # this rank's share of the full batch's mean
-                loss = per_example.sum() * (0.0 if dummy else 1.0 / n)
+            per_example = causal_lm_forward(self.live.forward_module, ids, mask, labels)[0]
+        if self.live.dp:  # Opacus: the mean over this rank's examples -> one per-example gradient per example
+            loss = per_example.mean() * (0.0 if dummy else 1.0)
+        else:  # this rank's share of the full batch's mean
+            loss = per_example.sum() * (0.0 if dummy else 1.0 / n)
+        self.pending = (loss, dummy)
+        total = torch.tensor([0.0 if dummy else float(per_example.detach().sum())], dtype=torch.float64)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return [float(total[0]) / n]
+
+    def backward(self, finite: Sequence[bool]) -> None:
+        """Backpropagate this rank's share; without DP the gradients are summed over the ranks (every rank then
+        steps with the full batch's mean gradient)."""
+        if self.pending is None:
+            return
+        loss, _ = self.pending
+        self.pending = None
+        if not finite[0]:
+            return
+        with self.compute.training():
             loss.backward()
-        if not self.dp:
-            for p in params:
+        if not self.live.dp:
+            for p in self.single.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        total = torch.tensor([0.0 if dummy else float(per_example.detach().sum())], dtype=torch.float64)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return float(total[0]) / n
+
+    def dp_optimizer(
+        self, optimizer: torch.optim.Optimizer, sigma: float, clip: float, expected: int, generator: torch.Generator
+    ) -> torch.optim.Optimizer:
+        """DP-SGD whose clipped sums are all-reduced over the group before the (same on every rank) noise draw."""
+        from fedsim.privacy.dpsgd import make_dp_optimizer
+
+        return make_dp_optimizer(optimizer, sigma, clip, expected, generator, across_group=True)
+
+    def trained(self, client: int, keys: Sequence[str]) -> AdapterState:
+        return self.single.trained(client, keys)
+
+    def close(self) -> None:
+        self.pending = None
+        self.single.close()
 
 
-class ZeroClientWorker(ClientWorker):
-    """A :class:`ClientWorker` whose frozen base is partitioned over the ranks of the current process group
-    (:func:`init_group` first, in every rank). Every rank must make the same calls with the same arguments (train,
-    evaluate): they compute together; every rank returns the same result."""
-
-    def __init__(
-        self,
-        worker_id: int,
-        cfg: Config,
-        blueprint: BaseBlueprint,
-        data: FederatedData,
-        privacy: PrivacyMechanism | None = None,
-    ) -> None:
-        if blueprint.task != "causal_lm":
-            raise ValueError("ZeRO worker groups need a causal-LM base (task.kind: causal_lm)")
-        self.worker_id = worker_id
-        self.cfg = cfg
-        self.data = data
-        self.privacy = privacy if privacy is not None else NoPrivacy()
-        torch.set_num_threads(max(1, int(cfg.runtime.cpus_per_worker)))
-        zero = cfg.runtime.zero
-        use_cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        base = partitioned_base(blueprint, max(1, zero.stage), zero.offload)
-        self.model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task)
-        for p in self.model.parameters():  # the adapter (not partitioned) onto this rank's device
-            if not hasattr(p, "ds_id"):
-                p.data = p.data.to(self.device)
-        self.compute = PartitionedCompute(self.model)
-        self.method = make_method(cfg)
-        self.trainer = ZeroTrainer(
-            self.model, self.compute, cfg.federation, cfg.privacy, cfg.seed, base_dropout=cfg.model.base_dropout
-        )
-        self._w0 = {}
-        self._applied = {}
-
-    def _load(self, state: AdapterState) -> None:
-        if any(is_residual(k) for k in state):
-            raise NotImplementedError(
-                "ZeRO worker groups do not fold dense residuals into the partitioned base (FedEx-LoRA, FLoRA); "
-                "use runtime.zero.stage: 0 with this method"
-            )
-        super()._load(state)
+def zero_engine(cfg: Config, blueprint: BaseBlueprint) -> Engine:
+    """A worker's engine over a base partitioned across the ranks of the current process group (:func:`init_group`
+    first, in every rank). Every rank must then make the same calls with the same arguments: they compute
+    together and return the same results. Raises ValueError for a base that is not a causal LM."""
+    if blueprint.task != "causal_lm":
+        raise ValueError("ZeRO worker groups need a causal-LM base (task.kind: causal_lm)")
+    zero = cfg.runtime.zero
+    use_cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    base = partitioned_base(blueprint, max(1, zero.stage), zero.offload)
+    model = attach_adapter(base, cfg.lora, blueprint.family, cfg.seed, blueprint.task)
+    for p in model.parameters():  # the adapter (not partitioned) onto this rank's device
+        if not hasattr(p, "ds_id"):
+            p.data = p.data.to(device)
+    compute = PartitionedCompute(model)
+    live = LiveModel(model, dp=cfg.privacy.mode == "sample", base_dropout=cfg.model.base_dropout, folds_residuals=False)
+    return Engine(live, ZeroExecutor(SingleExecutor(live), compute), None, compute.resident_bytes)
