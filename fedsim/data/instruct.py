@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.data.synthetic import make_arithmetic as make_arithmetic  # re-exported: its callers predate synthetic.py
 from fedsim.data.types import InstructDataset
 
 ANSWER_KINDS = ("text", "number")

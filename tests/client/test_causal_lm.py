@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from fedsim.client.causal_lm import causal_lm_forward, causal_lm_losses, evaluate_lm, prompt_pass
 from fedsim.config.schema import FederationConfig, LoraConfig, ModelConfig, PrivacyConfig
-from fedsim.data.instruct import IGNORE, make_arithmetic, response_labels, tokenize_instruct
+from fedsim.data.instruct import IGNORE, response_labels, tokenize_instruct
+from fedsim.data.synthetic import make_arithmetic
 from fedsim.model.adapters import adapter_keys, attach_adapter, parameters_for, set_state
 from fedsim.model.build import build_base_model, build_tokenizer
 from fedsim.privacy.dpsgd import make_dp_optimizer, wrap_for_dp

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from fedsim.client.causal_lm import causal_lm_forward
 from fedsim.client.multi_adapter import Group, MultiAdapter
 from fedsim.config.schema import LoraConfig, ModelConfig
-from fedsim.data.instruct import make_arithmetic, response_labels, tokenize_instruct
+from fedsim.data.instruct import response_labels, tokenize_instruct
+from fedsim.data.synthetic import make_arithmetic
 from fedsim.model.adapters import adapter_keys, attach_adapter, get_state, parameters_for, set_state, set_trainable
 from fedsim.model.build import build_base_model, build_tokenizer
 from fedsim.model.train_mode import set_train_mode
