@@ -4,7 +4,9 @@ processes.
 A group of G processes (one torch.distributed group: gloo on CPU, NCCL on GPU) holds ONE frozen base model between
 them. The base is built under ``deepspeed.zero.Init`` (every parameter is partitioned as it is created; each rank
 keeps ``1/G`` of every tensor in ``param.ds_tensor``) and the blueprint's weights are copied slice by slice into
-each rank's own partition, so the whole base never exists in one process. The LoRA tensors are ordinary (small,
+each rank's own partition: while it trains, a rank keeps only its partitions (and one gathered module at a time).
+Loading still reads every weight of the blueprint (shipped whole to every rank; bfloat16 weights are copied whole),
+so a rank's peak memory is not 1/G of the base (benchmarks/perf/zero.py). The LoRA tensors are ordinary (small,
 replicated) tensors, identical on every rank: every rank applies the same all-reduced update.
 
 Computing with a partitioned base (what DeepSpeed's ZeRO-3 engine does with its hooks, here without its

@@ -47,8 +47,9 @@ def _free_port() -> int:
 
 def shareable_blueprint(bp: Any) -> Any:
     """``bp`` with its weights as numpy arrays where numpy has the dtype (float32, float16): Ray deserialises numpy
-    arrays zero-copy from the node's shared memory, so a rank that copies its slices never holds the whole base
-    (torch tensors would be copied whole into every rank). bfloat16 weights stay tensors."""
+    arrays zero-copy from the node's shared memory, so a rank copies its slices of float32/float16 weights without a
+    private copy of the whole tensor (torch tensors would be copied whole into every rank). bfloat16 weights stay
+    tensors and ARE copied whole into every rank; the shared-memory pages a rank reads count in its RSS either way."""
     import dataclasses
 
     import torch
