@@ -16,13 +16,13 @@ from fedsim.data.instruct import (
     InstructDataset,
     exact_match,
     extract_number,
-    make_arithmetic,
     normalise_answer,
     prompt_format,
     response_labels,
     tokenize_instruct,
 )
 from fedsim.data.sources import load_source
+from fedsim.data.synthetic import make_arithmetic
 from fedsim.errors import DataError
 from fedsim.model.build import build_tokenizer
 
