@@ -388,7 +388,8 @@ def flower_side(job_dir: Path, result_path: Path) -> int:
             marks.append(time.perf_counter())
             if len(marks) > 1:
                 out["round_s"].append(marks[-1] - marks[-2])
-            out["eval" if server_round == rounds else "initial_eval"] = ev
+            if ev is not None:
+                out["eval" if server_round == rounds else "initial_eval"] = ev
             return MetricRecord(ev) if ev is not None else None
 
         strategy = FedAvg(
