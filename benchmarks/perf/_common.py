@@ -1,6 +1,7 @@
 """Shared helpers of the perf benchmarks (overhead.py, vs_flower.py, scale.py, startup.py): run environment, the
 MiniLM job, the small-BERT many-client job, the hand-written local training loop, a float64 FedAvg, Markdown tables,
-the run-directory tables and ``--fedsim-set`` overrides.
+the run-directory tables, ``--fedsim-set`` overrides, the conditions a report states (command, date, cores, load) and
+the median and range of repeated runs.
 
 Importable from fedsim's venv and from the Flower venv that vs_flower.py makes (torch, numpy and fedsim's
 torch-level modules only; pyarrow and the data layer are imported inside the functions that need them).
@@ -274,3 +275,53 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
+
+
+def run_conditions(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a benchmark's report states about its run: the exact command line (``python <script> <argv>``; ``argv``
+    defaults to ``sys.argv[1:]``), the UTC date, ``nproc`` (the CPUs this process may use) and ``os.cpu_count()``,
+    the 1/5/15-minute load averages and fedsim's git commit (``-dirty`` when tracked files differ from it; None
+    outside a git checkout)."""
+    import datetime
+    import shlex
+    import subprocess
+
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def git(*cmd: str) -> str | None:
+        done = subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit is not None and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return {
+        "command": shlex.join(["python", str(shown), *args]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "commit": commit,
+    }
+
+
+def spread(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """Median, minimum and maximum of ``values`` (None entries left out) and how many there were
+    (``n``; median/min/max None when there are none)."""
+    import statistics
+
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def fmt_spread(s: Mapping[str, Any], fmt: str = ".1f", unit: str = "") -> str:
+    """``median (min-max)`` of a :func:`spread`, each number as ``fmt`` followed by ``unit``; only the median for a
+    single value; ``n/a`` for none."""
+    if not s["n"]:
+        return "n/a"
+    med = f"{s['median']:{fmt}}{unit}"
+    return med if s["n"] == 1 else f"{med} ({s['min']:{fmt}}-{s['max']:{fmt}}{unit})"
