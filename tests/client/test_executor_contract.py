@@ -15,14 +15,9 @@ import torch.multiprocessing as mp
 from fedsim.client.executors import FusedExecutor, SingleExecutor
 from fedsim.client.step_loop import ClientInput, ClientTrained, LocalTrainer
 from fedsim.client.worker import ClientOutput, ClientWorker
-from fedsim.config.load import load_config
-from fedsim.data.federated import build_federated_data
-from fedsim.data.sources import load_source
-from fedsim.methods.base import make_method
-from fedsim.model.adapters import attach_adapter, get_state
-from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
 from fedsim.privacy.mechanism import make_mechanism
-from fedsim.types import ClientResult, ClientTask
+from fedsim.types import ClientResult
+from tests.client.world import lm_client
 
 BASE = ["model.base_dropout=false", "lora.dropout=0.0", "federation.local_steps=3", "federation.batch_size=6"]
 DP = ["privacy.mode=sample", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"]
@@ -36,23 +31,6 @@ CASES = {
 }
 ZERO_G1 = ["runtime.backend=ray", "runtime.zero.stage=3", "runtime.zero.ranks=1"]
 TOL = {"rtol": 1e-6, "atol": 1e-6}
-
-
-def _setup(overrides: list[str]):
-    cfg, _ = load_config("tiny-lm", [*BASE, *overrides])
-    ds = load_source(cfg.data, cfg.seed, cfg.task.kind)
-    tok = build_tokenizer(cfg.model, ds.texts)
-    data = build_federated_data(cfg, ds, tok)
-    base = build_base_model(cfg.model, data.num_labels, tok, cfg.seed, cfg.task.kind)
-    bp = blueprint_of(base)
-    state = get_state(attach_adapter(base, cfg.lora, bp.family, cfg.seed, bp.task))
-    gen = torch.Generator().manual_seed(3)  # a non-zero B, so every tensor's gradient flows
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
-    method = make_method(cfg)
-    plan = method.plan(1, sorted(state), method.init_server_state(state))
-    dp = cfg.privacy.mode == "sample"
-    task = ClientTask(1, 0, plan, noise_multiplier=0.9 if dp else None, sample_rate=0.5 if dp else None)
-    return cfg, bp, data, state, task
 
 
 def _summary(out: ClientOutput) -> dict:
@@ -92,7 +70,7 @@ def _assert_same(got: dict, want: dict) -> None:
 
 def _one_process(overrides: list[str]) -> dict[str, dict]:
     """The client through the one-client executor (``train``) and a fused pass of one (``train_many``)."""
-    cfg, bp, data, state, task = _setup(overrides)
+    cfg, bp, data, state, task = lm_client([*BASE, *overrides], 0.9)
     worker = ClientWorker(0, cfg, bp, data, make_mechanism(cfg))
     single = worker.train(task, state, None, None)
     (fused,) = worker.train_many([task], state, [None], [None])
@@ -108,7 +86,7 @@ def test_single_and_fused_executors_give_the_same_client_round(case: str) -> Non
 
 
 def _trained(executor_kind: str, keep: bool, overrides: list[str]) -> ClientTrained:
-    cfg, bp, data, state, task = _setup(overrides)
+    cfg, bp, data, state, task = lm_client([*BASE, *overrides], 0.9)
     worker = ClientWorker(0, cfg, bp, data)
     live = worker.live
     executor = SingleExecutor(live) if executor_kind == "single" else FusedExecutor(live)
@@ -144,7 +122,7 @@ def _zero_rank(rank: int, port: int, out: str) -> None:
     init_group(rank, 1, "127.0.0.1", port, use_cuda=False)
     results = {}
     for case, overrides in CASES.items():
-        cfg, bp, data, state, task = _setup([*overrides, *ZERO_G1])
+        cfg, bp, data, state, task = lm_client([*BASE, *overrides, *ZERO_G1], 0.9)
         worker = ClientWorker(0, cfg, bp, data, make_mechanism(cfg))
         assert worker.engine.fused is None and worker.resident_bytes() > 0  # runtime.zero.stage 3: ZeRO engine
         results[case] = _summary(worker.train(task, state, None, None))

@@ -13,14 +13,8 @@ import torch.multiprocessing as mp
 pytest.importorskip("deepspeed")
 
 from fedsim.client.worker import ClientWorker  # noqa: E402
-from fedsim.config.load import load_config  # noqa: E402
-from fedsim.data.federated import build_federated_data  # noqa: E402
-from fedsim.data.sources import load_source  # noqa: E402
-from fedsim.methods.base import make_method  # noqa: E402
-from fedsim.model.adapters import attach_adapter, get_state  # noqa: E402
-from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer  # noqa: E402
 from fedsim.privacy.mechanism import NoPrivacy, SampleLevelDP  # noqa: E402
-from fedsim.types import ClientTask  # noqa: E402
+from tests.client.world import lm_client  # noqa: E402
 
 BASE = [
     "method.name=fedavg_lora",
@@ -32,23 +26,6 @@ DP = ["privacy.mode=sample", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"]
 ZERO = ["runtime.backend=ray", "runtime.zero.stage=3", "runtime.zero.ranks=2"]
 
 
-def _setup(overrides: list[str]):
-    cfg, _ = load_config("tiny-lm", overrides)
-    ds = load_source(cfg.data, cfg.seed, cfg.task.kind)
-    tok = build_tokenizer(cfg.model, ds.texts)
-    data = build_federated_data(cfg, ds, tok)
-    base = build_base_model(cfg.model, data.num_labels, tok, cfg.seed, cfg.task.kind)
-    bp = blueprint_of(base)
-    state = get_state(attach_adapter(base, cfg.lora, bp.family, cfg.seed, bp.task))
-    gen = torch.Generator().manual_seed(3)  # a non-zero B, so every tensor's gradient flows through the base
-    state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
-    method = make_method(cfg)
-    plan = method.plan(1, sorted(state), method.init_server_state(state))
-    dp = cfg.privacy.mode == "sample"
-    task = ClientTask(1, 0, plan, noise_multiplier=1.0 if dp else None, sample_rate=0.5 if dp else None)
-    return cfg, bp, data, state, task
-
-
 def _privacy(cfg):
     return SampleLevelDP(clip=cfg.privacy.clip) if cfg.privacy.mode == "sample" else NoPrivacy()
 
@@ -58,7 +35,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
 
     torch.set_num_threads(1)
     init_group(rank, world, "127.0.0.1", port, use_cuda=False)
-    cfg, bp, data, state, task = _setup(overrides)
+    cfg, bp, data, state, task = lm_client(overrides, 1.0)
     worker = ClientWorker(0, cfg, bp, data, _privacy(cfg))  # runtime.zero.stage 3: the ZeRO engine
     resident = worker.resident_bytes()
     res = worker.train(task, state, None, None)
@@ -83,7 +60,7 @@ def _group(overrides: list[str], world: int, tmp_path) -> dict:
 @pytest.mark.parametrize("dp", [False, True], ids=["no_dp", "dp_sgd"])
 def test_group_of_two_equals_one_process_worker(dp: bool, tmp_path) -> None:
     overrides = BASE + (DP if dp else [])
-    cfg, bp, data, state, task = _setup(overrides)
+    cfg, bp, data, state, task = lm_client(overrides, 1.0)
     ref = ClientWorker(0, cfg, bp, data, _privacy(cfg)).train(task, state, None, None)
     assert ref.result.status == "ok", ref.result.error
     base_bytes = sum(w.numel() * w.element_size() for w in bp.weights.values())
