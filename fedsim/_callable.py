@@ -18,8 +18,9 @@ def make_callable(module_name: str, function: str) -> None:
 
     class _CallablePackage(types.ModuleType):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            # by name, not an import statement: this bottom-layer module only forwards the call to the top layer
-            # (the facade fedsim.sweep(...) / fedsim.report(...)), it does not depend on it
+            # the one upward reference in the package, made on purpose and at call time: calling the sweep or report
+            # package is the API facade fedsim.sweep(...) / fedsim.report(...), which lives in the top layer.
+            # import-linter does not see an import by name; docs/architecture.md ("Layers") names this exception.
             return getattr(importlib.import_module(API_MODULE), function)(*args, **kwargs)
 
     _CallablePackage.__name__ = f"CallablePackage[{function}]"

@@ -46,8 +46,8 @@ def test_local_evaluation_covers_only_clients_that_have_trained(tmp_path) -> Non
     accuracy is over those clients, and rounds.parquet says how many."""
     import pyarrow.parquet as pq
 
-    from fedsim.config.load import load_config
     from fedsim.simulation import run_simulation
+    from fedsim.validation import load_config
 
     over = ["runtime.backend=local", "method.name=fedsa_lora", "federation.clients_per_round=2", "federation.rounds=2"]
     cfg, _ = load_config("tiny", over)

@@ -11,10 +11,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.metrics.observers import RoundRecord, RunObserver, RunStart
 from fedsim.server.checkpoint import latest_checkpoint_dir
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 SLEEP_S = 0.6  # what the watcher spends recording round 1: it must show in round 2's wall_s
 

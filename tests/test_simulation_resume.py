@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedsim.cli import main
-from fedsim.config.load import load_config
 from fedsim.errors import RunStopped
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 METRICS = ("round", "train_loss", "eval_loss", "eval_accuracy", "epsilon_max", "bytes_up", "bytes_down", "clients")
 

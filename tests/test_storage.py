@@ -14,12 +14,12 @@ import pytest
 
 from fedsim import storage
 from fedsim.cli import main
-from fedsim.config.load import load_config
 from fedsim.errors import UserError
 from fedsim.server import checkpoint as ck
 from fedsim.server.client_store import SPILL_DIR
 from fedsim.simulation import run_simulation
 from fedsim.storage import Location, RunMirror, is_uri, parse_location
+from fedsim.validation import load_config
 
 TINY = ["--set", "federation.rounds=4", "--set", "runtime.checkpoint_every=2", "--set", "federation.eval_every=1",
         "--set", "method.name=fedsa_lora", "--set", "privacy.mode=sample", "--set", "privacy.epsilon=8"]  # fmt: skip

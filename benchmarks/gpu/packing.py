@@ -36,7 +36,7 @@ from _common import ROOT, markdown_table, minilm_job, read_table, set_run_env  #
 
 CHILD = """
 import json, sys
-from fedsim.config.load import load_config
+from fedsim.validation import load_config
 from fedsim.simulation import run_simulation
 job, out = json.loads(sys.argv[1]), sys.argv[2]
 cfg, _ = load_config("quickstart", [f"{k}={json.dumps(v)}" for k, v in job.items()])
@@ -113,13 +113,13 @@ def run_packing(k: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def auto_decision(args: argparse.Namespace) -> str:
     """What ``gpus_per_worker: auto`` decides on this GPU for packing 1's job (probe in this process)."""
     from fedsim.client.memory_probe import probe_client_memory
-    from fedsim.config.load import load_config
     from fedsim.data.federated import build_federated_data
     from fedsim.data.sources import load_source
     from fedsim.model.adapters import attach_adapter, get_state
     from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
     from fedsim.privacy.mechanism import make_mechanism
     from fedsim.runtime.gpu_share import CONTEXT_BYTES, gpu_share, workers_per_gpu
+    from fedsim.validation import load_config
 
     cfg, _ = load_config("quickstart", [f"{k}={json.dumps(v)}" for k, v in job_for(1, args).items()])
     dataset = load_source(cfg.data, cfg.seed)

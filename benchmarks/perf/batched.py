@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, set_run_env  # noqa: E402
 
+from fedsim.client.protocol import ClientOutput
 from fedsim.client.step_loop import batch_schedule  # noqa: E402
-from fedsim.client.worker import ClientOutput, ClientWorker  # noqa: E402
-from fedsim.config.load import config_from_dict  # noqa: E402
+from fedsim.client.worker import ClientWorker  # noqa: E402
 from fedsim.config.schema import Config  # noqa: E402
 from fedsim.data.federated import build_federated_data  # noqa: E402
 from fedsim.data.sources import load_source  # noqa: E402
@@ -43,6 +43,7 @@ from fedsim.privacy.dpsgd import poisson_rate  # noqa: E402
 from fedsim.privacy.mechanism import make_mechanism  # noqa: E402
 from fedsim.seeding import torch_generator  # noqa: E402
 from fedsim.types import ClientTask  # noqa: E402
+from fedsim.validation import config_from_dict  # noqa: E402
 
 #: model -> (data source, tokens per example, local steps per client)
 MODELS = {"tiny-bert": ("synthetic", 32, 10), "minilm": ("bbc-news", 64, 3)}

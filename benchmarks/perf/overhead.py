@@ -51,7 +51,6 @@ from _common import (  # noqa: E402
 )
 
 from fedsim.client.step_loop import batch_schedule  # noqa: E402
-from fedsim.config.load import config_from_dict  # noqa: E402
 from fedsim.config.schema import Config  # noqa: E402
 from fedsim.data.federated import build_federated_data  # noqa: E402
 from fedsim.data.sources import load_source  # noqa: E402
@@ -61,6 +60,7 @@ from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer  
 from fedsim.privacy.dpsgd import expected_batch_size  # noqa: E402
 from fedsim.seeding import derive_seed, torch_generator  # noqa: E402
 from fedsim.server.cohort import sample_cohort  # noqa: E402
+from fedsim.validation import config_from_dict  # noqa: E402
 
 
 def bare_run(cfg: Config) -> dict[str, Any]:

@@ -85,8 +85,8 @@ def has_store_budget() -> bool:
 def child(population: int, out_dir: Path, args: argparse.Namespace) -> int:
     """Run one population (in the subprocess) and write ``child.json`` (summary + phase times)."""
     set_run_env()
-    from fedsim.config.load import config_from_dict
     from fedsim.simulation import run_simulation
+    from fedsim.validation import config_from_dict
 
     t0 = time.perf_counter()
     cfg = config_from_dict(scale_job(population, args))

@@ -123,8 +123,8 @@ def child(root: str, job: dict[str, Any], out_dir: Path, result: Path) -> int:
     t0 = float(os.environ[T0_ENV])
     marks: dict[str, float] = {"python": time.time() - t0}
     sys.path.insert(0, root)  # the fedsim checkout under test comes first
-    from fedsim.config.load import config_from_dict
     from fedsim.simulation import run_simulation
+    from fedsim.validation import config_from_dict
 
     marks["imports"] = time.time() - t0
     cfg = config_from_dict(job)

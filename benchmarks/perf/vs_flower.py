@@ -149,10 +149,10 @@ def export_job(job: dict[str, Any], job_dir: Path) -> None:
     import numpy as np
     from safetensors.torch import save_file
 
-    from fedsim.config.load import config_from_dict
     from fedsim.data.federated import build_federated_data
     from fedsim.data.sources import load_source
     from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
+    from fedsim.validation import config_from_dict
 
     cfg = config_from_dict(job)
     dataset = load_source(cfg.data, cfg.seed)

@@ -48,11 +48,11 @@ def _overrides(model: str, steps: int, batch: int, length: int, stage: int, rank
 
 
 def _prepare(overrides: list[str], path: Path) -> None:
-    from fedsim.config.load import load_config
     from fedsim.data.federated import build_federated_data
     from fedsim.data.sources import load_source
     from fedsim.model.adapters import attach_adapter, get_state
     from fedsim.model.build import blueprint_of, build_base_model, build_tokenizer
+    from fedsim.validation import load_config
 
     cfg, _ = load_config("tiny-lm", overrides)
     ds = load_source(cfg.data, cfg.seed, cfg.task.kind)
@@ -101,8 +101,8 @@ def llama_1b_folder(cache: Path) -> Path:
 
 def _rank(rank: int, world: int, port: int, overrides: list[str], blob: str, out: str) -> None:
     from fedsim.client.worker import ClientWorker
-    from fedsim.config.load import load_config
     from fedsim.types import ClientTask
+    from fedsim.validation import load_config
 
     torch.set_num_threads(1)
     cfg, _ = load_config("tiny-lm", overrides)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from fedsim.config.load import config_from_dict
 from fedsim.simulation import run_simulation
+from fedsim.validation import config_from_dict
 
 CELLS = Path(__file__).parent / "results" / "compare-bbc" / "cells"
 METHODS = ("fedavg_lora", "ffa_lora", "fedsa_lora", "as_lora", "rolora", "flexlora")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fedsim.client.causal_lm import causal_lm_forward
 from fedsim.client.live_model import Batch, LiveModel, batch_loss
 from fedsim.client.multi_adapter import Group, MultiAdapter
-from fedsim.client.padding import trim_padding
+from fedsim.client.padding import trimmed_on
 from fedsim.model.adapters import get_state, parameters_for, set_trainable
 from fedsim.types import AdapterState
 
@@ -37,10 +37,13 @@ Starts = Sequence[Mapping[str, torch.Tensor] | None]
 
 class Executor(Protocol):
     """One execution mode of local training (module docstring). ``live``: the worker's model; ``max_clients``: how
-    many clients one :meth:`open` takes (None: any number)."""
+    many clients one :meth:`open` takes (None: any number); ``dp_across_group``: under DP, the step loop's
+    DPOptimizer adds the clipped sums of every rank of the torch.distributed group before its noise draw (a ZeRO
+    group), instead of this process's alone. ``forward`` takes CPU batches: the executor moves them to its device."""
 
     live: LiveModel
     max_clients: int | None
+    dp_across_group: bool
 
     def open(self, keys: Sequence[str], starts: Starts) -> list[list[torch.Tensor]]:
         """Make the clients' start states (None: what the live model holds now) trainable on ``keys``; returns each
@@ -59,12 +62,6 @@ class Executor(Protocol):
         those clients gets ``grad_sample`` (per-example gradients)."""
         ...
 
-    def dp_optimizer(
-        self, optimizer: torch.optim.Optimizer, sigma: float, clip: float, expected: int, generator: torch.Generator
-    ) -> torch.optim.Optimizer:
-        """The DP-SGD optimizer around ``optimizer`` for this mode."""
-        ...
-
     def trained(self, client: int, keys: Sequence[str]) -> AdapterState:
         """CPU copies of client ``client``'s (position in :meth:`open`) tensors ``keys``."""
         ...
@@ -78,6 +75,7 @@ class SingleExecutor:
     """One client per call on the live model (in place)."""
 
     max_clients = 1
+    dp_across_group = False
 
     def __init__(self, live: LiveModel) -> None:
         self.live = live
@@ -95,20 +93,13 @@ class SingleExecutor:
 
     def forward(self, batches: Sequence[tuple[int, Batch]]) -> list[float]:
         ((_, batch),) = batches
-        self.loss = batch_loss(self.live.forward_module, trim_padding(*batch))
+        self.loss = batch_loss(self.live.forward_module, trimmed_on(batch, self.live.device))
         return [float(self.loss.detach())]
 
     def backward(self, finite: Sequence[bool]) -> None:
         if self.loss is not None and finite[0]:
             self.loss.backward()
         self.loss = None
-
-    def dp_optimizer(
-        self, optimizer: torch.optim.Optimizer, sigma: float, clip: float, expected: int, generator: torch.Generator
-    ) -> torch.optim.Optimizer:
-        from fedsim.privacy.dpsgd import make_dp_optimizer
-
-        return make_dp_optimizer(optimizer, sigma, clip, expected, generator)
 
     def trained(self, client: int, keys: Sequence[str]) -> AdapterState:
         return get_state(self.live.model, keys)
@@ -128,6 +119,7 @@ class FusedExecutor:
     for adapters it cannot batch."""
 
     max_clients = None
+    dp_across_group = False
 
     def __init__(self, live: LiveModel) -> None:
         if live.base_dropout:
@@ -155,7 +147,7 @@ class FusedExecutor:
         for slot, batch in batches:
             groups.append(Group(slot, pos, pos + len(batch[0])))
             pos += len(batch[0])
-        ids, mask, labels = trim_padding(*(torch.cat([b[j] for _, b in batches]) for j in range(3)))
+        ids, mask, labels = trimmed_on(tuple(torch.cat([b[j] for _, b in batches]) for j in range(3)), self.live.device)
         stack = contextlib.ExitStack()
         stack.enter_context(self.multi.pass_over(groups, per_example=self.live.dp))
         try:
@@ -186,13 +178,6 @@ class FusedExecutor:
                     if ok:
                         for key, p in zip(self.keys, self.params[g.slot], strict=True):
                             p.grad_sample = samples.get(key, torch.zeros((g.rows, *p.shape), device=p.device))
-
-    def dp_optimizer(
-        self, optimizer: torch.optim.Optimizer, sigma: float, clip: float, expected: int, generator: torch.Generator
-    ) -> torch.optim.Optimizer:
-        from fedsim.privacy.dpsgd import make_dp_optimizer
-
-        return make_dp_optimizer(optimizer, sigma, clip, expected, generator)
 
     def trained(self, client: int, keys: Sequence[str]) -> AdapterState:
         return self.multi.state(client, keys)

@@ -23,3 +23,12 @@ def trim_padding(
         return ids, mask, labels
     keep = slice(cols[0], cols[-1] + 1)
     return ids[:, keep], mask[:, keep], labels[:, keep] if labels.dim() == 2 else labels
+
+
+def trimmed_on(
+    batch: tuple[torch.Tensor, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch`` (CPU tensors) trimmed by :func:`trim_padding` on the CPU, then moved to ``device``: the trim's column
+    scan never waits on a GPU, and the dropped columns are never copied to it."""
+    ids, mask, labels = (t.to(device) for t in trim_padding(*batch))
+    return ids, mask, labels

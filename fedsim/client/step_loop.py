@@ -32,7 +32,7 @@ import torch
 
 from fedsim.client.executors import Executor
 from fedsim.client.live_model import Batch
-from fedsim.client.padding import trim_padding
+from fedsim.client.padding import trimmed_on
 from fedsim.config.schema import FederationConfig, PrivacyConfig
 from fedsim.privacy.sampling import expected_batch_size, poisson_indices, poisson_rate, set_empty_grad_samples
 from fedsim.seeding import derive_seed, torch_generator
@@ -181,7 +181,7 @@ class LocalTrainer:
                     # dropout draws of a lone client (a fused pass draws none)
                     torch.manual_seed(derive_seed(self.seed, "dropout", round, runs[0].client.client_id))
                     for i in range(max((len(r.schedule) for r in runs), default=0)):
-                        self._step(i, keys, [r for r in runs if r.error is None and i < len(r.schedule)], round, device)
+                        self._step(i, keys, [r for r in runs if r.error is None and i < len(r.schedule)], round)
             share = (time.perf_counter() - started) / max(1, len(runs))
             out = [run.error if run.error is not None else self._trained(run, keys, share) for run in runs]
         finally:
@@ -231,9 +231,12 @@ class LocalTrainer:
         expected = expected_batch_size(fed.batch_size, run.n)
         sigma = run.client.noise_multiplier
         sigma = self.privacy.noise_multiplier if sigma is None else sigma
-        return self.executor.dp_optimizer(optimizer, sigma, self.privacy.clip, expected, noise_gen)
+        from fedsim.privacy.dpsgd import make_dp_optimizer  # Opacus: imported only under DP
 
-    def _step(self, i: int, keys: list[str], active: list[_Run], round: int, device: torch.device) -> None:
+        across = self.executor.dp_across_group
+        return make_dp_optimizer(optimizer, sigma, self.privacy.clip, expected, noise_gen, across_group=across)
+
+    def _step(self, i: int, keys: list[str], active: list[_Run], round: int) -> None:
         """Local step ``i`` of the ``active`` clients: zero their gradients, one forward/backward of the non-empty
         batches, then each client's own optimiser step and gradient copies. A client whose loss is not finite
         takes no step and ends with the error raised below (a diverged client never reaches the aggregate)."""
@@ -243,7 +246,8 @@ class LocalTrainer:
                 set_empty_grad_samples(run.params)  # a noise-only DP step
         rows = [r for r in active if len(r.schedule[i]) > 0]
         if rows:
-            batches = [(r.position, tuple(t[r.schedule[i]].to(device) for t in r.data)) for r in rows]
+            # CPU batches: an executor trims a batch to its longest row on the CPU, then moves it to the device
+            batches = [(r.position, tuple(t[r.schedule[i]] for t in r.data)) for r in rows]
             values = self.executor.forward(batches)
             for run, (_, batch), value in zip(rows, batches, values, strict=True):
                 if not math.isfinite(value):
@@ -286,5 +290,5 @@ class LocalTrainer:
             grads[-1] if grads else {},
             grads[-2] if len(grads) == 2 else {},
             run.prev_step,
-            trim_padding(*run.last_batch) if run.last_batch else None,
+            trimmed_on(run.last_batch, self.executor.live.device) if run.last_batch else None,
         )

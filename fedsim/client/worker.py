@@ -37,8 +37,6 @@ from fedsim.types import (
     state_bytes,
 )
 
-__all__ = ["ClientOutput", "ClientWorker", "build_engine"]
-
 
 def build_engine(cfg: Config, blueprint: BaseBlueprint) -> Engine:
     """The engine ``cfg`` asks for (:mod:`fedsim.client.engine`): ``runtime.zero.stage > 0`` the ZeRO engine
@@ -88,7 +86,6 @@ class ClientWorker:
         self.engine = engine if engine is not None else build_engine(cfg, blueprint)
         self.live = self.engine.live
         self.model = self.live.model
-        self.device = self.live.device
         self.method = make_method(cfg)
         # gradient copies only for a method whose client signals read them
         self.keep_gradients = self.method.capabilities.signals

@@ -49,7 +49,7 @@ from fedsim.client.causal_lm import causal_lm_forward
 from fedsim.client.engine import Engine
 from fedsim.client.executors import SingleExecutor, Starts
 from fedsim.client.live_model import Batch, LiveModel
-from fedsim.client.padding import trim_padding
+from fedsim.client.padding import trimmed_on
 from fedsim.client.step_loop import isolated_rng
 from fedsim.config.schema import Config
 from fedsim.model.adapters import attach_adapter
@@ -226,10 +226,11 @@ class ZeroExecutor:
     one-client executor's (``single``, on the same live model)."""
 
     max_clients = 1
+    dp_across_group = True  # the clipped sums of every rank, then one noise draw
 
     def __init__(self, single: SingleExecutor, compute: PartitionedCompute) -> None:
         self.single, self.compute, self.live = single, compute, single.live
-        self.pending: tuple[torch.Tensor, bool] | None = None
+        self.pending: torch.Tensor | None = None  # this rank's loss of the last forward
 
     def open(self, keys: Sequence[str], starts: Starts) -> list[list[torch.Tensor]]:
         return self.single.open(keys, starts)
@@ -238,7 +239,7 @@ class ZeroExecutor:
         """This rank's slice of the batch forward; returns the WHOLE batch's mean loss (all-reduced: the same on
         every rank, so every rank takes the same branch after the finiteness check)."""
         ((_, batch),) = batches
-        batch = trim_padding(*batch)
+        batch = trimmed_on(batch, self.live.device)
         rank, world = dist.get_rank(), dist.get_world_size()
         n = int(batch[0].shape[0])
         bounds = np.linspace(0, n, world + 1).round().astype(int)
@@ -253,7 +254,7 @@ class ZeroExecutor:
             loss = per_example.mean() * (0.0 if dummy else 1.0)
         else:  # this rank's share of the full batch's mean
             loss = per_example.sum() * (0.0 if dummy else 1.0 / n)
-        self.pending = (loss, dummy)
+        self.pending = loss
         total = torch.tensor([0.0 if dummy else float(per_example.detach().sum())], dtype=torch.float64)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return [float(total[0]) / n]
@@ -263,8 +264,7 @@ class ZeroExecutor:
         steps with the full batch's mean gradient)."""
         if self.pending is None:
             return
-        loss, _ = self.pending
-        self.pending = None
+        loss, self.pending = self.pending, None
         if not finite[0]:
             return
         with self.compute.training():
@@ -274,14 +274,6 @@ class ZeroExecutor:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-
-    def dp_optimizer(
-        self, optimizer: torch.optim.Optimizer, sigma: float, clip: float, expected: int, generator: torch.Generator
-    ) -> torch.optim.Optimizer:
-        """DP-SGD whose clipped sums are all-reduced over the group before the (same on every rank) noise draw."""
-        from fedsim.privacy.dpsgd import make_dp_optimizer
-
-        return make_dp_optimizer(optimizer, sigma, clip, expected, generator, across_group=True)
 
     def trained(self, client: int, keys: Sequence[str]) -> AdapterState:
         return self.single.trained(client, keys)

@@ -53,11 +53,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from fedsim.config.schema import Config
-from fedsim.methods.base import Capabilities, Method, ServerState, register_method
+from fedsim.methods.base import Capabilities, Method, register_method
 from fedsim.model.keys import factor_of, layer_of, layers_of
 from fedsim.partial_sum import PartialSum
 from fedsim.seeding import numpy_rng, torch_generator
-from fedsim.types import AdapterState, Role, RoundPlan, SignalContext
+from fedsim.types import AdapterState, Role, RoundPlan, ServerState, SignalContext
 
 _EPS = 1e-8
 _CLIP = 30.0

@@ -18,8 +18,6 @@ from fedsim.errors import ConfigError
 from fedsim.partial_sum import PartialSum
 from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, ServerState, SignalContext
 
-__all__ = ["ServerState"]  # re-exported: the methods import it from here
-
 _REGISTRY: dict[str, type[Method]] = {}
 _METHOD_MODULES = (
     "fedavg_lora",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedsim.methods.base import Method, ServerState, register_method
-from fedsim.types import Role
+from fedsim.methods.base import Method, register_method
+from fedsim.types import Role, ServerState
 
 
 @register_method("fedavg_lora")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from fedsim.methods.aggregation import LayerCtx, truncated_factors
-from fedsim.methods.base import ServerState, register_method
+from fedsim.methods.base import register_method
 from fedsim.methods.layerwise import LayerwiseMethod
 from fedsim.model.keys import factor_of, layers_of, lora_key
-from fedsim.types import Role, RoundPlan
+from fedsim.types import Role, RoundPlan, ServerState
 
 
 @register_method("fedsvd")

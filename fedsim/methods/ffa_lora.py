@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.base import Method, register_method
 from fedsim.model.keys import factor_of
-from fedsim.types import Role
+from fedsim.types import Role, ServerState
 
 
 @register_method("ffa_lora")

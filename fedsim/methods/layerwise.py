@@ -18,9 +18,9 @@ import torch
 
 from fedsim.config.schema import Config
 from fedsim.methods.aggregation import LayerCtx, adapter_keys_only, aggregate_layers, residual_broadcast
-from fedsim.methods.base import PRODUCT_AGGREGATION, Method, ServerState
+from fedsim.methods.base import PRODUCT_AGGREGATION, Method
 from fedsim.model.scale import lora_scale
-from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan
+from fedsim.types import AdapterState, ClientUpdate, Role, RoundPlan, ServerState
 
 
 class LayerwiseMethod(Method):

@@ -5,9 +5,9 @@ The fixed, layer-tied schedule that AS-LoRA generalises (METHODS.md "RoLoRA", ar
 
 from __future__ import annotations
 
-from fedsim.methods.base import Method, ServerState, register_method
+from fedsim.methods.base import Method, register_method
 from fedsim.model.keys import factor_of
-from fedsim.types import Role
+from fedsim.types import Role, ServerState
 
 
 def active_factor(round: int) -> str:

@@ -36,8 +36,3 @@ def start_backend(cfg: Config, privacy: PrivacyMechanism, run_dir: Path | None) 
     from fedsim.runtime.ray_backend import RayBackend
 
     return RayBackend.begin(cfg, privacy, run_dir)
-
-
-def make_backend(setup: RunSetup) -> Backend:
-    """The backend named by ``runtime.backend``, started in one go (:func:`start_backend` + ``complete``)."""
-    return start_backend(setup.cfg, setup.privacy, setup.run_dir).complete(setup)

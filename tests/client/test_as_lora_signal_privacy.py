@@ -15,9 +15,9 @@ import torch
 from opacus.optimizers import DPOptimizer
 
 from fedsim.client.worker import ClientWorker
-from fedsim.config.load import load_config
 from fedsim.methods.base import make_method
 from fedsim.types import ClientTask
+from fedsim.validation import load_config
 from tests.client.world import build_world
 
 ROUNDS = 4

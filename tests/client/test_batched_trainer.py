@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
+from fedsim.client.protocol import ClientOutput
 from fedsim.client.step_loop import batch_schedule
-from fedsim.client.worker import ClientOutput, ClientWorker
-from fedsim.config.load import load_config
+from fedsim.client.worker import ClientWorker
 from fedsim.methods.base import make_method
 from fedsim.model.adapters import factor_of
 from fedsim.privacy.dpsgd import poisson_rate
@@ -21,6 +21,7 @@ from fedsim.privacy.mechanism import make_mechanism
 from fedsim.seeding import torch_generator
 from fedsim.server.cohort import sample_cohort
 from fedsim.types import ClientResult, ClientTask
+from fedsim.validation import load_config
 from tests.client.world import build_world
 
 BASE = [

@@ -13,8 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from fedsim.client.executors import FusedExecutor, SingleExecutor
+from fedsim.client.protocol import ClientOutput
 from fedsim.client.step_loop import ClientInput, ClientTrained, LocalTrainer
-from fedsim.client.worker import ClientOutput, ClientWorker
+from fedsim.client.worker import ClientWorker
 from fedsim.privacy.mechanism import make_mechanism
 from fedsim.types import ClientResult
 from tests.client.world import lm_client

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from fedsim.client.worker import ClientWorker
-from fedsim.config.load import load_config
 from fedsim.model.keys import layers_of, residual_key
 from fedsim.types import EvalTask
+from fedsim.validation import load_config
 from tests.client.world import build_world
 
 

@@ -9,7 +9,6 @@ from peft import PeftModel
 from fedsim.client.executors import SingleExecutor
 from fedsim.client.live_model import LiveModel
 from fedsim.client.step_loop import LocalTrainer
-from fedsim.config.load import load_config
 from fedsim.config.schema import Config, FederationConfig, PrivacyConfig
 from fedsim.data.federated import FederatedData, build_federated_data
 from fedsim.data.sources import load_source
@@ -17,6 +16,7 @@ from fedsim.methods.base import make_method
 from fedsim.model.adapters import attach_adapter, get_state
 from fedsim.model.build import BaseBlueprint, blueprint_of, build_base_model, build_tokenizer
 from fedsim.types import AdapterState, ClientTask
+from fedsim.validation import load_config
 
 
 def build_world(cfg: Config) -> tuple[BaseBlueprint, FederatedData, AdapterState]:

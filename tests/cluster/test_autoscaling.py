@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 from tests.cluster.nodes import assert_same_results, free_port, kill_head, results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

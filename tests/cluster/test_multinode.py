@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from fedsim.cli import main
-from fedsim.config.load import load_config
 from fedsim.errors import UserError
 from fedsim.runtime.cluster import check
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 from tests.cluster.nodes import assert_same_results, free_port, kill_leftovers, results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

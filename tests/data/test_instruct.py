@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.config.schema import DataConfig, ModelConfig
 from fedsim.data.federated import build_federated_data
 from fedsim.data.instruct import (
@@ -25,6 +24,7 @@ from fedsim.data.sources import load_source
 from fedsim.data.synthetic import make_arithmetic
 from fedsim.errors import DataError
 from fedsim.model.build import build_tokenizer
+from fedsim.validation import load_config
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} [SEP]{% endfor %}<|assistant|>"
 

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fedsim.config.load import load_config
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 from tests.metrics.reference_similarity import mean_pairwise_cosine, similarity_rows
 
 

@@ -247,8 +247,8 @@ def test_bad_inputs_name_the_path(tmp_path: Path, runs: list[Path]) -> None:
 
 def test_report_over_real_runs(tmp_path: Path) -> None:
     """Two real 2-round AS-LoRA runs (tiny preset, local backend) with the similarity analysis on."""
-    from fedsim.config.load import load_config
     from fedsim.simulation import run_simulation
+    from fedsim.validation import load_config
 
     dirs = []
     for seed in (0, 1):

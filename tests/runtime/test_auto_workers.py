@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 from tests.cluster.nodes import assert_same_results, results
 
 SETTINGS = ["federation.rounds=2", "federation.local_steps=2", "federation.eval_every=2"]

@@ -9,12 +9,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedsim.config.load import load_config
 from fedsim.data.sources import load_source
 from fedsim.model.adapters import get_state
 from fedsim.model.build import build_base_model, build_tokenizer
 from fedsim.server.checkpoint import latest_checkpoint_dir
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 
 def test_causal_lm_run_records_initial_eval_and_exports_a_loadable_adapter(tmp_path):

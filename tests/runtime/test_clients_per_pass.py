@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fedsim.client.pass_probe import CANDIDATES
-from fedsim.config.load import load_config
 from fedsim.runtime.actors import FAULT_ENV
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 from tests.runtime.test_streaming_aggregation import _setup
 
 ROUND_METRICS = ("train_loss", "eval_loss", "eval_accuracy", "personal_accuracy", "bytes_up", "epsilon_max")

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fedsim.config.load import load_config
 from fedsim.data.federated import FederatedData
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 ROUND_COLUMNS = {
     "round",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import torch
 
-from fedsim.config.load import load_config
 from fedsim.server.checkpoint import latest_checkpoint_dir, read_checkpoint
 from fedsim.server.client_store import ClientStore
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 
 def test_fedsa_10000_clients_keeps_the_participants_b_and_spilled_reads_are_exact(tmp_path, monkeypatch):

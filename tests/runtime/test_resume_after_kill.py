@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = [

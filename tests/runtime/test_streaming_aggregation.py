@@ -7,7 +7,6 @@ import pytest
 import ray
 import torch
 
-from fedsim.config.load import load_config
 from fedsim.data.federated import build_federated_data
 from fedsim.data.sources import load_source
 from fedsim.model.adapters import attach_adapter, get_state
@@ -17,6 +16,7 @@ from fedsim.runtime.local import LocalBackend
 from fedsim.runtime.ray_backend import RayBackend
 from fedsim.server.cohort import sample_cohort
 from fedsim.types import ClientTask
+from fedsim.validation import load_config
 
 
 def _setup(tmp_path, *overrides: str) -> RunSetup:

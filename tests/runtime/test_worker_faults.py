@@ -8,9 +8,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from fedsim.config.load import load_config
 from fedsim.runtime.actors import FAULT_ENV
 from fedsim.simulation import run_simulation
+from fedsim.validation import load_config
 
 SETTINGS = [
     "runtime.backend=ray",

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from fedsim.config.load import load_config
 from fedsim.server.checkpoint import Checkpoint, StoredClients, read_checkpoint, write_checkpoint
 from fedsim.server.client_store import ClientStore, client_store_args
+from fedsim.validation import load_config
 
 NUMEL = 256  # float32: 1 KiB per state
 STATE_BYTES = NUMEL * 4
