@@ -182,7 +182,7 @@ def run_simulation(
         watchers = ObserverList(
             [
                 tables,  # rounds.parquet first: a checkpoint never covers a round the tables lack
-                RoundEvents(out_dir, first_round=None),  # tb/: TensorBoard scalars of rounds.parquet
+                RoundEvents(out_dir),  # tb/: TensorBoard scalars of rounds.parquet
                 RoundProgress(fed.rounds, f"{label} · {cfg.method.name}", enabled=progress),
                 RoundCheckpoints(out_dir, backend.checkpoint_state, rt.checkpoint_every, fed.rounds),
                 *([MirrorSync(mirror.sync)] if mirror is not None else []),

@@ -18,9 +18,8 @@ def _fmt(x: float | None) -> str:
 
 
 class RoundProgress(RunObserver):
-    """Context manager; ``update(row)`` after each round with the round's metrics row. As an observer of the round
-    loop: ``on_start`` enters (a resumed run's bar starts at the rounds already done), ``on_round`` updates,
-    ``on_end`` leaves."""
+    """The progress bar as an observer of the round loop: ``on_start`` shows it (a resumed run's bar starts at the
+    rounds already done), ``on_round`` updates it with the round's row, ``on_end`` takes it down (once)."""
 
     def __init__(self, rounds: int, title: str, enabled: bool = True) -> None:
         self.console = Console(stderr=True)
@@ -41,28 +40,21 @@ class RoundProgress(RunObserver):
         self.task = self.progress.add_task(title, total=rounds, metrics="")
         self._acc: float | None = None
         self._done_before = 0  # rounds finished before this process started (a resume)
-        self._entered = False
-
-    def __enter__(self) -> RoundProgress:
-        self.progress.__enter__()
-        self._entered = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._entered:
-            self._entered = False
-            self.progress.__exit__(*exc)
+        self._started = False
 
     def on_start(self, start: RunStart) -> None:
         self._done_before = start.first_round - 1
         self.progress.update(self.task, completed=self._done_before)
-        self.__enter__()
+        self.progress.start()
+        self._started = True
 
     def on_round(self, record: RoundRecord) -> None:
         self.update(record.row)
 
     def on_end(self, summary: Mapping[str, Any] | None) -> None:
-        self.__exit__(None, None, None)
+        if self._started:  # once, also when the run stops
+            self._started = False
+            self.progress.stop()
 
     def update(self, row: Mapping[str, Any]) -> None:
         if row.get("eval_accuracy") is not None:

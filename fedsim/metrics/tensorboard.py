@@ -37,27 +37,19 @@ TAGS: dict[str, str] = {
 
 
 class RoundEvents(RunObserver):
-    """Writes each round's row of rounds.parquet as scalars under ``run_dir/tb`` (see the module doc).
+    """Writes each round's row of rounds.parquet as scalars under ``run_dir/tb`` (see the module doc): ``on_start``
+    opens the writer at the run's first round (> 1, a resume: the events a killed run wrote from it on are purged),
+    ``on_round`` adds the round's row, ``on_end`` closes it."""
 
-    Used directly (``RoundEvents(run_dir, first_round)`` opens the writer) or as an observer
-    (``RoundEvents(run_dir, first_round=None)``: ``on_start`` opens it at the run's first round, ``on_round`` adds the
-    round's row, ``on_end`` closes it)."""
-
-    def __init__(self, run_dir: Path, first_round: int | None = 1) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.folder = Path(run_dir) / TB_DIR
         self._writer: Any = None
-        if first_round is not None:
-            self.open(first_round)
-
-    def open(self, first_round: int) -> None:
-        """Open the writer; ``first_round`` > 1 (a resume) purges the events a killed run wrote from it on."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._writer = SummaryWriter(str(self.folder), purge_step=first_round if first_round > 1 else None)
 
     def on_start(self, start: RunStart) -> None:
-        if self._writer is None:
-            self.open(start.first_round)
+        from torch.utils.tensorboard import SummaryWriter
+
+        first = start.first_round
+        self._writer = SummaryWriter(str(self.folder), purge_step=first if first > 1 else None)
 
     def on_round(self, record: RoundRecord) -> None:
         self.add_round(record.row)
@@ -69,7 +61,7 @@ class RoundEvents(RunObserver):
         """The row's numeric, finite values at step ``row["round"]``; flushed, so a mirror copies them. Raises
         RuntimeError when the writer is not open."""
         if self._writer is None:
-            raise RuntimeError("RoundEvents: the writer is not open (open() or on_start first)")
+            raise RuntimeError("RoundEvents: the writer is not open (on_start first)")
         step = int(row["round"])
         for column, tag in TAGS.items():
             value = row.get(column)

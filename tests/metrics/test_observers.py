@@ -153,7 +153,7 @@ def test_progress_of_a_resumed_run_counts_from_its_checkpoint_and_prints_plain_l
 def test_tensorboard_observer_opens_at_the_first_round_and_closes_at_the_end(tmp_path):
     from fedsim.metrics.tensorboard import RoundEvents
 
-    events = RoundEvents(tmp_path, first_round=None)
+    events = RoundEvents(tmp_path)
     with pytest.raises(RuntimeError, match="not open"):
         events.add_round({"round": 1, "wall_s": 1.0})
     events.on_start(START)
