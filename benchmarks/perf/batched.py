@@ -88,7 +88,7 @@ def build(cfg: Config) -> tuple[ClientWorker, list[ClientTask], dict, int]:
     state = get_state(attach_adapter(base, cfg.lora, blueprint.family, cfg.seed))
     worker = ClientWorker(0, cfg, blueprint, data, make_mechanism(cfg))
     method = make_method(cfg)
-    plan = method.plan(1, sorted(state), method.init_server_state(state))
+    plan = method.first_plan(state)
     fed, dp = cfg.federation, cfg.privacy.mode == "sample"
     sizes = [len(ix) for ix in data.client_train]
     order = sorted(range(fed.clients), key=lambda c: (-sizes[c], c))

@@ -77,7 +77,7 @@ def bare_run(cfg: Config) -> dict[str, Any]:
     model = attach_adapter(base, cfg.lora, blueprint_of(base).family, seed)
     global_state = get_state(model)
     method = make_method(cfg)
-    keys = method.plan(1, sorted(global_state), method.init_server_state(global_state)).trained  # fedsim's order
+    keys = method.first_plan(global_state).trained  # fedsim's order
     set_trainable(model, keys)
     params = parameters_for(model, keys)
     forward = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True) if dp else model

@@ -121,7 +121,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], blob: str, out
         )
     del saved, bp
     method = worker.method
-    plan = method.plan(1, sorted(state), method.init_server_state(state))
+    plan = method.first_plan(state)
     biggest = max(range(len(data.client_train)), key=lambda k: len(data.client_train[k]))
     task = ClientTask(1, biggest, plan)
     worker.train(task, state, None, None)  # warm-up

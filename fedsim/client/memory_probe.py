@@ -63,7 +63,7 @@ def probe_client_memory(
     sizes = [len(ix) for ix in data.client_train]
     cid = max(range(len(sizes)), key=lambda c: (sizes[c], -c))
     method = worker.method  # round 1's plan, as the server computes it from the initial state
-    plan = method.plan(1, sorted(initial_state), method.init_server_state(initial_state))
+    plan = method.first_plan(initial_state)
     fields = {}
     if cfg.privacy.mode == "sample":  # memory depends on the expected batch, not on sigma
         fields = {"noise_multiplier": 1.0, "sample_rate": poisson_rate(cfg.federation.batch_size, sizes[cid])}

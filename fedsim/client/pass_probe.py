@@ -36,7 +36,7 @@ def probe_clients_per_pass(worker: ClientWorker, limit: int) -> tuple[int, dict[
     order = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))
     state = get_state(worker.model)
     method = worker.method
-    keys = method.plan(1, sorted(state), method.init_server_state(state)).trained
+    keys = method.first_plan(state).trained
     trainer = worker.fused_trainer()
     if trainer is None:
         raise ValueError("this worker trains one client at a time (a ZeRO group): there is no K to probe")

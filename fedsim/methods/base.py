@@ -154,6 +154,11 @@ class Method:
         """Every tensor's role in ``round``. Default: :meth:`role` of each key."""
         return RoundPlan(round=round, roles={k: self.role(round, k, server_state) for k in keys})
 
+    def first_plan(self, initial_state: AdapterState) -> RoundPlan:
+        """Round 1's plan from the initial adapter state, as the parameter server forms it before any aggregation
+        (what the probes that time or size round 1 train)."""
+        return self.plan(1, sorted(initial_state), self.init_server_state(initial_state))
+
     def client_start(
         self, global_state: AdapterState, kept_state: AdapterState | None, plan: RoundPlan
     ) -> AdapterState:

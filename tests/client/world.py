@@ -44,7 +44,7 @@ def lm_client(
     gen = torch.Generator().manual_seed(3)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
     method = make_method(cfg)
-    plan = method.plan(1, sorted(state), method.init_server_state(state))
+    plan = method.first_plan(state)
     dp = cfg.privacy.mode == "sample"
     task = ClientTask(1, 0, plan, noise_multiplier=noise_multiplier if dp else None, sample_rate=0.5 if dp else None)
     return cfg, bp, data, state, task
